@@ -1,0 +1,4 @@
+"""Imports every built-in method's config module so that they register.
+
+Each method issue adds one import line here.
+"""

@@ -1,0 +1,4 @@
+"""Imports each built-in method's runtime module so that it registers its applier.
+
+Each method issue adds one import line here.
+"""
