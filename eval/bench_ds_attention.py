@@ -186,11 +186,9 @@ def bench_e2e(context: int = 4096, new_tokens: int = 16, fraction: float = 1 / 1
         # Mean |k| (post-RoPE) per layer/KV head/channel from the prompt: a stand-in for calibrated
         # channels. Speed does not depend on which channels are chosen.
         stats = {i: layer.keys.abs().mean(dim=(0, 2)) for i, layer in enumerate(cache.layers)}
-        runtime = _runtime_patch(model, fraction, r) if use_runtime is not False else None
+        runtime = _runtime_patch(model, stats, fraction, r) if use_runtime is not False else None
         if runtime is None and use_runtime:
             raise RuntimeError("the Double Sparsity runtime patch is not available in this build")
-        if runtime is not None:
-            accel.unpatch(model)
         mode = "runtime" if runtime is not None else "bench-handler"
         times = {"dense": [], "ds": []}
         toks = {}
@@ -214,14 +212,20 @@ def bench_e2e(context: int = 4096, new_tokens: int = 16, fraction: float = 1 / 1
             "greedy_token_agreement": agree}
 
 
-def _runtime_patch(model, fraction: float, r: int):
-    """A DoubleSparsityConfig spec for accel.patch from the runtime branch, or None if absent."""
+def _runtime_patch(model, stats: dict, fraction: float, r: int):
+    """An in-memory Artifact for `accel.patch` using the Double Sparsity runtime (label cache layer,
+    dense prefill, first 2 layers dense), with channel orders from the prompt's mean |k|; None when
+    the runtime is not part of this build."""
     try:
-        from accel.configs.double_sparsity import DoubleSparsityConfig  # noqa: F401
-        from accel.patches import double_sparsity  # noqa: F401
+        from accel.configs.double_sparsity import DoubleSparsityConfig
+        from accel.patches import double_sparsity  # noqa: F401  (registers the method)
     except ImportError:
         return None
-    return None  # filled in once the runtime's artifact-free entry point is known
+    from accel.artifact import Artifact
+
+    order = torch.stack([stats[i].argsort(dim=-1, descending=True) for i in sorted(stats)])   # [L, KVH, D]
+    cfg = DoubleSparsityConfig(budget=fraction, heavy_channels=r, channel_type="k")
+    return Artifact.for_model(model, [cfg], tensors={"double-sparsity/order_k": order.contiguous()})
 
 
 def run_bench(contexts=(8192, 32768), dtypes=("float32", "bfloat16"), fraction: float = 1 / 16,
