@@ -112,7 +112,8 @@ def ds_decode_attention(q, k, v, labels, channels, budget: int, sink: int = 4, r
     path = _resolve_path(q, path)
     channels = channels.to(dtype=torch.long)
     if path == "cpu":
-        from .cpu import ds_attend_cpu, ds_select_cpu
+        from .cpu import drop_trivial_mask, ds_attend_cpu, ds_select_cpu
+        key_mask = drop_trivial_mask(key_mask)
         idx = ds_select_cpu(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
         out = ds_attend_cpu(q, k, v, idx, scaling, key_mask)
     elif path == "triton":

@@ -16,6 +16,8 @@ Same semantics as `reference.py` (shapes there). What makes it fast, measured on
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .reference import forced_budget, valid_rank
@@ -47,9 +49,21 @@ def _flat_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s0, s1, s2, s3 = x.stride()
     rows = (B - 1) * (s0 // D) + (KVH - 1) * (s1 // D) + T
     flat = torch.as_strided(x, (rows, D), (D, 1))
-    base = (torch.arange(B, device=x.device)[:, None] * (s0 // D)
-            + torch.arange(KVH, device=x.device)[None, :] * (s1 // D))
-    return flat, base
+    return flat, _row_base(B, KVH, s0 // D, s1 // D, x.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_base(B: int, KVH: int, rows_b: int, rows_h: int, device) -> torch.Tensor:
+    """[B, KVH, 1] int64 flat row of token 0 of each (batch, KV head); cached: decode calls it per layer."""
+    return (torch.arange(B, device=device)[:, None] * rows_b
+            + torch.arange(KVH, device=device)[None, :] * rows_h)[..., None]
+
+
+def drop_trivial_mask(key_mask):
+    """None when every token is valid (the common unpadded case): the fast path needs no masks."""
+    if key_mask is not None and bool(key_mask.all()):
+        return None
+    return key_mask
 
 
 def ds_select_cpu(q, labels, channels, budget: int, sink: int = 4, recent: int = 64,
@@ -94,8 +108,9 @@ def ds_attend_cpu(q, k, v, idx, scaling: float | None = None, key_mask=None) -> 
     kflat, kbase = _flat_rows(k)
     vflat, vbase = _flat_rows(v)
     kb, vb = _gather_buffers(B * KVH * n, D, k.dtype, k.device)
-    torch.index_select(kflat, 0, (idx + kbase[..., None]).view(-1), out=kb)
-    torch.index_select(vflat, 0, (idx + vbase[..., None]).view(-1), out=vb)
+    kidx = (idx + kbase).view(-1)
+    torch.index_select(kflat, 0, kidx, out=kb)
+    torch.index_select(vflat, 0, kidx if vbase is kbase else (idx + vbase).view(-1), out=vb)
     kb, vb = kb.view(B, KVH, n, D), vb.view(B, KVH, n, D)
     qg = q[:, :, 0, :].reshape(B, KVH, G, D).to(k.dtype)
     logits = torch.matmul(qg, kb.transpose(-1, -2)).float().mul_(scaling)      # [B, KVH, G, n]
@@ -111,6 +126,7 @@ def ds_attend_cpu(q, k, v, idx, scaling: float | None = None, key_mask=None) -> 
 
 def ds_decode_attention_cpu(q, k, v, labels, channels, budget: int, sink: int = 4, recent: int = 64,
                             scaling=None, group_reduce: str = "max", key_mask=None) -> torch.Tensor:
+    key_mask = drop_trivial_mask(key_mask)
     idx = ds_select_cpu(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
     return ds_attend_cpu(q, k, v, idx, scaling, key_mask)
 
