@@ -99,7 +99,9 @@ def _attend_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, km_ptr, acc_ptr, m_ptr, l
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(0, SPLIT, BLOCK_N):
+    # Runtime bound: the last split is ragged, and no block past n_sel is visited.
+    n_here = tl.minimum(n_sel - sp * SPLIT, SPLIT)
+    for n0 in range(0, n_here, BLOCK_N):
         offs = sp * SPLIT + n0 + tl.arange(0, BLOCK_N)
         valid = offs < n_sel
         tok = tl.load(idx_ptr + b * sib + h * sih + offs * sin, mask=valid, other=0).to(tl.int64)
@@ -206,7 +208,7 @@ def ds_attend_triton(q, k, v, idx, scaling: float | None = None, key_mask=None, 
     n = idx.shape[-1]
     scaling = D ** -0.5 if scaling is None else float(scaling)
     block_n = max(16, _pow2(block_n)) if use_dot else _pow2(block_n)
-    split = split or min(256, _pow2(n))
+    split = min(split or 256, triton.cdiv(n, block_n) * block_n)
     split = max(block_n, triton.cdiv(split, block_n) * block_n)
     n_splits = triton.cdiv(n, split)
     BLOCK_D = _pow2(D)
