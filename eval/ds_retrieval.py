@@ -47,27 +47,23 @@ def passkey_prompt(tok, context: int, rng: random.Random) -> Prompt:
 
 
 def kv_prompt(tok, context: int, rng: random.Random) -> Prompt:
-    """LongEval-style lines "line <w>-<w>: REGISTER_CONTENT is <n>" filling ~`context` tokens;
-    the question asks for one line's number."""
-    head = "Below is a record of lines I want you to remember. Each line begins with 'line <name>' " \
-           "and contains a '<REGISTER_CONTENT>' number.\n"
-    lines, names = [], set()
-    ntok = len(tok(head, add_special_tokens=False).input_ids) + 40
-    while ntok < context:
-        name = f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}"
-        if name in names:
-            continue
-        names.add(name)
-        line = f"line {name}: REGISTER_CONTENT is <{rng.randint(1000, 99999)}>\n"
-        lines.append((name, line))
-        ntok += len(tok(line, add_special_tokens=False).input_ids)
-    # Ask about a line away from the very start and end (those are what sink/recent keep).
-    lo, hi = len(lines) // 10, max(len(lines) // 10, (9 * len(lines)) // 10 - 1)
-    name, line = lines[rng.randint(lo, hi)]
-    answer = line.split("<")[1].split(">")[0]
-    text = head + "".join(x for _, x in lines) + \
-        f"\nWhat is the REGISTER_CONTENT in line {name}? I need the number.\nThe REGISTER_CONTENT in line {name} is <"
-    return Prompt("kv", context, text, answer)
+    """Key-value retrieval: one "box -> 5-digit key" pair per ~256 tokens of filler (so 4 to 16
+    pairs for 1K-4K contexts, all alike); the question asks for one box's key. (LongEval's
+    "lines" format is beyond SmolLM2-135M even dense; this multi-key form it solves dense.)"""
+    n_pairs = max(2, context // 256)
+    names = rng.sample(_WORDS, n_pairs)
+    vals = [str(rng.randint(10000, 99999)) for _ in names]
+    head = "There are important keys hidden inside a lot of irrelevant text. Find them and memorize them.\n"
+    pairs = [f"The key of the {n} box is {v}. Remember it. {v} is the key of the {n} box. " for n, v in zip(names, vals)]
+    i = rng.randrange(n_pairs)
+    tail = f"\nWhat is the key of the {names[i]} box? The key of the {names[i]} box is"
+    unit = len(tok(_FILLER, add_special_tokens=False).input_ids)
+    fixed = len(tok(head + "".join(pairs) + tail, add_special_tokens=False).input_ids)
+    n = max(n_pairs + 1, (context - fixed) // unit)
+    # Filler split into n_pairs + 1 gaps of near-equal size.
+    gaps = [n // (n_pairs + 1) + (1 if j < n % (n_pairs + 1) else 0) for j in range(n_pairs + 1)]
+    text = head + "".join(_FILLER * g + p for g, p in zip(gaps, pairs)) + _FILLER * gaps[-1] + tail
+    return Prompt("kv", context, text, vals[i])
 
 
 def make_prompts(tok, task: str, contexts, n: int, seed: int = 0) -> list[Prompt]:

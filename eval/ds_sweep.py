@@ -162,3 +162,24 @@ def plot_sweep(res: dict, path: str, r: int | None = None) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def demo_step(model, tok, max_tokens: int = 4096, seq_len: int = 1024, budget: float = 1 / 8) -> dict:
+    """`accel demo`'s Double Sparsity step: calibrate on 8 x 256 tokens, then perplexity with
+    the selection applied to every query row, beside dense on the same tokens."""
+    import accel
+    from accel.calibrate.double_sparsity import calibrate_double_sparsity
+    from accel.configs.double_sparsity import DoubleSparsityConfig
+    from accel.data import eval_tokens
+
+    t0 = time.perf_counter()
+    art = calibrate_double_sparsity(model, tok, DoubleSparsityConfig(budget=budget, min_context=0), n_samples=8,
+                                    seq_len=256, progress=False)
+    tokens = eval_tokens(tok, "wiki", max_tokens)
+    dense = _ppl(model, tokens, seq_len, 2, "dense")
+    with accel.patched(model, art):
+        ds = _ppl(model, tokens, seq_len, 2, "ds")
+    print(f"[double-sparsity] budget {budget_name(budget)}, r=head_dim/8: ppl {ds:.3f} vs dense {dense:.3f} "
+          f"({100 * (ds / dense - 1):+.1f}%) over {tokens.numel()} tokens ({seq_len}-token windows), "
+          f"{time.perf_counter() - t0:.0f}s")
+    return {"ds_ppl": ds, "dense_ppl": dense, "budget": budget}

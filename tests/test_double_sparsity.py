@@ -309,3 +309,35 @@ def test_sweep_json_shape_on_tiny_model():
         assert t[row]["1/1,r=2"] == pytest.approx(t["dense"]["1/1,r=2"], rel=1e-5)
     assert t["ds"]["1/4,r=16"] == pytest.approx(t["oracle"]["1/4,r=16"], rel=1e-5)
     assert t["sink_recent"]["1/4,r=2"] != pytest.approx(t["dense"]["1/4,r=2"], rel=1e-4)
+
+
+# ---- real model ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_calibrate_cli_and_sparse_perplexity(smollm2, tmp_path, capsys):
+    import dataclasses
+
+    from accel.artifact import Artifact
+    from accel.cli import main
+    from accel.data import eval_tokens
+    from accel.eval.perplexity import perplexity
+
+    out = tmp_path / "ds"
+    assert main(["calibrate", "double-sparsity", "--model", "smollm2-135m", "--output", str(out),
+                 "--n-samples", "2", "--seq-len", "128", "--heavy-channels", "8", "--json"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["heavy_channels"] == 8 and last["tokens"] == 256
+    doc = json.loads((tmp_path / "ds.sglang_ds_channels.json").read_text())
+    assert len(doc) == 3 * 30 and len(doc["model.layers.29.self_attn.k_proj"]) == 3
+    art = Artifact.load(out)
+    model, tok = smollm2
+    tokens = eval_tokens(tok, "wiki", 1024)
+    dense = perplexity(model, tokens, seq_len=512, progress=False).ppl
+    cfg = dataclasses.replace(art.configs[0], budget=1 / 8, min_context=0)
+    ppl = {}
+    for name, c in {"ds": cfg, "sink_recent": dataclasses.replace(cfg, recent=4096)}.items():
+        with accel.patched(model, Artifact(configs=[c], tensors=art.tensors, fingerprint=art.fingerprint)):
+            ppl[name] = perplexity(model, tokens, seq_len=512, progress=False).ppl
+    assert not accel.is_patched(model)
+    # Sparse attention is measured (ppl moves), and calibrated channels beat sink + recent.
+    assert dense < ppl["ds"] < ppl["sink_recent"]
+    assert ppl["ds"] < 1.15 * dense
