@@ -1,0 +1,245 @@
+"""Layer-sequential calibration runner, shared by the weight methods (Wanda, DSnoT, GQSA, R-Sparse).
+
+    data = capture_inputs(model, samples)         # decoder-layer-0 inputs of every sample, on CPU
+    for each decoder layer i:
+        tensors = method.process_layer(i, layer, data)   # statistics from the *current* layer,
+                                                         # then change it (prune / quantize)
+        data.advance(layer, i)                           # its new outputs feed layer i+1
+
+Activations stay on CPU between layers; only one layer's work runs at a time. The per-layer
+results a method returns are checkpointed under `checkpoint_dir`, so an interrupted run resumes:
+finished layers are restored from their checkpoint (`method.restore_layer`) and re-run forward,
+which reproduces exactly the inputs an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from accel.patches import compat
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationError(RuntimeError):
+    """Calibration cannot proceed (bad data, NaN activations, mismatched checkpoint)."""
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerData:
+    """Inputs of the current decoder layer.
+
+    hidden: per chunk `[b, L, hidden]` on CPU. kwargs: per layer index, the keyword arguments the
+    model passed to that layer (position embeddings, masks); they do not depend on the hidden
+    states, so one capture serves every chunk and layer.
+    """
+
+    hidden: list[torch.Tensor]
+    layer_kwargs: list[dict[str, Any]]
+    chunk_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def n_samples(self) -> int:
+        return sum(h.size(0) for h in self.hidden)
+
+    def kwargs_for(self, i: int, b: int, device) -> dict[str, Any]:
+        out = {}
+        for k, v in self.layer_kwargs[i].items():
+            out[k] = _fit_batch(v, b, device)
+        return out
+
+    def forward(self, layer: nn.Module, i: int, hooks: dict[nn.Module, Callable] | None = None,
+                keep_outputs: bool = True) -> list[torch.Tensor]:
+        """Run `layer` over every chunk; `hooks` maps submodules to `fn(module, inputs, output)`.
+
+        Returns the outputs (on CPU) when keep_outputs, else an empty list.
+        """
+        device = _device_of(layer)
+        handles = [m.register_forward_hook(fn) for m, fn in (hooks or {}).items()]
+        outs = []
+        try:
+            with torch.no_grad():
+                for h in self.hidden:
+                    y = layer(h.to(device), **self.kwargs_for(i, h.size(0), device))
+                    y = y[0] if isinstance(y, (tuple, list)) else y
+                    if keep_outputs:
+                        outs.append(y.to("cpu"))
+        finally:
+            for hd in handles:
+                hd.remove()
+        return outs
+
+    def advance(self, layer: nn.Module, i: int) -> None:
+        """Replace the inputs by this (already modified) layer's outputs."""
+        self.hidden = self.forward(layer, i)
+        for h in self.hidden:
+            if not torch.isfinite(h).all():
+                raise CalibrationError(f"decoder layer {i} produced NaN/inf activations; the model or the "
+                                       f"calibration data is broken (or the method's changes to layer {i} are)")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _fit_batch(v, b: int | None, device):
+    """Move captured kwargs to `device`, and fit any batch dimension to `b` (the last chunk may be
+    smaller than the captured one; b=None leaves it). Non-tensors pass through."""
+    if isinstance(v, torch.Tensor):
+        if b is not None and v.dim() >= 3 and v.size(0) not in (1, b):
+            v = v[:1].expand(b, *v.shape[1:])
+        return v.to(device)
+    if isinstance(v, tuple):
+        return tuple(_fit_batch(x, b, device) for x in v)
+    if isinstance(v, list):
+        return [_fit_batch(x, b, device) for x in v]
+    if isinstance(v, dict):
+        return {k: _fit_batch(x, b, device) for k, x in v.items()}
+    return v
+
+
+def capture_inputs(model, samples: torch.Tensor, batch_size: int = 8) -> LayerData:
+    """Run the model up to its first decoder layer for every sample; record each layer's kwargs.
+
+    samples: [N, L] int64 token ids.
+    """
+    if samples.dim() != 2 or samples.numel() == 0:
+        raise CalibrationError(f"calibration samples must be a non-empty [N, L] tensor, got {tuple(samples.shape)}")
+    layers = compat.decoder_layers(model)
+    device = next(model.parameters()).device
+    kwargs_per_layer: list[dict | None] = [None] * len(layers)
+    hidden: list[torch.Tensor] = []
+    first = {"done": False}
+
+    def make_pre_hook(idx):
+        def pre_hook(mod, args, kwargs):
+            if kwargs_per_layer[idx] is None:
+                kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+                kw["use_cache"] = False
+                kwargs_per_layer[idx] = _fit_batch(kw, None, "cpu")
+            if idx == 0:
+                hs = args[0] if args else kwargs["hidden_states"]
+                hidden.append(hs.detach().to("cpu"))
+                if first["done"]:
+                    raise _StopForward
+            return None
+        return pre_hook
+
+    handles = [layer.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for start in range(0, samples.size(0), batch_size):
+                x = samples[start:start + batch_size].to(device)
+                try:
+                    # The first chunk runs the whole model once, so every layer's kwargs get captured
+                    # (Gemma3 gives sliding and global layers different masks and rotary tables).
+                    model(input_ids=x, use_cache=False)
+                except _StopForward:
+                    pass
+                first["done"] = True
+    finally:
+        for hd in handles:
+            hd.remove()
+    if any(k is None for k in kwargs_per_layer):
+        raise CalibrationError("could not capture the inputs of every decoder layer")
+    for k in kwargs_per_layer:
+        k.pop("hidden_states", None)
+    return LayerData(hidden=hidden, layer_kwargs=kwargs_per_layer, chunk_sizes=[h.size(0) for h in hidden])
+
+
+class LayerMethod(Protocol):
+    def process_layer(self, i: int, layer: nn.Module, data: LayerData) -> dict[str, torch.Tensor]: ...
+
+    def restore_layer(self, i: int, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass
+class RunStats:
+    layers: int
+    resumed_layers: int
+    seconds: float
+    peak_rss_mb: float
+    activation_mb: float
+    capture_seconds: float
+
+
+def _peak_rss_mb() -> float:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_layerwise(model, samples: torch.Tensor, method: LayerMethod, *, batch_size: int = 8,
+                  checkpoint_dir: str | os.PathLike | None = None, run_key: dict | None = None,
+                  progress: bool = True, desc: str = "calibrate",
+                  stop_after: int | None = None) -> RunStats:
+    """Calibrate `model` layer by layer with `method`, in place.
+
+    checkpoint_dir: per-layer results go to `layer_XXX.safetensors`; existing ones whose run_key
+    matches are restored instead of recomputed. `stop_after` (tests) stops after that many layers
+    as an interruption would.
+    """
+    from safetensors.torch import load_file, save_file
+
+    t0 = time.perf_counter()
+    data = capture_inputs(model, samples, batch_size)
+    t_cap = time.perf_counter() - t0
+    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckdir is not None:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        key_path = ckdir / "run_key.json"
+        key = json.dumps(run_key or {}, sort_keys=True, default=str)
+        if key_path.exists() and key_path.read_text() != key:
+            raise CalibrationError(f"{ckdir} holds checkpoints of a run with different settings; "
+                                   f"delete it or choose another directory")
+        key_path.write_text(key)
+    layers = compat.decoder_layers(model)
+    resumed = 0
+    act_mb = sum(h.numel() * h.element_size() for h in data.hidden) / 2**20
+    bar = tqdm(total=len(layers), desc=desc, unit="layer", disable=not progress)
+    for i, layer in enumerate(layers):
+        if stop_after is not None and i >= stop_after:
+            break
+        ck = ckdir / f"layer_{i:03d}.safetensors" if ckdir is not None else None
+        if ck is not None and ck.is_file():
+            method.restore_layer(i, layer, load_file(str(ck)))
+            resumed += 1
+        else:
+            tensors = method.process_layer(i, layer, data)
+            if ck is not None:
+                tmp = ck.with_suffix(".tmp")
+                save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}, str(tmp))
+                os.replace(tmp, ck)
+        data.advance(layer, i)
+        bar.update(1)
+    bar.close()
+    stats = RunStats(len(layers), resumed, time.perf_counter() - t0, _peak_rss_mb(), act_mb, t_cap)
+    log.info("layer-wise calibration: %d layers (%d resumed) in %.1fs, peak RSS %.0f MB, activations %.0f MB",
+             stats.layers, resumed, stats.seconds, stats.peak_rss_mb, act_mb)
+    return stats
+
+
+def linear_input_stats(layer: nn.Module, data: LayerData, i: int, modules: dict[str, nn.Module],
+                       fn: Callable[[str, torch.Tensor], None]) -> None:
+    """Run layer `i` over all chunks, calling `fn(name, x)` with each listed submodule's input
+    `x: [tokens, in_features]` (fp32). Used for ‖X_j‖ and similar statistics."""
+    def make(name):
+        def hook(mod, inputs, output):
+            x = inputs[0]
+            fn(name, x.reshape(-1, x.size(-1)).float())
+        return hook
+    data.forward(layer, i, hooks={m: make(n) for n, m in modules.items()}, keep_outputs=False)
