@@ -23,9 +23,11 @@ def evaluate_ppl(model_name: str = "smollm2-135m", artifact: str | None = None, 
 
     from .perplexity import perplexity
 
+    # Load (and so validate) the artifact before the model: a bad path fails in a second, not after a load.
+    art = accel.Artifact.load(artifact) if artifact else None
     model, tok = accel.models.load(model_name, dtype=dtype)
-    if artifact:
-        accel.patch(model, artifact)
+    if art is not None:
+        accel.patch(model, art)
     ids = eval_tokens(tok, source, max_tokens)
     res = perplexity(model, ids, seq_len=seq_len, batch_size=batch_size, progress=progress)
     return {"model": model_name, "artifact": artifact, "source": source, "dtype": dtype, **res.to_dict()}
