@@ -107,7 +107,8 @@ class _LayerPruner:
             return {}
         stats = {n: InputStats(torch.zeros(m.in_features, dtype=torch.float64),
                                torch.zeros(m.in_features, dtype=torch.float64)) for n, m in lins.items()}
-        linear_input_stats(layer, data, i, lins, lambda n, x: stats[n].add(x))
+        # early_exit: the stats pass need not compute what comes after the last targeted input.
+        linear_input_stats(layer, data, i, lins, lambda n, x: stats[n].add(x), early_exit=True)
         out = {}
         for name, lin in lins.items():
             st = stats[name]

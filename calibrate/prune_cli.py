@@ -101,16 +101,16 @@ def _cmd_sweep(args) -> int:
     cols = [c.strip() for c in args.sparsities.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     r = prune_sweep(args.model, cols, methods, args.max_tokens, args.seq_len, args.n_samples, args.calib_seq_len,
-                    args.seed, args.eval_dtype, args.batch_size, progress=not args.json)
+                    args.seed, args.dtype, args.batch_size, progress=not args.json)
     meta = r["meta"]
     fwd = meta["forward_seconds"]
     times = ", ".join(f"{k} {v:.0f}s ({v / fwd:.2f}x)" for k, v in meta["calibrate_seconds"].items())
     text = (format_table(r["table"], cols)
-            + f"\n\nppl over {meta['eval_tokens']} eval tokens (windows of {meta['seq_len']}, {meta['eval_dtype']}); "
+            + f"\n\nppl over {meta['eval_tokens']} eval tokens (windows of {meta['seq_len']}, {meta['dtype']}); "
             f"calibration {meta['calibration']['n_samples']}x{meta['calibration']['seq_len']} tokens of the "
-            f"calibration split, fp32.")
+            f"calibration split, {meta['dtype']}.")
     if "dense_fp32" in meta:
-        text += f"\ndense fp32 ppl {meta['dense_fp32']:.4f} vs {meta['eval_dtype']} {r['table']['dense']:.4f}"
+        text += f"\ndense fp32 ppl {meta['dense_fp32']:.4f} vs {meta['dtype']} {r['table']['dense']:.4f}"
     text += f"\ncalibration time vs one plain forward over the calibration set ({fwd:.1f}s): {times}"
     if args.plot:
         plot(r["table"], cols, args.plot)
@@ -155,10 +155,11 @@ def register(cli) -> None:
     s.add_argument("--methods", default="magnitude,wanda,wanda+dsnot")
     s.add_argument("--max-tokens", type=int, default=16384)
     s.add_argument("--seq-len", type=int, default=512)
-    s.add_argument("--n-samples", type=int, default=32, help="calibration samples")
+    s.add_argument("--n-samples", type=int, default=16, help="calibration samples")
     s.add_argument("--calib-seq-len", type=int, default=512)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--eval-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                   help="calibration and evaluation dtype (dense fp32 ppl is printed beside it)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--plot", default=None, help="write ppl-vs-sparsity PNG here")
     s.add_argument("--json", action="store_true", help="last line: {row: {column: ppl}}")

@@ -2,8 +2,8 @@
 
 Rows: dense, magnitude, wanda, wanda+dsnot. Columns: unstructured sparsities ("0.5") and N:M
 patterns ("2:4"). Calibration uses the calibration split, perplexity the disjoint evaluation split.
-One fp32 model is loaded; each cell restores its dense weights, prunes in fp32, and evaluates in
-`eval_dtype`.
+One model is loaded; dense perplexity is measured in fp32 and in `dtype`, then each cell restores the
+dense weights, calibrates and evaluates in `dtype` (bf16 by default, as the papers use fp16).
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def config_for(method: str, column: str):
 
 
 def prune_sweep(model_name: str = "smollm2-135m", columns=DEFAULT_COLUMNS, methods=DEFAULT_METHODS,
-                max_tokens: int = 16384, seq_len: int = 512, n_samples: int = 32, calib_seq_len: int = 512,
-                seed: int = 0, eval_dtype: str = "bfloat16", batch_size: int = 8,
+                max_tokens: int = 16384, seq_len: int = 512, n_samples: int = 16, calib_seq_len: int = 512,
+                seed: int = 0, dtype: str = "bfloat16", batch_size: int = 8,
                 progress: bool = True) -> dict:
     """Returns {"table": {row: ppl or {column: ppl}}, "meta": {...timings, fp32 check...}}."""
     import accel
@@ -42,26 +42,23 @@ def prune_sweep(model_name: str = "smollm2-135m", columns=DEFAULT_COLUMNS, metho
 
     cfgs = {(m, c): config_for(m, c) for m in methods for c in columns}  # validates before any work
     model, tok = accel.models.load(model_name, dtype=torch.float32)
-    dense_sd = {k: v.clone() for k, v in model.state_dict().items()}
     ids = eval_tokens(tok, "wiki", max_tokens)
     spec = CalibrationSpec(n_samples=n_samples, seq_len=calib_seq_len, seed=seed)
     samples = calibration_samples(tok, spec)
-    edt = getattr(torch, eval_dtype)
+    meta: dict = {"eval_tokens": int(ids.numel()), "seq_len": seq_len, "dtype": dtype,
+                  "calibration": spec.to_dict(), "calibrate_seconds": {}, "forward_seconds": None}
+    if dtype != "float32":
+        meta["dense_fp32"] = perplexity(model, ids, seq_len=seq_len, progress=progress, desc="dense fp32").ppl
+    # Calibration and evaluation both run in `dtype` (the papers calibrate fp16 models).
+    model.to(getattr(torch, dtype))
+    dense_sd = {k: v.clone() for k, v in model.state_dict().items()}
 
     def ppl(desc: str) -> float:
-        model.to(edt)
-        try:
-            return perplexity(model, ids, seq_len=seq_len, progress=progress, desc=desc).ppl
-        finally:
-            model.to(torch.float32)
+        return perplexity(model, ids, seq_len=seq_len, progress=progress, desc=desc).ppl
 
-    meta: dict = {"eval_tokens": int(ids.numel()), "seq_len": seq_len, "eval_dtype": eval_dtype,
-                  "calibration": spec.to_dict(), "calibrate_seconds": {}, "forward_seconds": None}
     fwd = time_forward(model, samples, batch_size)
     meta["forward_seconds"] = fwd
     table: dict = {"dense": ppl("dense")}
-    if eval_dtype != "float32":
-        meta["dense_fp32"] = perplexity(model, ids, seq_len=seq_len, progress=progress, desc="dense fp32").ppl
     for m in methods:
         table[m] = {}
         for c in columns:
