@@ -101,7 +101,8 @@ def _cmd_sweep(args) -> int:
     cols = [c.strip() for c in args.sparsities.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     r = prune_sweep(args.model, cols, methods, args.max_tokens, args.seq_len, args.n_samples, args.calib_seq_len,
-                    args.seed, args.dtype, args.batch_size, progress=not args.json)
+                    args.seed, args.dtype, args.batch_size, progress=not args.json,
+                    fp32_check=not args.no_fp32_check)
     meta = r["meta"]
     fwd = meta["forward_seconds"]
     times = ", ".join(f"{k} {v:.0f}s ({v / fwd:.2f}x)" for k, v in meta["calibrate_seconds"].items())
@@ -161,6 +162,7 @@ def register(cli) -> None:
     s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="calibration and evaluation dtype (dense fp32 ppl is printed beside it)")
     s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--no-fp32-check", action="store_true", help="skip the dense fp32 perplexity")
     s.add_argument("--plot", default=None, help="write ppl-vs-sparsity PNG here")
     s.add_argument("--json", action="store_true", help="last line: {row: {column: ppl}}")
     s.set_defaults(func=_cmd_sweep)

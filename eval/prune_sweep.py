@@ -32,7 +32,7 @@ def config_for(method: str, column: str):
 def prune_sweep(model_name: str = "smollm2-135m", columns=DEFAULT_COLUMNS, methods=DEFAULT_METHODS,
                 max_tokens: int = 16384, seq_len: int = 512, n_samples: int = 16, calib_seq_len: int = 512,
                 seed: int = 0, dtype: str = "bfloat16", batch_size: int = 8,
-                progress: bool = True) -> dict:
+                progress: bool = True, fp32_check: bool = True) -> dict:
     """Returns {"table": {row: ppl or {column: ppl}}, "meta": {...timings, fp32 check...}}."""
     import accel
     from accel.calibrate.prune import prune_model, time_forward
@@ -47,7 +47,7 @@ def prune_sweep(model_name: str = "smollm2-135m", columns=DEFAULT_COLUMNS, metho
     samples = calibration_samples(tok, spec)
     meta: dict = {"eval_tokens": int(ids.numel()), "seq_len": seq_len, "dtype": dtype,
                   "calibration": spec.to_dict(), "calibrate_seconds": {}, "forward_seconds": None}
-    if dtype != "float32":
+    if dtype != "float32" and fp32_check:
         meta["dense_fp32"] = perplexity(model, ids, seq_len=seq_len, progress=progress, desc="dense fp32").ppl
     # Calibration and evaluation both run in `dtype` (the papers calibrate fp16 models).
     model.to(getattr(torch, dtype))
@@ -61,7 +61,9 @@ def prune_sweep(model_name: str = "smollm2-135m", columns=DEFAULT_COLUMNS, metho
     table: dict = {"dense": ppl("dense")}
     for m in methods:
         table[m] = {}
-        for c in columns:
+    # Column by column, so that an interrupted sweep still has complete columns in its log.
+    for c in columns:
+        for m in methods:
             model.load_state_dict(dense_sd)
             t0 = time.perf_counter()
             prune_model(model, cfgs[(m, c)], samples, batch_size=batch_size, progress=progress)
@@ -115,3 +117,30 @@ def plot(table: dict, columns, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def demo_step(model, tok, ids: torch.Tensor, seq_len: int = 512, sparsity: float = 0.5) -> dict:
+    """README demo: calibrate Wanda on 8x256 calibration tokens (on a copy), save the artifact,
+    patch `model` with it, print its perplexity, unpatch. ~1-2 min on CPU."""
+    import copy
+    import tempfile
+
+    import accel
+    from accel.calibrate.prune import build_artifact, prune_model
+    from accel.configs.prune import PruneConfig
+    from accel.data import calibration_samples
+
+    from .perplexity import perplexity
+
+    cfg = PruneConfig(init="wanda", sparsity=sparsity)
+    work = copy.deepcopy(model)
+    samples = calibration_samples(tok, n_samples=8, seq_len=256)
+    info = prune_model(work, cfg, samples, progress=False)
+    with tempfile.TemporaryDirectory() as d:
+        build_artifact(work, cfg, info, {"model": getattr(model.config, "accel_source", None)}).save(f"{d}/wanda")
+        del work
+        with accel.patched(model, f"{d}/wanda"):
+            r = perplexity(model, ids, seq_len=seq_len, desc="wanda ppl")
+    print(f"[wanda] {sparsity:.0%} unstructured (8x256 calibration tokens, {info.seconds:.0f}s; dense-masked "
+          f"kernel on CPU): ppl {r.ppl:.3f}")
+    return {"wanda_sparsity": sparsity, "wanda_ppl": r.ppl, "wanda_calibration_seconds": info.seconds}

@@ -272,3 +272,24 @@ def test_smollm2_wanda_beats_magnitude():
     prune_model(model, PruneConfig(sparsity=0.5), samples, progress=False)
     wanda = perplexity(model.to(torch.bfloat16), ids, progress=False).ppl
     assert wanda * 2 < mag, (wanda, mag)
+
+
+def test_early_exit_stats_equal_full_pass_and_skip_the_rest():
+    from accel.calibrate.runner import capture_inputs, linear_input_stats
+
+    model = accel.models.tiny("mistral")
+    data = capture_inputs(model, torch.randint(0, 512, (3, 12), generator=G()), batch_size=2)
+    layer = model.model.layers[0]
+    mods = {"q": layer.self_attn.q_proj, "up": layer.mlp.up_proj}
+    calls = []
+    h = layer.mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))
+    got = {}
+    for early in (False, True):
+        sums = {}
+        linear_input_stats(layer, data, 0, mods, lambda n, x: sums.__setitem__(n, sums.get(n, 0) + x.sum(0)),
+                           early_exit=early)
+        got[early] = sums
+    h.remove()
+    assert len(calls) == 2  # two chunks in the full pass, none with early exit
+    for n in mods:
+        assert torch.equal(got[False][n], got[True][n])
