@@ -43,6 +43,24 @@ def _cmd_ppl(args) -> int:
     return 0
 
 
+def _ds_step(model, tok, ids, seq_len):
+    from .ds_sweep import demo_step
+    return demo_step(model, tok)
+
+
+def _wanda_step(model, tok, ids, seq_len):
+    from .prune_sweep import demo_step
+    return demo_step(model, tok, ids, seq_len)
+
+
+# The main job's method steps: `fn(model, tok, eval_ids, seq_len) -> dict`, each printing its own
+# line and leaving `model` unpatched. Each method issue appends one.
+DEMO_STEPS = [
+    ("double_sparsity", _ds_step),
+    ("wanda", _wanda_step),
+]
+
+
 def run_demo(model_name: str = "smollm2-135m", max_tokens: int = 16384, seq_len: int = 512,
              prompt: str = "The capital of France is") -> dict:
     """The main job: load the model, generate a sentence, print dense perplexity."""
@@ -64,9 +82,11 @@ def run_demo(model_name: str = "smollm2-135m", max_tokens: int = 16384, seq_len:
     print(f"[generate] {text!r}")
     dense = perplexity(model, eval_tokens(tok, "wiki", max_tokens), seq_len=seq_len, desc="dense ppl")
     print(f"[dense] ppl {dense.ppl:.3f} over {dense.tokens} tokens ({dense.windows} x {seq_len})")
-    from .ds_sweep import demo_step as ds_demo_step
-    ds_demo_step(model, tok)
-    return {"generated": text, "dense_ppl": dense.ppl, "tokens": dense.tokens}
+    out = {"generated": text, "dense_ppl": dense.ppl, "tokens": dense.tokens}
+    eval_ids = eval_tokens(tok, "wiki", max_tokens)
+    for name, step in DEMO_STEPS:
+        out[name] = step(model, tok, eval_ids, seq_len)
+    return out
 
 
 def _cmd_demo(args) -> int:
