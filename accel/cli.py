@@ -17,6 +17,7 @@ from typing import Any, Callable
 COMMAND_MODULES = [
     "accel.eval.cli",
     "accel.calibrate.cli",
+    "accel.eval.gqsa_cli",
 ]
 
 

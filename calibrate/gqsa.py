@@ -99,14 +99,16 @@ class GQSALayerMethod:
 
 
 def calibrate_gqsa(model, tok, cfg: GQSAConfig, spec: CalibrationSpec | None = None, *,
-                   checkpoint_dir=None, progress: bool = True) -> Artifact:
+                   checkpoint_dir=None, progress: bool = True, samples: torch.Tensor | None = None) -> Artifact:
     """Stage 1 (+ stage 2 when cfg.e2e_steps > 0) on `model` in place; returns the artifact.
 
     The model ends up holding the dequantized GQSA weights (what the artifact computes).
+    samples: [N, L] token ids to use instead of drawing them from `spec` (tests, custom data).
     """
     spec = spec or CalibrationSpec(n_samples=32, seq_len=512)
     t0 = time.perf_counter()
-    samples = calibration_samples(tok, spec)
+    if samples is None:
+        samples = calibration_samples(tok, spec)
     method = GQSALayerMethod(model, cfg, seed=spec.seed)
     if not method.lins:
         raise ConfigError("gqsa: no target linears selected")

@@ -136,20 +136,18 @@ def e2e_oqp(model: nn.Module, packed: dict[str, GQSAWeight], samples: torch.Tens
     if steps <= 0:
         return packed
     fqs, olds = {}, {}
+    req = {n: p.requires_grad for n, p in model.named_parameters()}
     for name, w in packed.items():
         lin = model.get_submodule(name)
         fqs[name] = FakeQuantLinear(lin, w.cols, w.group_size, w.bits, codes=w.codes(),
                                     scale=w.scales.float(), zero=w.zeros.float())
         olds[name] = _swap(model, name, fqs[name])
-    req = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        params = []
         for m in fqs.values():
             m.scale.requires_grad_(True)
             m.zero.requires_grad_(True)
-            params += [m.scale, m.zero]
         opt = torch.optim.Adam([{"params": [m.scale for m in fqs.values()], "lr": lr},
                                 {"params": [m.zero for m in fqs.values()], "lr": lr * 100}])
         g = torch.Generator().manual_seed(seed)

@@ -2,3 +2,4 @@
 
 Each method issue adds one import line here.
 """
+from . import gqsa  # noqa: F401

@@ -25,7 +25,7 @@ class GQSAConfig(MethodConfig):
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
     bqpo_steps: int = 16
-    bqpo_lr: float = 1e-4
+    bqpo_lr: float = 3e-4
     bqpo_batch: int = 4
     e2e_steps: int = 0
     e2e_lr: float = 2e-5
