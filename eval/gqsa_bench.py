@@ -59,6 +59,15 @@ def bench_gemv(shapes=SHAPES, batches=(1, 8), group_size: int = 32, tile_rows: i
                          "bytes_ratio": packed.nbytes() / (n * k * 2),
                          "runtime_bytes_ratio": gq.nbytes() / (n * k * 2)})
             log.info("gemv %dx%d B=%d: %s", k, n, b, rows[-1])
+        if n >= 1024:
+            # Tile size trade-off: fewer, larger compacted matrices run faster (fewer aten calls),
+            # but constrain the kept groups more (see the sweep's tile row for the accuracy cost).
+            x = torch.randn(1, k, generator=g).bfloat16()
+            variants = {f"tile{t}": CPUGQSA(pack_weight(W, sparsity=sparsity, group_size=group_size, tile_rows=t))
+                        for t in (192, 512, 1024, n)}
+            t = _interleaved({"int4": lambda: dense4(x), **{kk: (lambda v=v: v(x)) for kk, v in variants.items()}},
+                             rounds, max(3, int(2e8 / (n * k * 2))))
+            rows[-len(batches)]["tiles_vs_int4_b1"] = {kk: t["int4"] / t[kk] for kk in variants}
     return rows
 
 

@@ -21,7 +21,7 @@ def _cmd_sweep(args) -> int:
                 f.write(json.dumps(r) + "\n")
     res = gqsa_sweep(args.rows.split(","), args.model, args.max_tokens, args.seq_len, args.samples,
                      args.calib_seq_len, args.bqpo_steps, args.bqpo_batch, args.bqpo_lr, args.e2e_steps,
-                     progress=not args.json, on_row=show)
+                     progress=not args.json, on_row=show, eval_dtype=args.eval_dtype)
     emit(res, args.json, f"{res['tokens']} tokens x seq {res['seq_len']}, calibration {res['calibration']}")
     return 0
 
@@ -39,6 +39,10 @@ def _cmd_bench(args) -> int:
         print(f"{r['in']:>5}->{r['out']:<5} B={r['batch']}  bf16 {r['ms_bf16']:.3f} ms  int4 {r['ms_int4']:.3f} ms  "
               f"gqsa {r['ms_gqsa']:.3f} ms  x{r['speedup_vs_bf16']:.2f} vs bf16  x{r['speedup_vs_int4']:.2f} vs int4  "
               f"bytes {r['bytes_ratio']:.3f}x bf16  ({r['path']})", flush=True)
+    for r in rows:
+        if "tiles_vs_int4_b1" in r:
+            print(f"  {r['in']}->{r['out']} B=1 speed vs dense int4 by tile rows: "
+                  + ", ".join(f"{k} x{v:.2f}" for k, v in r["tiles_vs_int4_b1"].items()), flush=True)
     head = next(r for r in rows if r["in"] == 4096 and r["batch"] == 1)
     res = {"threads": 1, "group_size": args.group_size, "tile_rows": args.tile_rows, "rows": rows,
            "speedup_vs_bf16": head["speedup_vs_bf16"], "speedup_vs_int4": head["speedup_vs_int4"],
@@ -67,6 +71,7 @@ def register(cli) -> None:
     p.add_argument("--bqpo-lr", type=float, default=3e-4)
     p.add_argument("--e2e-steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--partial", default=None, help="append each row as a JSON line to this file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_sweep)

@@ -147,7 +147,7 @@ def test_patched_logits_match_dequantized_model(tmp_path, monkeypatch):
     with torch.no_grad():
         dense = fresh(input_ids=ids).logits
     loaded = Artifact.load(tmp_path / "a")
-    for path, floor in (("reference", 100), ("cpu", 30)):
+    for path, floor in (("reference", 100), ("cpu", 30), ("triton", 100)):
         monkeypatch.setenv("ACCEL_KERNEL", path)
         with accel.patched(fresh, loaded), torch.no_grad():
             out = fresh(input_ids=ids).logits

@@ -75,12 +75,17 @@ class CPUGQSA:
         if tiles is not None:
             self.path = "cpu-int4-compact"
             self.parts = []
+            idxs = []
             for r0, r1 in tiles:
                 idx = (w.cols[r0].long()[:, None] * g + torch.arange(g)).reshape(-1)
                 packed = _int4pack(codes[r0:r1].reshape(r1 - r0, -1).contiguous(), 1)
                 sz = _scale_zeros(s[r0:r1], z[r0:r1], reps)
-                self.parts.append((r0, r1, idx, packed, sz))
-                self.tensors += [idx, packed, sz]
+                self.parts.append((len(idxs) * idx.numel(), idx.numel(), packed, sz))
+                idxs.append(idx)
+                self.tensors += [packed, sz]
+            # One gather of x for all tiles; each tile then reads its own slice.
+            self.idx = torch.cat(idxs)
+            self.tensors.append(self.idx)
         else:
             self.path = "cpu-int4-masked"
             full = torch.full((self.out_features, w.in_features // g, g), 8, dtype=torch.int32)
@@ -107,8 +112,9 @@ class CPUGQSA:
             if self.path == "cpu-int4-masked":
                 y = _int4mm(xb, self.packed, self.ga, self.sz)
             else:
-                y = torch.cat([_int4mm(xb.index_select(1, idx), packed, self.ga, sz)
-                               for _, _, idx, packed, sz in self.parts], dim=1)
+                xg = xb.index_select(1, self.idx)
+                y = torch.cat([_int4mm(xg[:, o:o + n].contiguous(), packed, self.ga, sz)
+                               for o, n, packed, sz in self.parts], dim=1)
             y = y.to(dtype)
         if bias is not None:
             y = y + bias.to(dtype)
