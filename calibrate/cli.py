@@ -14,3 +14,4 @@ def register(cli) -> None:
 
     for mod in METHOD_CLI_MODULES:
         importlib.import_module(mod).register(cli)
+METHOD_CLI_MODULES.append("accel.calibrate.gqsa_cli")
