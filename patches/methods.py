@@ -2,3 +2,4 @@
 
 Each method issue adds one import line here.
 """
+from . import rsparse  # noqa: F401
