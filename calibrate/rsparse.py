@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 Q_POINTS = 4097
 MAX_SCORE_SAMPLES = 1 << 20
-GRID = (0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)
+GRID = (0.0, 0.3, 0.5, 0.7, 0.9)
 MODES = ("rsparse", "teal")
 
 
@@ -247,3 +247,43 @@ def build_tensors(model, stats: RSparseStats, s: torch.Tensor, rho: torch.Tensor
             down, up = svd.factors(nm, r)
             t[f"rsparse/{nm}.down"], t[f"rsparse/{nm}.up"] = down, up
     return t
+
+
+def calibrate_rsparse(model, tok, cfg: RSparseConfig, *, n_samples: int = 16, seq_len: int = 512, seed: int = 0,
+                      greedy_tokens: int = 1024, evo: EvoSettings | None = None, eval_samples: int = 2,
+                      checkpoint_dir=None, progress: bool = True, stats: RSparseStats | None = None):
+    """Calibrate `model` (left unchanged) and return an in-memory `Artifact` (call `.save(dir)`).
+
+    checkpoint_dir: the statistics pass checkpoints per layer there and the evolutionary search
+    per generation, so an interrupted run resumes. `stats` reuses a previous pass (sweeps).
+    """
+    import json
+    from pathlib import Path
+
+    from accel.artifact import Artifact
+    from accel.data import CalibrationSpec, calibration_samples
+
+    spec = CalibrationSpec(source="wiki", n_samples=n_samples, seq_len=seq_len, seed=seed)
+    samples = calibration_samples(tok, spec)
+    if stats is None:
+        greedy_modes = (cfg.mode,) if cfg.search != "uniform" else ()
+        stats = collect_stats(model, samples, cfg, greedy_modes=greedy_modes, greedy_tokens=greedy_tokens,
+                              checkpoint_dir=Path(checkpoint_dir) / "stats" if checkpoint_dir else None,
+                              progress=progress)
+    evo_state, on_gen = None, None
+    if cfg.search == "evo" and checkpoint_dir:
+        evo_path = Path(checkpoint_dir) / f"evo_{cfg.mode}_{cfg.sparsity:.4f}_{cfg.sparse_share:.4f}.json"
+        evo_state = json.loads(evo_path.read_text()) if evo_path.is_file() else None
+
+        def on_gen(st):
+            tmp = evo_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(st))
+            tmp.replace(evo_path)
+    s, rho, info = allocate(model, stats, cfg, eval_samples=samples[:eval_samples], evo=evo, progress=progress,
+                            evo_state=evo_state, on_generation=on_gen)
+    tensors = build_tensors(model, stats, s, rho, cfg.mode)
+    n = stats.counts()
+    info.update(budget=float((s * n).sum() / n.sum()), linears=len(stats.names),
+                mean_rho=float((rho * n).sum() / n.sum()), greedy_tokens=greedy_tokens,
+                protocol="thresholds from dense upstream activations; every token sparsified at run time")
+    return Artifact.for_model(model, [cfg], tensors, calibration={**spec.to_dict(), **info})

@@ -48,7 +48,7 @@ def project_budget(s: torch.Tensor, n: torch.Tensor, target: float, s_max: float
             hi = mid
     out = (s + (lo + hi) / 2).clamp(0, s_max)
     resid = (target - budget_of(out, n)) * float(n.sum())
-    room = torch.where(resid > 0, s_max - out, out) * n
+    room = (s_max - out if resid > 0 else out) * n
     j = int(room.argmax())
     out[j] = (out[j] + resid / n[j]).clamp(0, s_max)
     return out
