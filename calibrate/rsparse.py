@@ -30,8 +30,8 @@ from .rsparse_search import EvoSettings, evolutionary_search, greedy_at, greedy_
 log = logging.getLogger(__name__)
 
 Q_POINTS = 4097
-MAX_SCORE_SAMPLES = 1 << 20
-GRID = (0.0, 0.3, 0.5, 0.7, 0.9)
+MAX_SCORE_SAMPLES = 1 << 18
+GRID = (0.0, 0.3, 0.6, 0.9)
 MODES = ("rsparse", "teal")
 
 
@@ -118,8 +118,8 @@ class _StatsMethod:
             for mode in MODES:
                 sc = x * channel_scale(mods[n], mode) if mode == "rsparse" else x
                 sc = sc.reshape(-1) if flat_idx is None else sc.reshape(-1)[flat_idx]
-                q = torch.quantile(sc.sort().values, torch.linspace(0, 1, Q_POINTS), interpolation="linear") \
-                    if sc.numel() <= 16_000_000 else None
+                srt = sc.sort().values
+                q = srt[(torch.linspace(0, 1, Q_POINTS, dtype=torch.float64) * (srt.numel() - 1)).round().long()]
                 out[f"q:{mode}:{n}"] = q
                 self.stats.quantiles[f"{mode}:{n}"] = q
         if self.grid:
@@ -173,7 +173,7 @@ def target_names(model, cfg: RSparseConfig) -> tuple[list[str], dict, dict]:
 
 
 def collect_stats(model, samples: torch.Tensor, cfg: RSparseConfig, *, greedy_modes=("rsparse",),
-                  grid=GRID, greedy_tokens: int = 1024, checkpoint_dir=None, progress: bool = True) -> RSparseStats:
+                  grid=GRID, greedy_tokens: int = 512, checkpoint_dir=None, progress: bool = True) -> RSparseStats:
     """One layer-sequential pass (resumable through `checkpoint_dir`)."""
     names, shapes, layer_of = target_names(model, cfg)
     stats = RSparseStats(names, shapes, layer_of=layer_of, rho_grid=cfg.sparse_share if cfg.mode == "rsparse" else 0.95)
@@ -249,8 +249,8 @@ def build_tensors(model, stats: RSparseStats, s: torch.Tensor, rho: torch.Tensor
     return t
 
 
-def calibrate_rsparse(model, tok, cfg: RSparseConfig, *, n_samples: int = 16, seq_len: int = 512, seed: int = 0,
-                      greedy_tokens: int = 1024, evo: EvoSettings | None = None, eval_samples: int = 2,
+def calibrate_rsparse(model, tok, cfg: RSparseConfig, *, n_samples: int = 8, seq_len: int = 512, seed: int = 0,
+                      greedy_tokens: int = 512, evo: EvoSettings | None = None, eval_samples: int = 2,
                       checkpoint_dir=None, progress: bool = True, stats: RSparseStats | None = None):
     """Calibrate `model` (left unchanged) and return an in-memory `Artifact` (call `.save(dir)`).
 

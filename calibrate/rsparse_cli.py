@@ -7,9 +7,9 @@ import argparse
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--n-samples", type=int, default=16, help="calibration windows")
+    p.add_argument("--n-samples", type=int, default=8, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--greedy-tokens", type=int, default=1024, help="tokens for the greedy block-error grid")
+    p.add_argument("--greedy-tokens", type=int, default=512, help="tokens for the greedy block-error grid")
     p.add_argument("--population", type=int, default=6, help="evolutionary search population")
     p.add_argument("--generations", type=int, default=4, help="evolutionary search generations")
     p.add_argument("--json", action="store_true", help="last stdout line is a JSON object")

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def run_sweep(model_name: str = "smollm2-135m", levels=(0.4, 0.5, 0.6), *, max_tokens: int = 16384,
-              seq_len: int = 512, search: str = "greedy", n_samples: int = 16, greedy_tokens: int = 1024,
+              seq_len: int = 512, search: str = "greedy", n_samples: int = 8, greedy_tokens: int = 512,
               evo=None, sparse_share: float = 0.95, checkpoint_dir=None, progress: bool = True) -> dict:
     from pathlib import Path
 
@@ -61,3 +61,21 @@ def format_table(r: dict) -> str:
     for row in r["rows"]:
         lines.append(f"| {row['sparsity']:.0%} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
     return "\n".join(lines)
+
+
+def demo_step(model, tok, ids, seq_len: int = 512, sparsity: float = 0.5) -> dict:
+    """`accel demo` step: a small uniform R-Sparse calibration (2 windows), patched perplexity."""
+    import accel
+    from accel.configs.rsparse import RSparseConfig
+    from accel.eval.perplexity import perplexity
+
+    from .rsparse import calibrate_rsparse
+
+    t0 = time.perf_counter()
+    art = calibrate_rsparse(model, tok, RSparseConfig(sparsity, 0.95, search="uniform"), n_samples=2,
+                            progress=False)
+    with accel.patched(model, art):
+        r = perplexity(model, ids, seq_len=seq_len, desc="rsparse ppl")
+    print(f"[rsparse] uniform {sparsity:.0%} activation sparsity (rho 0.95, every token sparsified): "
+          f"ppl {r.ppl:.3f} ({time.perf_counter() - t0:.0f}s incl. calibration)")
+    return {"rsparse_ppl": r.ppl}

@@ -14,7 +14,10 @@ from torch import nn
 
 from accel.artifact import ArtifactError
 from accel.configs.rsparse import RSparseConfig, check_rank
+from accel.kernels.dispatch import select_path
 from accel.kernels.rsparse_linear import rsparse_linear
+from accel.kernels.rsparse_linear.cpu import rsparse_linear_cpu
+from accel.kernels.rsparse_linear.reference import channel_thresholds
 
 from .core import PatchContext, register_method
 from .linear import AccelLinear
@@ -44,6 +47,7 @@ class RSparseLinear(AccelLinear):
         self.threshold = float(threshold)
         self.s, self.rho = float(s), float(rho)
         self.register_buffer("scale", scale.to(dev, torch.float32), persistent=False)
+        self.register_buffer("thr_vec", channel_thresholds(self.scale, self.threshold), persistent=False)
         r = 0 if down is None else down.shape[0]
         check_rank(r, self.in_features, self.out_features)
         if r:
@@ -56,6 +60,14 @@ class RSparseLinear(AccelLinear):
             self.down = self.up = None
         self.rank = r
         self._wt = None
+        self._path = None
+
+    @property
+    def kernel_path(self) -> str:
+        dev = self.scale.device
+        if self._path is None or self._path[0] != dev:
+            self._path = (dev, select_path(dev))
+        return self._path[1]
 
     def weight_t(self) -> torch.Tensor:
         # The decode kernels read W's columns as contiguous rows; built once, on first decode call.
@@ -66,6 +78,12 @@ class RSparseLinear(AccelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.kernel_path
         tokens = x.numel() // max(x.shape[-1], 1)
+        if path == "cpu":
+            # Direct call: at SmolLM2 sizes a decode GEMV takes tens of microseconds, so dispatch
+            # overhead matters.
+            return rsparse_linear_cpu(x, self.weight, self.scale, self.threshold, self.down, self.up, self.bias,
+                                      weight_t=self.weight_t() if tokens <= DECODE_MAX_TOKENS else None,
+                                      thr_vec=self.thr_vec)
         if path == "triton" and tokens > DECODE_MAX_TOKENS:
             path = "reference"
         wt = self.weight_t() if path in ("triton", "cpu") and tokens <= DECODE_MAX_TOKENS else None

@@ -3,7 +3,8 @@
 x: [..., in]; weight W: [out, in]; scale: [in] (‖W[:, i]‖₂ for R-Sparse, ones for TEAL);
 threshold: scalar; down: [r, in] = Σ_r V_rᵀ; up: [out, r] = U_r (r may be 0: pure sparse).
 
-    m = |x| · scale > threshold                      (per token, per channel)
+    m = |x| > threshold / scale                      (per token, per channel; = |x|·scale > threshold
+                                                      for scale > 0, and a zero column is never active)
     y = W (m ⊙ x) + up · (down · ((1 − m) ⊙ x)) + bias
 """
 from __future__ import annotations
@@ -14,8 +15,13 @@ import torch.nn.functional as F
 
 def channel_mask(x: torch.Tensor, scale: torch.Tensor, threshold: float) -> torch.Tensor:
     """Boolean [..., in]: the channels that take the sparse (exact) path."""
-    # fp32 so every path (reference, CPU, Triton) draws the same boundary in fp16/bf16.
-    return (x.float().abs() * scale.float()) > threshold
+    return x.float().abs() > channel_thresholds(scale, threshold)
+
+
+def channel_thresholds(scale: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[in] fp32 per-channel cut-offs threshold / scale. fp32 so every path (reference, CPU,
+    Triton) draws the same boundary in fp16/bf16; precomputed once per linear at run time."""
+    return threshold / scale.float()
 
 
 def rsparse_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, threshold: float,

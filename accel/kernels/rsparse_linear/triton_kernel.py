@@ -5,7 +5,7 @@ Two launches:
   2. `_sparse_gemv_up`: y[b, n] = Σ_{i: m_b[i]} Wᵀ[i, n] x_b[i] + Σ_j up[n, j] z[b, j] + bias[n]
      Wᵀ is [in, out] row-major, so an inactive channel is a whole row whose load is masked off:
      the kernel reads only the weight rows of active channels (one row = BLOCK_N contiguous values).
-The mask m_b = |x_b|·scale > threshold is computed in-kernel, in fp32. Every load is upcast to
+The mask m_b = |x_b| > threshold / scale is computed in-kernel, in fp32. Every load is upcast to
 fp32 (bf16 is wrong under the interpreter otherwise); offsets are int64.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _lowrank_down(x_ptr, scale_ptr, down_ptr, z_ptr, thr, IN, R,
         kmask = offs_k < IN
         x = tl.load(x_ptr + b * stride_xb + offs_k, mask=kmask, other=0.0).to(tl.float32)
         sc = tl.load(scale_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)
-        xl = tl.where(tl.abs(x) * sc > thr, 0.0, x)
+        xl = tl.where(tl.abs(x) > thr / sc, 0.0, x)
         d = tl.load(down_ptr + offs_r[:, None] * stride_dr + offs_k[None, :],
                     mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(d * xl[None, :], axis=1)
@@ -51,7 +51,7 @@ def _sparse_gemv_up(x_ptr, scale_ptr, wt_ptr, up_ptr, z_ptr, bias_ptr, y_ptr, th
         kmask = offs_k < IN
         x = tl.load(x_ptr + b * stride_xb + offs_k, mask=kmask, other=0.0).to(tl.float32)
         sc = tl.load(scale_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)
-        active = (tl.abs(x) * sc > thr) & kmask
+        active = (tl.abs(x) > thr / sc) & kmask
         # Rows of inactive channels are never loaded: this is where the bandwidth is saved.
         w = tl.load(wt_ptr + offs_k[:, None] * stride_wt + offs_n[None, :],
                     mask=active[:, None] & nmask[None, :], other=0.0).to(tl.float32)
