@@ -39,6 +39,7 @@ def _linear_case(out_f, in_f, s, rho, dtype, repeats, seed=0):
     lin = lin.to(dtype)
     x = torch.randn(1, in_f, generator=g).to(dtype)
     scale = lin.weight.float().norm(dim=0)
+    scale = scale.detach()
     thr = float((x.float().abs() * scale).quantile(1 - active_fraction(s, rho)))
     r = rank_for(in_f, out_f, s, rho)
     down = torch.randn(r, in_f, generator=g).to(dtype) if r else None
@@ -75,6 +76,8 @@ def bench_rsparse(sparsity: float = 0.5, rho: float = 0.95, decode_tokens: int =
     try:
         big = _linear_case(4096, 4096, sparsity, rho, dt, repeats)
         big_sparse = _linear_case(4096, 4096, sparsity, 1.0, dt, repeats)
+        other = torch.bfloat16 if dt == torch.float32 else torch.float32
+        big_other = _linear_case(4096, 4096, sparsity, rho, other, repeats)
         small = {k: _linear_case(o, i, sparsity, rho, dt, repeats * 5) for k, (o, i) in SMOLLM2_SHAPES.items()}
         model, tok = accel.models.load("smollm2-135m", dtype=dt)
         dense_tps = _decode(model, tok, decode_tokens)
@@ -89,6 +92,7 @@ def bench_rsparse(sparsity: float = 0.5, rho: float = 0.95, decode_tokens: int =
         torch.set_num_threads(old)
     return {"sparsity": sparsity, "rho": rho, "dtype": dtype, "threads": 1,
             "linear_4096": big, "linear_4096_pure_sparse": big_sparse, "smollm2_linears": small,
+            f"linear_4096_{str(other).split('.')[-1]}": big_other,
             "decode_tokens": decode_tokens, "decode_tok_s_dense": dense_tps, "decode_tok_s_rsparse": rs_tps,
             "decode_speedup": rs_tps / dense_tps, "speedup_vs_dense": big["speedup"]}
 
@@ -97,6 +101,7 @@ def format_bench(r: dict) -> str:
     lines = [f"R-Sparse linear at {r['sparsity']:.0%} (rho={r['rho']}), batch 1, {r['dtype']}, 1 thread "
              f"(dense F.linear vs R-Sparse, interleaved medians)"]
     cases = [("4096x4096", r["linear_4096"]), ("4096x4096 rho=1", r["linear_4096_pure_sparse"])]
+    cases += [(f"4096x4096 {k[12:]}", v) for k, v in r.items() if k in ("linear_4096_bfloat16", "linear_4096_float32")]
     cases += list(r["smollm2_linears"].items())
     for name, c in cases:
         lines.append(f"  {name:18s} r={c['rank']:3d} active={c['active']:.2f}  dense {c['dense_us']:9.1f} us  "
