@@ -6,6 +6,7 @@ METHOD_CLI_MODULES: list[str] = [
     "accel.calibrate.ds_cli",
     "accel.eval.ds_cli",
     "accel.calibrate.prune_cli",
+    "accel.calibrate.rsparse_cli",
 ]
 
 
