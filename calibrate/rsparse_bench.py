@@ -1,0 +1,111 @@
+"""`accel bench rsparse-linear`: CPU speed of an R-Sparse linear vs dense F.linear, 1 thread.
+
+Each case times dense and R-Sparse interleaved in one loop (median of `repeats`), so machine
+noise hits both alike; the ratio is what is reported. Inputs are Gaussian and the threshold is
+set so that the active fraction is (1 − s)·rho, with the rank from the budget split.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SMOLLM2_SHAPES = {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576), "gate/up 1536x576": (1536, 576),
+                  "down 576x1536": (576, 1536)}
+
+
+def _interleaved(fns, repeats: int) -> list[float]:
+    for f in fns:
+        f(), f()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for k, f in enumerate(fns):
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def _linear_case(out_f, in_f, s, rho, dtype, repeats, seed=0):
+    from accel.configs.rsparse import active_fraction, rank_for
+    from accel.patches.rsparse import RSparseLinear
+
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=g) / in_f ** 0.5)
+    lin = lin.to(dtype)
+    x = torch.randn(1, in_f, generator=g).to(dtype)
+    scale = lin.weight.float().norm(dim=0)
+    scale = scale.detach()
+    thr = float((x.float().abs() * scale).quantile(1 - active_fraction(s, rho)))
+    r = rank_for(in_f, out_f, s, rho)
+    down = torch.randn(r, in_f, generator=g).to(dtype) if r else None
+    up = torch.randn(out_f, r, generator=g).to(dtype) if r else None
+    mod = RSparseLinear(lin, thr, scale, down, up, s, rho)
+    mod.weight_t()
+    with torch.inference_mode():
+        t_dense, t_rs = _interleaved([lambda: F.linear(x, lin.weight), lambda: mod(x)], repeats)
+    return {"shape": f"{out_f}x{in_f}", "rank": r, "active": float((x.float().abs() * scale > thr).float().mean()),
+            "dense_us": t_dense * 1e6, "rsparse_us": t_rs * 1e6, "speedup": t_dense / t_rs}
+
+
+def _decode(model, tok, tokens: int) -> float:
+    ids = tok("The history of the city begins", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return tokens / (time.perf_counter() - t)
+
+
+def bench_rsparse(sparsity: float = 0.5, rho: float = 0.95, decode_tokens: int = 32, repeats: int = 40,
+                  dtype: str = "float32", artifact: str | None = None) -> dict:
+    """Needs `torch.set_num_threads(1)` semantics: sets it for the run and restores it."""
+    import accel
+    from accel.configs.rsparse import RSparseConfig, check_sparsity
+
+    from .rsparse import calibrate_rsparse
+
+    check_sparsity(sparsity)
+    dt = getattr(torch, dtype)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        big = _linear_case(4096, 4096, sparsity, rho, dt, repeats)
+        big_sparse = _linear_case(4096, 4096, sparsity, 1.0, dt, repeats)
+        other = torch.bfloat16 if dt == torch.float32 else torch.float32
+        big_other = _linear_case(4096, 4096, sparsity, rho, other, repeats)
+        small = {k: _linear_case(o, i, sparsity, rho, dt, repeats * 5) for k, (o, i) in SMOLLM2_SHAPES.items()}
+        model, tok = accel.models.load("smollm2-135m", dtype=dt)
+        dense_tps = _decode(model, tok, decode_tokens)
+        if artifact is None:
+            art = calibrate_rsparse(model, tok, RSparseConfig(sparsity, rho, search="uniform"), n_samples=2,
+                                    progress=False)
+        else:
+            art = artifact
+        with accel.patched(model, art):
+            rs_tps = _decode(model, tok, decode_tokens)
+    finally:
+        torch.set_num_threads(old)
+    return {"sparsity": sparsity, "rho": rho, "dtype": dtype, "threads": 1,
+            "linear_4096": big, "linear_4096_pure_sparse": big_sparse, "smollm2_linears": small,
+            f"linear_4096_{str(other).split('.')[-1]}": big_other,
+            "decode_tokens": decode_tokens, "decode_tok_s_dense": dense_tps, "decode_tok_s_rsparse": rs_tps,
+            "decode_speedup": rs_tps / dense_tps, "speedup_vs_dense": big["speedup"]}
+
+
+def format_bench(r: dict) -> str:
+    lines = [f"R-Sparse linear at {r['sparsity']:.0%} (rho={r['rho']}), batch 1, {r['dtype']}, 1 thread "
+             f"(dense F.linear vs R-Sparse, interleaved medians)"]
+    cases = [("4096x4096", r["linear_4096"]), ("4096x4096 rho=1", r["linear_4096_pure_sparse"])]
+    cases += [(f"4096x4096 {k[12:]}", v) for k, v in r.items() if k in ("linear_4096_bfloat16", "linear_4096_float32")]
+    cases += list(r["smollm2_linears"].items())
+    for name, c in cases:
+        lines.append(f"  {name:18s} r={c['rank']:3d} active={c['active']:.2f}  dense {c['dense_us']:9.1f} us  "
+                     f"rsparse {c['rsparse_us']:9.1f} us  speedup {c['speedup']:.2f}x")
+    lines.append(f"  SmolLM2 decode ({r['decode_tokens']} tokens): dense {r['decode_tok_s_dense']:.1f} tok/s, "
+                 f"R-Sparse {r['decode_tok_s_rsparse']:.1f} tok/s ({r['decode_speedup']:.2f}x)")
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""`accel eval rsparse-sweep`: dense vs TEAL-style vs R-Sparse (uniform rho) vs R-Sparse (searched).
+
+Protocol: one statistics pass on the calibration split (dense upstream activations) serves every
+level and method; each row is patched in and evaluated on the evaluation split with every token
+sparsified (prefill included), windows of `seq_len`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+
+def run_sweep(model_name: str = "smollm2-135m", levels=(0.4, 0.5, 0.6), *, max_tokens: int = 16384,
+              seq_len: int = 512, search: str = "greedy", n_samples: int = 8, greedy_tokens: int = 512,
+              evo=None, sparse_share: float = 0.95, checkpoint_dir=None, progress: bool = True) -> dict:
+    from pathlib import Path
+
+    import accel
+    from accel.configs.rsparse import RSparseConfig, teal_config
+    from accel.data import CalibrationSpec, calibration_samples, eval_tokens
+    from accel.eval.perplexity import perplexity
+
+    from .rsparse import calibrate_rsparse, collect_stats
+
+    t0 = time.perf_counter()
+    model, tok = accel.models.load(model_name)
+    ids = eval_tokens(tok, "wiki", max_tokens)
+    dense = perplexity(model, ids, seq_len=seq_len, progress=progress, desc="dense")
+    samples = calibration_samples(tok, CalibrationSpec(n_samples=n_samples, seq_len=seq_len))
+    ck = Path(checkpoint_dir) if checkpoint_dir else None
+    base = RSparseConfig(sparsity=0.5, sparse_share=sparse_share, search="greedy")
+    stats = collect_stats(model, samples, base, greedy_modes=("rsparse",), greedy_tokens=greedy_tokens,
+                          checkpoint_dir=ck / "stats" if ck else None, progress=progress)
+    rows = []
+    for s in levels:
+        cfgs = {"teal": teal_config(s), "rsparse-uniform": RSparseConfig(s, sparse_share, search="uniform"),
+                f"rsparse-{search}": RSparseConfig(s, sparse_share, search=search)}
+        row = {"sparsity": s}
+        for label, cfg in cfgs.items():
+            art = calibrate_rsparse(model, tok, cfg, n_samples=n_samples, seq_len=seq_len, evo=evo,
+                                    greedy_tokens=greedy_tokens, stats=stats, progress=progress,
+                                    checkpoint_dir=ck)
+            with accel.patched(model, art):
+                r = perplexity(model, ids, seq_len=seq_len, progress=progress, desc=f"{label}@{s}")
+            row[label] = r.ppl
+            log.info("sparsity %.2f %s: ppl %.3f (budget %.4f)", s, label, r.ppl, art.calibration["budget"])
+        rows.append(row)
+    return {"model": model_name, "tokens": dense.tokens, "seq_len": seq_len, "dense": dense.ppl, "rows": rows,
+            "search": search, "sparse_share": sparse_share, "calibration_tokens": n_samples * seq_len,
+            "protocol": "every token sparsified (prefill included); thresholds from dense upstream activations",
+            "seconds": time.perf_counter() - t0}
+
+
+def format_table(r: dict) -> str:
+    keys = [k for k in r["rows"][0] if k != "sparsity"]
+    lines = [f"{r['model']}: perplexity over {r['tokens']} tokens (windows of {r['seq_len']}), "
+             f"every token sparsified; dense {r['dense']:.3f}",
+             "| sparsity | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['sparsity']:.0%} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def demo_step(model, tok, ids, seq_len: int = 512, sparsity: float = 0.5) -> dict:
+    """`accel demo` step: a small uniform R-Sparse calibration (2 windows), patched perplexity."""
+    import accel
+    from accel.configs.rsparse import RSparseConfig
+    from accel.eval.perplexity import perplexity
+
+    from .rsparse import calibrate_rsparse
+
+    t0 = time.perf_counter()
+    art = calibrate_rsparse(model, tok, RSparseConfig(sparsity, 0.95, search="uniform"), n_samples=2,
+                            progress=False)
+    with accel.patched(model, art):
+        r = perplexity(model, ids, seq_len=seq_len, desc="rsparse ppl")
+    print(f"[rsparse] uniform {sparsity:.0%} activation sparsity (rho 0.95, every token sparsified): "
+          f"ppl {r.ppl:.3f} ({time.perf_counter() - t0:.0f}s incl. calibration)")
+    return {"rsparse_ppl": r.ppl}

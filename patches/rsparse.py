@@ -1,0 +1,141 @@
+"""R-Sparse runtime: swaps each targeted `nn.Linear` for an `RSparseLinear`.
+
+Evaluation protocol: every token of every sequence goes through the sparse + low-rank split
+(prefill included). The official R-Sparse evaluation (`prefill_ratio = 0.1`) sparsifies only the
+last 10% of each sequence, which flatters perplexity; we do not.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from accel.artifact import ArtifactError
+from accel.configs.rsparse import RSparseConfig, check_rank
+from accel.kernels.dispatch import select_path
+from accel.kernels.rsparse_linear import rsparse_linear
+from accel.kernels.rsparse_linear.cpu import rsparse_linear_cpu
+from accel.kernels.rsparse_linear.reference import channel_thresholds
+
+from .core import PatchContext, register_method
+from .linear import AccelLinear
+from .targets import iter_linears
+
+log = logging.getLogger(__name__)
+
+# Token counts up to this go through the decode kernels (sparse-input GEMV); above, masked dense.
+DECODE_MAX_TOKENS = 8
+
+
+class RSparseLinear(AccelLinear):
+    """y = W[:, S]·x_S + up·(down·x_{not S}) + b with S = {i : |x_i|·scale_i > threshold}.
+
+    Shares the original weight and bias. `scale` is ‖W[:, i]‖ (R-Sparse) or ones (TEAL).
+    down: [r, in] = Σ_r V_rᵀ, up: [out, r] = U_r (r = 0: pure sparse).
+    """
+
+    method = "rsparse"
+
+    def __init__(self, linear: nn.Linear, threshold: float, scale: torch.Tensor,
+                 down: torch.Tensor | None = None, up: torch.Tensor | None = None,
+                 s: float = 0.0, rho: float = 1.0):
+        super().__init__(linear.in_features, linear.out_features)
+        self.weight, self.bias = linear.weight, linear.bias
+        dev, dt = linear.weight.device, linear.weight.dtype
+        self.threshold = float(threshold)
+        self.s, self.rho = float(s), float(rho)
+        self.register_buffer("scale", scale.to(dev, torch.float32), persistent=False)
+        self.register_buffer("thr_vec", channel_thresholds(self.scale, self.threshold), persistent=False)
+        r = 0 if down is None else down.shape[0]
+        check_rank(r, self.in_features, self.out_features)
+        if r:
+            if tuple(down.shape) != (r, self.in_features) or tuple(up.shape) != (self.out_features, r):
+                raise ArtifactError(f"low-rank factors {tuple(down.shape)}, {tuple(up.shape)} do not fit a "
+                                    f"{self.out_features}x{self.in_features} linear")
+            self.register_buffer("down", down.to(dev, dt).contiguous(), persistent=False)
+            self.register_buffer("up", up.to(dev, dt).contiguous(), persistent=False)
+        else:
+            self.down = self.up = None
+        self.rank = r
+        self._wt = None
+        self._path = None
+
+    @property
+    def kernel_path(self) -> str:
+        dev = self.scale.device
+        if self._path is None or self._path[0] != dev:
+            self._path = (dev, select_path(dev))
+        return self._path[1]
+
+    def weight_t(self) -> torch.Tensor:
+        # The decode kernels read W's columns as contiguous rows; built once, on first decode call.
+        if self._wt is None or self._wt.device != self.weight.device or self._wt.dtype != self.weight.dtype:
+            self._wt = self.weight.detach().t().contiguous()
+        return self._wt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self.kernel_path
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if path == "cpu":
+            # Direct call: at SmolLM2 sizes a decode GEMV takes tens of microseconds, so dispatch
+            # overhead matters.
+            return rsparse_linear_cpu(x, self.weight, self.scale, self.threshold, self.down, self.up, self.bias,
+                                      weight_t=self.weight_t() if tokens <= DECODE_MAX_TOKENS else None,
+                                      thr_vec=self.thr_vec)
+        if path == "triton" and tokens > DECODE_MAX_TOKENS:
+            path = "reference"
+        wt = self.weight_t() if path in ("triton", "cpu") and tokens <= DECODE_MAX_TOKENS else None
+        return rsparse_linear(x, self.weight, self.scale, self.threshold, self.down, self.up, self.bias,
+                              path=path, weight_t=wt)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", s={self.s:.3f}, rho={self.rho:.3f}, rank={self.rank}"
+
+
+def channel_scale(linear: nn.Linear, mode: str) -> torch.Tensor:
+    """[in]: ‖W[:, i]‖₂ for R-Sparse scoring, ones for TEAL (plain |x_i|)."""
+    if mode == "teal":
+        return torch.ones(linear.in_features)
+    return linear.weight.detach().float().norm(dim=0).cpu()
+
+
+def build_linear(linear: nn.Linear, tensors: dict, name: str, mode: str) -> RSparseLinear:
+    """Build from the artifact tensors `<name>.threshold`, `<name>.s_rho`, optional `.down`/`.up`."""
+    if f"{name}.threshold" not in tensors:
+        raise ArtifactError(f"rsparse artifact has no threshold for {name}; it was made for another model "
+                            f"or other targets")
+    s, rho = (float(v) for v in tensors[f"{name}.s_rho"])
+    return RSparseLinear(linear, float(tensors[f"{name}.threshold"]), channel_scale(linear, mode),
+                         tensors.get(f"{name}.down"), tensors.get(f"{name}.up"), s, rho)
+
+
+@register_method("rsparse")
+def apply_rsparse(ctx: PatchContext, cfg: RSparseConfig, tensors: dict) -> None:
+    n = 0
+    for name, lin in list(iter_linears(ctx.model, cfg.targets, cfg.ignore)):
+        if not isinstance(lin, nn.Linear):
+            continue
+        mod = build_linear(lin, tensors, name, cfg.mode)
+        ctx.swap_module(name, mod, detail=f"{cfg.mode} s={mod.s:.2f} rho={mod.rho:.2f} r={mod.rank}")
+        n += 1
+    if n == 0:
+        raise ArtifactError("rsparse: no linear of this model matched the artifact's targets")
+    log.info("rsparse: %d linears patched (%s)", n, cfg.mode)
+
+
+@contextlib.contextmanager
+def swapped(root: nn.Module, modules: dict[str, nn.Module]):
+    """Temporarily replace submodules of `root` (calibration: one decoder layer) by name."""
+    old = {}
+    try:
+        for name, new in modules.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = root.get_submodule(parent_name) if parent_name else root
+            old[name] = (parent, child, getattr(parent, child))
+            setattr(parent, child, new)
+        yield root
+    finally:
+        for parent, child, mod in old.values():
+            setattr(parent, child, mod)

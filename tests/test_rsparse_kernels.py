@@ -1,0 +1,76 @@
+"""R-Sparse linear kernels: math identities of the spec, CPU path and Triton (interpreter) vs reference."""
+import pytest
+import torch
+
+from accel.kernels.rsparse_linear import rsparse_linear, rsparse_linear_ref
+from accel.kernels.rsparse_linear.cpu import rsparse_linear_cpu
+
+
+def _case(out_f, in_f, r, tokens, dtype=torch.float32, seed=42):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens, in_f, generator=g, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    down = (s[:r, None] * vh[:r])
+    up = u[:, :r]
+    scale = w.norm(dim=0)
+    bias = torch.randn(out_f, generator=g, dtype=torch.float64)
+    c = lambda t: t.to(dtype)  # noqa: E731
+    return c(x), c(w), scale.float(), c(down), c(up), c(bias)
+
+
+def test_full_rank_all_lowrank_equals_dense():
+    # threshold = +inf routes every channel low-rank; at full rank U Σ Vᵀ x = W x.
+    x, w, scale, down, up, bias = _case(37, 53, 37, 5, torch.float64)
+    y = rsparse_linear_ref(x, w, scale.double(), float("inf"), down, up, bias)
+    torch.testing.assert_close(y, x @ w.T + bias, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", ["reference", "cpu"])
+def test_threshold_zero_equals_dense(path):
+    x, w, scale, down, up, bias = _case(63, 100, 7, 3)
+    wt = w.t().contiguous()
+    y = rsparse_linear(x, w, scale, 0.0, down, up, bias, path=path, weight_t=wt)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_lowrank_term_is_used():
+    # A threshold that drops half the channels: the low-rank term must reduce the error vs pure sparse.
+    x, w, scale, down, up, _ = _case(64, 96, 32, 4)
+    thr = float((x.abs() * scale).median())
+    dense = x @ w.T
+    err_sparse = (rsparse_linear_ref(x, w, scale, thr) - dense).norm()
+    err_rs = (rsparse_linear_ref(x, w, scale, thr, down, up) - dense).norm()
+    assert err_rs < 0.9 * err_sparse
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8, 63], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("r", [0, 5], ids=lambda r: f"r{r}")
+def test_cpu_matches_reference(tokens, r):
+    x, w, scale, down, up, bias = _case(1000, 63, r, tokens)
+    thr = float((x.abs() * scale).quantile(0.5))
+    ref = rsparse_linear_ref(x, w, scale, thr, down if r else None, up if r else None, bias)
+    got = rsparse_linear_cpu(x, w, scale, thr, down if r else None, up if r else None, bias,
+                             weight_t=w.t().contiguous())
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [(63, 100, 0, 1), (200, 63, 9, 3), (130, 257, 33, 8)],
+                         ids=["63x100_r0_B1", "200x63_r9_B3", "130x257_r33_B8"])
+def test_triton_matches_reference(shape, dtype):
+    pytest.importorskip("triton")
+    from accel.kernels.rsparse_linear.triton_kernel import rsparse_linear_triton
+
+    out_f, in_f, r, b = shape
+    x, w, scale, down, up, bias = _case(out_f, in_f, r, b, dtype)
+    thr = float((x.float().abs() * scale).quantile(0.4))
+    lr = (down, up) if r else (None, None)
+    ref = rsparse_linear_ref(x.float(), w.float(), scale, thr, *(t.float() if t is not None else None for t in lr),
+                             bias.float())
+    got = rsparse_linear_triton(x, w.t().contiguous(), scale, thr, *lr, bias, block_n=32, block_k=32, block_r=16)
+    # Error bound: 2x the same-dtype torch error (fp16 output rounding), floor for fp32.
+    torch_err = (rsparse_linear_ref(x, w, scale, thr, *lr, bias).float() - ref).abs().max().item() \
+        if dtype != torch.float32 else 1e-5
+    assert (got.float() - ref).abs().max().item() <= max(2 * torch_err, 1e-4)
+    assert got.dtype == dtype
