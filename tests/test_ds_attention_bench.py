@@ -13,7 +13,8 @@ def test_bench_attention_row_is_complete():
     assert all(t > 0 for t in row["ms"].values())
     assert row["best_dense"] in ("sdpa", "grouped_matmul")
     best = min(row["ms"]["sdpa"], row["ms"]["grouped_matmul"])
-    assert abs(row["speedup"] - best / row["ms"]["ds"]) < 1e-6 * row["speedup"] + 1e-3
+    # "ms" is rounded to 1 us and "speedup" is not: allow that rounding (times here are >= ~50 us).
+    assert abs(row["speedup"] - best / row["ms"]["ds"]) <= 0.05 * row["speedup"]
     # labels of D/8 channels + 1/16 of K and V: 2 / (1/8 + 2/16) = 8x fewer bytes.
     assert row["byte_ratio"] == 8.0
 
