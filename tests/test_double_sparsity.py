@@ -294,8 +294,8 @@ def test_unsupported_arch_is_rejected():
         accel.patch(model, DoubleSparsityConfig())
 
 
-def test_sweep_json_shape_on_tiny_model():
-    from accel.eval.ds_sweep import run_sweep
+def test_sweep_json_shape_on_tiny_model(tmp_path):
+    from accel.eval.ds_sweep import plot_sweep, run_sweep
 
     model = accel.models.tiny("qwen2")
     art = _calibrated(model, DoubleSparsityConfig(heavy_channels=4))
@@ -309,6 +309,8 @@ def test_sweep_json_shape_on_tiny_model():
         assert t[row]["1/1,r=2"] == pytest.approx(t["dense"]["1/1,r=2"], rel=1e-5)
     assert t["ds"]["1/4,r=16"] == pytest.approx(t["oracle"]["1/4,r=16"], rel=1e-5)
     assert t["sink_recent"]["1/4,r=2"] != pytest.approx(t["dense"]["1/4,r=2"], rel=1e-4)
+    png = plot_sweep(res, str(tmp_path / "sweep.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 # ---- real model ------------------------------------------------------------------------------
