@@ -134,7 +134,10 @@ def apply_double_sparsity(ctx: PatchContext, cfg: DoubleSparsityConfig, tensors:
                             f"[layers={L}, kv_heads={KVH}, head_dim={D}]: the artifact is for another model")
     device = next(model.parameters()).device
     prefix = compat.SUPPORTED_MODEL_TYPES[compat.text_config(model.config).model_type]
-    label_bytes = r * cfg.label_bits // 8 + (4 if cfg.label_bits < 16 else 0)
+    # Unquantized labels are stored in the KV dtype; quantized ones add an fp16 scale and offset.
+    elt = next(model.parameters()).element_size()
+    label_bytes = r * elt if cfg.label_bits >= 16 else r * cfg.label_bits // 8 + 4
+    label_kind = "KV-dtype" if cfg.label_bits >= 16 else f"{cfg.label_bits}-bit"
     for i, layer in enumerate(compat.decoder_layers(model)):
         attn, name = layer.self_attn, f"{prefix}.{i}.self_attn"
         if i < cfg.n_dense or is_sliding_layer(model, i, attn):
@@ -143,7 +146,7 @@ def apply_double_sparsity(ctx: PatchContext, cfg: DoubleSparsityConfig, tensors:
         channels = order[i, :, :r].to(device=device, dtype=torch.long).contiguous()
         handler = DSAttention(cfg, channels, i, device)
         ctx.set_attention_handler(name, attn, handler,
-                                  detail=f"budget={cfg.budget:g} r={r}/{D} labels {cfg.label_bits}-bit "
+                                  detail=f"budget={cfg.budget:g} r={r}/{D} labels {label_kind} "
                                          f"({label_bytes} B/token/head) sink={cfg.sink} recent={cfg.recent} "
                                          f"reduce={cfg.group_reduce}")
         pre = attn.register_forward_pre_hook(_stash_cache, with_kwargs=True)
