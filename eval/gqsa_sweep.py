@@ -17,7 +17,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ROWS = ("dense", "rtn-w4-g64", "rtn-w2-g16", "wanda-2:4", "gqsa-w4s50-g16", "gqsa-w4s50-g16+e2e",
-        "gqsa-w3s50-g16", "gqsa-w4s50-g24", "gqsa-w4s50-g32-tile192")
+        "gqsa-w3s50-g16", "gqsa-w4s50-g24", "gqsa-w4s50-g32", "gqsa-w4s50-g32-tile192")
 
 
 def _rtn(model, bits: int, g: int) -> None:
