@@ -63,6 +63,8 @@ def run_demo(model_name: str = "smollm2-135m", max_tokens: int = 16384, seq_len:
     dense = perplexity(model, eval_tokens(tok, "wiki", max_tokens), seq_len=seq_len, desc="dense ppl")
     print(f"[dense] ppl {dense.ppl:.3f} over {dense.tokens} tokens ({dense.windows} x {seq_len})")
     out = {"generated": text, "dense_ppl": dense.ppl, "tokens": dense.tokens}
+    from .prune_sweep import demo_step  # Wanda pruning step (issue 5)
+    out.update(demo_step(model, tok, eval_tokens(tok, "wiki", max_tokens), seq_len))
     from .gqsa_sweep import demo_step as gqsa_demo_step  # GQSA step (issue 6)
     out.update(gqsa_demo_step(model, tok, eval_tokens(tok, "wiki", max_tokens), seq_len))
     return out

@@ -3,3 +3,4 @@
 Each method issue adds one import line here.
 """
 from . import gqsa  # noqa: F401
+from . import prune  # noqa: F401
