@@ -41,9 +41,9 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         """x: [tokens, in]."""
-        x = x.double()
-        self.total += x.sum(0)
-        self.sq += x.pow(2).sum(0)
+        # Per-chunk sums in fp32, accumulated across chunks in fp64.
+        self.total += x.sum(0).double()
+        self.sq += x.pow(2).sum(0).double()
         self.count += x.size(0)
 
     @property

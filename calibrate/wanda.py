@@ -41,8 +41,17 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     k = int(sparsity * n_in)
     keep = torch.ones_like(scores, dtype=torch.bool)
     if k:
-        idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-        keep.scatter_(1, idx, False)
+        # kthvalue is O(in) per row, a sort O(in log in); a tie at the threshold (rare with real
+        # weights) would prune more than k, so those rows fall back to the stable sort.
+        thr = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+        keep = scores > thr
+        bad = (~keep).sum(1) != k
+        if bad.any():
+            rows = bad.nonzero().squeeze(1)
+            idx = torch.sort(scores[rows], dim=1, stable=True).indices[:, :k]
+            sub = torch.ones(len(rows), n_in, dtype=torch.bool)
+            sub.scatter_(1, idx, False)
+            keep[rows] = sub
     return keep
 
 

@@ -58,12 +58,18 @@ def _rsparse_step(model, tok, ids, seq_len):
     return demo_step(model, tok, ids, seq_len)
 
 
+def _gqsa_step(model, tok, ids, seq_len):
+    from .gqsa_sweep import demo_step
+    return demo_step(model, tok, ids, seq_len)
+
+
 # The main job's method steps: `fn(model, tok, eval_ids, seq_len) -> dict`, each printing its own
 # line and leaving `model` unpatched. Each method issue appends one.
 DEMO_STEPS = [
     ("double_sparsity", _ds_step),
     ("wanda", _wanda_step),
     ("rsparse", _rsparse_step),
+    ("gqsa", _gqsa_step),
 ]
 
 

@@ -32,7 +32,8 @@ def config_for(method: str, column: str):
 def prune_sweep(model_name: str = "smollm2-135m", columns=DEFAULT_COLUMNS, methods=DEFAULT_METHODS,
                 max_tokens: int = 16384, seq_len: int = 512, n_samples: int = 16, calib_seq_len: int = 512,
                 seed: int = 0, dtype: str = "bfloat16", batch_size: int = 8,
-                progress: bool = True, fp32_check: bool = True) -> dict:
+                progress: bool = True, fp32_check: bool = True,
+                 dense: bool = True) -> dict:
     """Returns {"table": {row: ppl or {column: ppl}}, "meta": {...timings, fp32 check...}}."""
     import accel
     from accel.calibrate.prune import prune_model, time_forward
@@ -58,7 +59,7 @@ def prune_sweep(model_name: str = "smollm2-135m", columns=DEFAULT_COLUMNS, metho
 
     fwd = time_forward(model, samples, batch_size)
     meta["forward_seconds"] = fwd
-    table: dict = {"dense": ppl("dense")}
+    table: dict = {"dense": ppl("dense")} if dense else {}
     for m in methods:
         table[m] = {}
     # Column by column, so that an interrupted sweep still has complete columns in its log.

@@ -33,6 +33,14 @@ def test_row_mask_prunes_exactly_per_row(sparsity):
             assert scores[r][~keep[r]].max() <= scores[r][keep[r]].min()
 
 
+def test_row_mask_ties_stay_exact():
+    scores = torch.ones(5, 10)
+    scores[0, 3] = 0.5
+    keep = row_mask(scores, 0.5)
+    assert ((~keep).sum(1) == 5).all()
+    assert not keep[0, 3] and keep[1].tolist() == [False] * 5 + [True] * 5  # stable: lower index first
+
+
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 3), (3, 4), (5, 8)], ids=lambda v: str(v))
 def test_nm_mask_prunes_exactly_n_per_block(n, m):
     scores = torch.rand(13, 24 * m, generator=G())

@@ -24,9 +24,9 @@ class GQSAConfig(MethodConfig):
     tile_rows: int = 1
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
-    bqpo_steps: int = 16
+    bqpo_steps: int = 8
     bqpo_lr: float = 3e-4
-    bqpo_batch: int = 4
+    bqpo_batch: int = 2
     e2e_steps: int = 0
     e2e_lr: float = 2e-5
     e2e_batch: int = 2
