@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "accel.eval.cli",
     "accel.calibrate.cli",
     "accel.eval.bench_ds_attention",
+    "accel.eval.bench_ds_offload",
 ]
 
 

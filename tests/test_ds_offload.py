@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import accel
+import accel.data
 from accel.configs import ConfigError
 from accel.configs.double_sparsity import DoubleSparsityConfig
 from accel.offload import store as store_mod
