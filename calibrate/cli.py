@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 # Each method issue adds its CLI module to this list; each module defines `register(cli)`.
-METHOD_CLI_MODULES: list[str] = []
+METHOD_CLI_MODULES: list[str] = ["accel.calibrate.ds_cli", "accel.eval.ds_cli"]
 
 
 def register(cli) -> None:

@@ -171,6 +171,7 @@ def write_sglang_json(tensors: dict[str, torch.Tensor], path: str | Path) -> Pat
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(doc, f)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 

@@ -62,6 +62,8 @@ def run_demo(model_name: str = "smollm2-135m", max_tokens: int = 16384, seq_len:
     print(f"[generate] {text!r}")
     dense = perplexity(model, eval_tokens(tok, "wiki", max_tokens), seq_len=seq_len, desc="dense ppl")
     print(f"[dense] ppl {dense.ppl:.3f} over {dense.tokens} tokens ({dense.windows} x {seq_len})")
+    from .ds_sweep import demo_step as ds_demo_step
+    ds_demo_step(model, tok)
     return {"generated": text, "dense_ppl": dense.ppl, "tokens": dense.tokens}
 
 
