@@ -250,3 +250,12 @@ def test_cpu_low_precision_label_selection_overlap(dtype):
     got = ds_cpu.ds_select_cpu(q, labels, channels, 256, SINK, RECENT)
     overlap = sum(len(set(got[0, h].tolist()) & set(ref[0, h].tolist())) for h in range(KVH)) / ref[0].numel()
     assert overlap >= 0.97, overlap
+
+
+def test_cpu_buffers_survive_growing_and_shrinking_budgets():
+    """Decode grows the budget with the context: reused gather buffers must never leak old rows."""
+    q, k, v, labels, channels = make_inputs(1000, 3, 64)
+    for budget in (50, 120, 60, 200):
+        out = ds_decode_attention(q, k, v, labels, channels, budget, SINK, RECENT, path="cpu")
+        ref = ds_decode_attention(q, k, v, labels, channels, budget, SINK, RECENT, path="reference")
+        assert rel_err(out, ref.double()) < 1e-5, budget

@@ -2,8 +2,8 @@
 
 Same semantics as `reference.py` (shapes there). What makes it fast, measured on the 2-vCPU VM at
 32K tokens, H=32/KVH=8/D=128 (see `eval/bench_ds_attention.py`):
-  * label scores as one batched matmul `labels @ q_lab^T` ([B*KVH, T, r] x [r, G]), computed in
-    the labels' dtype (aten has no fp32-output bf16 matmul on CPU; an upcast copy of the labels
+  * label scores as one batched matmul `q_lab @ labels^T` ([B, KVH, G, r] x [r, T]) and a max/sum
+    over the G rows, computed in the labels' dtype (aten has no fp32-output bf16 matmul on CPU; an upcast copy of the labels
     cost more than the whole matmul). For fp32 labels this equals the reference; for bf16/fp16 labels
     the scores are rounded to that dtype, so a token tied within that rounding at the k-th place
     may be swapped for another (the same thing the official and SGLang kernels do in fp16).
@@ -26,15 +26,17 @@ _BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _gather_buffers(n: int, D: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two [n, D] buffers, kept between calls (one pair per size; the cache stays small)."""
-    key = (n, D, dtype, str(device))
+    """Two [n, D] views of buffers kept between calls, one pair per (D, dtype, device).
+
+    The budget grows with the context during decode, so capacity grows by 1.5x rather than being
+    reallocated (and page-faulted) every time n changes. Not thread-safe: one decode at a time."""
+    key = (D, dtype, str(device))
     bufs = _BUFFERS.get(key)
-    if bufs is None:
-        if len(_BUFFERS) > 16:
-            _BUFFERS.clear()
-        bufs = (torch.empty(n, D, dtype=dtype, device=device), torch.empty(n, D, dtype=dtype, device=device))
+    if bufs is None or bufs[0].shape[0] < n:
+        cap = max(n, int(1.5 * bufs[0].shape[0]) if bufs is not None else n)
+        bufs = (torch.empty(cap, D, dtype=dtype, device=device), torch.empty(cap, D, dtype=dtype, device=device))
         _BUFFERS[key] = bufs
-    return bufs
+    return bufs[0][:n], bufs[1][:n]
 
 
 def _flat_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,9 @@
 """Triton (CUDA) Double Sparsity decode attention. Tested on CPU under TRITON_INTERPRET=1.
 
 Design (three launches and one torch op; shapes in reference.py):
-  1. `_label_score_kernel`, grid (B*KVH, cdiv(T, BLOCK_T)): gathers q's heavy channels of the G
-     query heads of one KV head, scores a tile of BLOCK_T labels (fp32), reduces over the group
+  1. `_label_score_kernel`, grid (B*KVH, cdiv(T, BLOCK_T)): for each heavy channel of one KV head,
+     loads it from the G query heads and from a tile of BLOCK_T labels and accumulates the fp32
+     scores [G, BLOCK_T] (one channel at a time: no 3-D temporaries), reduces over the group
      (max/sum) and writes the selection key [B, KVH, T] fp32 with padded tokens at -inf, recent
      tokens at FLT_MAX and sink tokens at +inf (so they always win the top-k).
   2. `torch.topk(sorted=False)` over that key. An in-kernel top-k over up to ~128K candidates would
@@ -22,6 +23,8 @@ the NVIDIA minimum dot sizes the interpreter does not check.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -35,25 +38,25 @@ FLT_MAX = 3.4028234663852886e38
 def _label_score_kernel(q_ptr, lab_ptr, ch_ptr, rank_ptr, nvalid_ptr, out_ptr,
                         T, KVH, sink_e, recent_e,
                         sqb, sqh, sqd, slb, slh, slt, slc, sch, scc, srb, srt, sob, soh, sot,
-                        G: tl.constexpr, BLOCK_G: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,
+                        G: tl.constexpr, BLOCK_G: tl.constexpr, R: tl.constexpr,
                         BLOCK_T: tl.constexpr, REDUCE_MAX: tl.constexpr, HAS_MASK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // KVH
     h = pid % KVH
     g = tl.arange(0, BLOCK_G)
     gm = g < G
-    c = tl.arange(0, BLOCK_R)
-    cm = c < R
-    chs = tl.load(ch_ptr + h * sch + c * scc, mask=cm, other=0).to(tl.int64)
     qh = (h * G + g).to(tl.int64)
-    ql = tl.load(q_ptr + b * sqb + qh[:, None] * sqh + chs[None, :] * sqd,
-                 mask=gm[:, None] & cm[None, :], other=0.0).to(tl.float32)           # [BLOCK_G, BLOCK_R]
     t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = t < T
-    lab = tl.load(lab_ptr + b * slb + h * slh + t[:, None] * slt + c[None, :] * slc,
-                  mask=tm[:, None] & cm[None, :], other=0.0).to(tl.float32)          # [BLOCK_T, BLOCK_R]
-    # r is small (D/16..D/4) and may be below the dot minimum: a broadcast product is fine here.
-    s = tl.sum(ql[:, None, :] * lab[None, :, :], axis=2)                            # [BLOCK_G, BLOCK_T]
+    # One heavy channel at a time: keeps only a [BLOCK_G, BLOCK_T] accumulator live (a 3-D
+    # [G, T, r] product spills registers on GPU at BLOCK_T = 256), and r may be below the tl.dot
+    # minimum anyway. A label row is r contiguous values, so the column loads share cache lines.
+    s = tl.zeros([BLOCK_G, BLOCK_T], tl.float32)
+    for c in tl.static_range(R):
+        ch = tl.load(ch_ptr + h * sch + c * scc).to(tl.int64)
+        qc = tl.load(q_ptr + b * sqb + qh * sqh + ch * sqd, mask=gm, other=0.0).to(tl.float32)   # [BLOCK_G]
+        lc = tl.load(lab_ptr + b * slb + h * slh + t * slt + c * slc, mask=tm, other=0.0).to(tl.float32)
+        s += qc[:, None] * lc[None, :]
     if REDUCE_MAX:
         s = tl.max(tl.where(gm[:, None], s, float("-inf")), axis=0)
     else:
@@ -96,7 +99,9 @@ def _attend_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, km_ptr, acc_ptr, m_ptr, l
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(0, SPLIT, BLOCK_N):
+    # Runtime bound: the last split is ragged, and no block past n_sel is visited.
+    n_here = tl.minimum(n_sel - sp * SPLIT, SPLIT)
+    for n0 in range(0, n_here, BLOCK_N):
         offs = sp * SPLIT + n0 + tl.arange(0, BLOCK_N)
         valid = offs < n_sel
         tok = tl.load(idx_ptr + b * sib + h * sih + offs * sin, mask=valid, other=0).to(tl.int64)
@@ -155,6 +160,11 @@ def _split_reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, n_splits, H, sob, soh, 
     tl.store(out_ptr + b * sob + hq * soh + d * sod, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
+def _interpreting() -> bool:
+    """Under TRITON_INTERPRET=1 bigger blocks cut the Python-level cost; on GPU they would spill."""
+    return bool(getattr(triton.knobs.runtime, "interpret", False)) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _pow2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
 
@@ -176,12 +186,12 @@ def ds_select_triton(q, labels, channels, budget: int, sink: int = 4, recent: in
     else:
         rank = n_valid = key
         srb = srt = 0
-    block_t = block_t or min(1024, _pow2(T))
+    block_t = block_t or min(1024 if _interpreting() else 256, _pow2(T))
     grid = (B * KVH, triton.cdiv(T, block_t))
     _label_score_kernel[grid](
         q, labels, channels, rank, n_valid, key, T, KVH, sink_e, recent_e,
         q.stride(0), q.stride(1), q.stride(3), *labels.stride(), *channels.stride(), srb, srt, *key.stride(),
-        G=G, BLOCK_G=_pow2(G), R=r, BLOCK_R=_pow2(r), BLOCK_T=block_t,
+        G=G, BLOCK_G=_pow2(G), R=r, BLOCK_T=block_t,
         REDUCE_MAX=group_reduce == "max", HAS_MASK=key_mask is not None)
     return torch.topk(key, min(budget, T), dim=-1, sorted=False).indices
 
@@ -198,7 +208,7 @@ def ds_attend_triton(q, k, v, idx, scaling: float | None = None, key_mask=None, 
     n = idx.shape[-1]
     scaling = D ** -0.5 if scaling is None else float(scaling)
     block_n = max(16, _pow2(block_n)) if use_dot else _pow2(block_n)
-    split = split or min(256, _pow2(n))
+    split = min(split or 256, triton.cdiv(n, block_n) * block_n)
     split = max(block_n, triton.cdiv(split, block_n) * block_n)
     n_splits = triton.cdiv(n, split)
     BLOCK_D = _pow2(D)
