@@ -52,7 +52,8 @@ def _generate(model, art, ids, mask, new=12):
 # ---- stores -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["host", "disk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_store_append_gather_read(kind, dtype, tmp_path):
+def test_store_append_gather_read(kind, dtype, tmp_path, monkeypatch):
+    monkeypatch.setattr(store_mod, "GATHER_BATCH", 7)  # several gather batches
     rows_per_token, E = 6, 10
     st = (HostStore(rows_per_token, E, dtype, chunk_tokens=7) if kind == "host"
           else DiskStore(str(tmp_path), "x.kv", rows_per_token, E, dtype, chunk_tokens=7))
@@ -203,6 +204,14 @@ def test_removed_slow_tier_file_gives_clear_error(tmp_path):
     outs, err = _step_run(model, tmp_path, 5, 3, remove)
     assert err is not None and "layer002.kv" in str(err) and "removed" in str(err)
     assert len(outs) == 4
+
+
+def test_bench_synthetic_run_small():
+    from accel.eval.bench_ds_offload import synthetic_run
+    res, toks, logits = synthetic_run(1024, 2, 16, None)
+    assert res["tokens_equal"] and res["max_logit_diff"] < 1e-3 and len(toks) == 2
+    assert 0 < res["moved_bytes_ratio"] < 0.2 and 0 < res["device_bytes_ratio"] < 1
+    assert res["slow_mb"] > 0.9 * res["dense_kv_mb"]
 
 
 # ---- CUDA side-stream prefetch (the only test that skips here: it needs a GPU) -----------------
