@@ -89,6 +89,17 @@ def test_offload_matches_in_memory_ds(tiny_model, batch, tmp_path):
     assert os.listdir(tmp_path) == []  # the cache's files are gone with the cache
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_offload_quantized_labels_match(bits, tmp_path):
+    model = accel.models.tiny("qwen3")
+    ids, mask = _prompt(2)
+    ref_seq, ref_logits, _ = _generate(model, _artifact(model, label_bits=bits), ids, mask)
+    seq, logits, st = _generate(model, _artifact(model, label_bits=bits, offload="disk",
+                                                 offload_dir=str(tmp_path)), ids, mask)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
 def test_device_tail_bounded_and_moved_bytes_sparse(tmp_path):
     model = accel.models.tiny("llama")
     ids, mask = _prompt(1, T=400)
@@ -104,6 +115,8 @@ def test_device_tail_bounded_and_moved_bytes_sparse(tmp_path):
         for lay in layers:
             assert lay.keys.shape[2] <= 8 + FLUSH_TOKENS and lay.n_slow + lay.keys.shape[2] == lay.length
         st = offload_stats(model)
+        rep = str(accel.report(model))
+        assert "offload-disk" in rep and "KiB/token" in rep and "slow tier" in rep
     # Sparse layers fetch <= budget (24) of ~470 tokens; the one dense layer reads all of its K/V.
     per_layer_dense = st["dense_kv_bytes"] / 4
     assert st["moved_bytes_per_token"] < per_layer_dense * (1 + 3 * 24 / 400)
