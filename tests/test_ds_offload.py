@@ -207,6 +207,19 @@ def test_disk_full_gives_clear_error(tmp_path, monkeypatch):
     assert 2 < len(outs) <= FLUSH_TOKENS + 4
 
 
+def test_disk_full_while_growing_file(tmp_path, monkeypatch):
+    st = DiskStore(str(tmp_path), "g.kv", 2, 8, torch.float32, chunk_tokens=4)
+    st.append(torch.zeros(3, 2, 8))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OffloadError, match="disk full"):
+        st.append(torch.ones(5, 2, 8))  # needs a new chunk
+    assert st.tokens == 3 and torch.equal(st.read(0, 3), torch.zeros(3, 2, 8))  # earlier rows intact
+
+
 def test_removed_slow_tier_file_gives_clear_error(tmp_path):
     model = accel.models.tiny("llama")
 
