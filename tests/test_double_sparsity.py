@@ -341,3 +341,18 @@ def test_smollm2_calibrate_cli_and_sparse_perplexity(smollm2, tmp_path, capsys):
     # Sparse attention is measured (ppl moves), and calibrated channels beat sink + recent.
     assert dense < ppl["ds"] < ppl["sink_recent"]
     assert ppl["ds"] < 1.15 * dense
+
+
+@pytest.mark.parametrize("bits", [8, 4], ids=["8bit", "4bit"])
+def test_quantized_labels_in_decode_and_eval(bits):
+    model = accel.models.tiny("llama")
+    cfg = DoubleSparsityConfig(budget=12, min_context=0, heavy_channels=4, n_dense=3, sink=2, recent=3, label_bits=bits)
+    art = _calibrated(model, cfg)
+    x = torch.randint(1, 512, (1, 50), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode(), accel.patched(model, art):
+        ev = model(x, use_cache=False).logits[:, -1]
+        cache = model(x[:, :-1], use_cache=True).past_key_values
+        dec = model(x[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+        (layer,) = _ds_layers(cache)
+    torch.testing.assert_close(ev, dec, atol=1e-5, rtol=1e-5)
+    assert layer.label_bytes() == 50 * 2 * (4 * bits // 8 + 4)
