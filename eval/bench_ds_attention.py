@@ -233,7 +233,8 @@ def _runtime_patch(model, stats: dict, fraction: float, r: int):
     from accel.artifact import Artifact
 
     order = torch.stack([stats[i].argsort(dim=-1, descending=True) for i in sorted(stats)])   # [L, KVH, D]
-    cfg = DoubleSparsityConfig(budget=fraction, heavy_channels=r, channel_type="k")
+    # min_context as the bench handler's: the point is to time sparse decode steps, not the fallback.
+    cfg = DoubleSparsityConfig(budget=fraction, heavy_channels=r, channel_type="k", min_context=1024)
     return Artifact.for_model(model, [cfg], tensors={"double-sparsity/order_k": order.contiguous()})
 
 
