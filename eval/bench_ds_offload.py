@@ -59,7 +59,7 @@ def artifact(model, **kw):
     import accel
     from accel.configs.double_sparsity import DoubleSparsityConfig
     order = torch.stack([channel_scale(i).argsort(-1, descending=True) for i in range(LAYERS)])
-    cfg = DoubleSparsityConfig(budget=kw.pop("budget"), n_dense=0, **kw)
+    cfg = DoubleSparsityConfig(budget=kw.pop("budget"), n_dense=0, min_context=512, **kw)
     return accel.Artifact.for_model(model, [cfg], tensors={"double-sparsity/order_qk": order})
 
 
@@ -179,11 +179,11 @@ def smol_run(context: int, steps: int, inv_fraction: int, offload_dir: str | Non
     from accel.patches.ds_offload import offload_stats
     model, tok = accel.models.load("smollm2-135m")
     ids = accel.data.eval_tokens(tok, "wiki", context)[None]
-    cal = calibrate_double_sparsity(model, tok, DoubleSparsityConfig(), n_samples=8, seq_len=256, progress=False)
+    cal = calibrate_double_sparsity(model, tok, DoubleSparsityConfig(min_context=512), n_samples=8, seq_len=256, progress=False)
     tensors = cal.tensors
 
     def run(**kw):
-        cfg = DoubleSparsityConfig(budget=1 / inv_fraction, **kw)
+        cfg = DoubleSparsityConfig(budget=1 / inv_fraction, min_context=512, **kw)
         art = accel.Artifact.for_model(model, [cfg], tensors=tensors)
         with accel.patched(model, art):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
