@@ -156,6 +156,13 @@ class OffloadReport:
     def __init__(self, kind: str):
         self.kind, self.kernel_path = kind, f"offload-{kind}"
         self.session_ref = None
+        self.sessions: weakref.WeakSet = weakref.WeakSet()
+
+    def detach(self) -> None:
+        # After unpatch no handler serves these caches: plain attention would see only the
+        # device tail, so any further use must fail loudly.
+        for s in list(self.sessions):
+            s.fail("the model was unpatched; an offloaded cache needs the offload patch")
 
     def stats(self) -> dict | None:
         s = self.session_ref() if self.session_ref is not None else None
@@ -202,6 +209,7 @@ def _session_for(cache, cfg, device, report: OffloadReport) -> OffloadSession:
         s = OffloadSession(cfg.offload, cfg.offload_dir, prefetcher=prefetcher)
         cache.__dict__["_accel_offload"] = s
         report.session_ref = weakref.ref(s)
+        report.sessions.add(s)
     return s
 
 
@@ -276,6 +284,7 @@ def install_offload(ctx, cfg, model, sparse: dict[int, torch.Tensor], is_sliding
     ctx.add_row("past_key_values", "cache", target=report, detail=report)
     model.__dict__["_accel_offload_report"] = report
     ctx.on_undo(lambda: model.__dict__.pop("_accel_offload_report", None))
+    ctx.on_undo(report.detach)
 
 
 def offload_stats(model) -> dict | None:

@@ -207,6 +207,16 @@ def test_disk_full_gives_clear_error(tmp_path, monkeypatch):
     assert 2 < len(outs) <= FLUSH_TOKENS + 4
 
 
+def test_cache_refuses_use_after_unpatch():
+    model = accel.models.tiny("llama")
+    ids, mask = _prompt(1)
+    with accel.patched(model, _artifact(model, offload="cpu")):
+        cache = compat.DynamicCache(config=model.config)
+        model(ids, attention_mask=mask, past_key_values=cache)
+    with pytest.raises(OffloadError, match="unpatched"):
+        model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache)
+
+
 def test_disk_full_while_growing_file(tmp_path, monkeypatch):
     st = DiskStore(str(tmp_path), "g.kv", 2, 8, torch.float32, chunk_tokens=4)
     st.append(torch.zeros(3, 2, 8))
