@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "accel.calibrate.cli",
     "accel.eval.bench_ds_attention",
     "accel.eval.gqsa_cli",
+    "accel.eval.bench_ds_offload",
 ]
 
 

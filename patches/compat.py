@@ -14,7 +14,7 @@ if TRANSFORMERS_VERSION < MIN_VERSION:  # pragma: no cover - guarded by pyprojec
     raise ImportError(f"accel needs transformers >= {MIN_VERSION}, found {TRANSFORMERS_VERSION}")
 
 from transformers import PreTrainedModel  # noqa: E402
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer  # noqa: E402
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
@@ -52,7 +52,7 @@ def decoder_layers(model):
 
 
 __all__ = [
-    "AttentionInterface", "AttentionMaskInterface", "Cache", "DynamicCache", "DynamicLayer",
+    "AttentionInterface", "AttentionMaskInterface", "Cache", "CacheLayerMixin", "DynamicCache", "DynamicLayer",
     "PreTrainedModel", "SUPPORTED_MODEL_TYPES", "TRANSFORMERS_VERSION", "attn_implementation",
     "can_set_attn_implementation", "decoder_layers", "sdpa_attention_forward", "sdpa_mask",
     "set_attn_implementation", "text_config",

@@ -21,6 +21,7 @@ from accel.kernels.dispatch import select_path
 from . import compat
 from .core import PatchContext, register_method
 from .ds_cache import DSLabelLayer, fake_quantize_labels
+from .ds_offload import install_offload, offload_handler_class
 from .ds_select import allowed_from_mask, causal_select_attention, gather_labels
 
 log = logging.getLogger(__name__)
@@ -138,13 +139,14 @@ def apply_double_sparsity(ctx: PatchContext, cfg: DoubleSparsityConfig, tensors:
     elt = next(model.parameters()).element_size()
     label_bytes = r * elt if cfg.label_bits >= 16 else r * cfg.label_bits // 8 + 4
     label_kind = "KV-dtype" if cfg.label_bits >= 16 else f"{cfg.label_bits}-bit"
+    handler_cls, sparse = (offload_handler_class() if cfg.offload else DSAttention), {}
     for i, layer in enumerate(compat.decoder_layers(model)):
         attn, name = layer.self_attn, f"{prefix}.{i}.self_attn"
         if i < cfg.n_dense or is_sliding_layer(model, i, attn):
             ctx.add_row(name, "attention", detail="dense (" + ("first n_dense" if i < cfg.n_dense else "sliding") + ")")
             continue
         channels = order[i, :, :r].to(device=device, dtype=torch.long).contiguous()
-        handler = DSAttention(cfg, channels, i, device)
+        handler, sparse[i] = handler_cls(cfg, channels, i, device), channels
         ctx.set_attention_handler(name, attn, handler,
                                   detail=f"budget={cfg.budget:g} r={r}/{D} labels {label_kind} "
                                          f"({label_bytes} B/token/head) sink={cfg.sink} recent={cfg.recent} "
@@ -153,3 +155,5 @@ def apply_double_sparsity(ctx: PatchContext, cfg: DoubleSparsityConfig, tensors:
         post = attn.register_forward_hook(_drop_cache, with_kwargs=True)
         ctx.on_undo(pre.remove)
         ctx.on_undo(post.remove)
+    if cfg.offload:
+        install_offload(ctx, cfg, model, sparse, lambda i: is_sliding_layer(model, i, compat.decoder_layers(model)[i].self_attn))

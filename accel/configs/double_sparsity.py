@@ -30,6 +30,10 @@ class DoubleSparsityConfig(MethodConfig):
     label_bits: 16 keeps labels in the KV dtype; 8 or 4 stores them min-max quantized.
     score_mode: what a forward without a KV cache (perplexity / lm-eval scoring) does with its
         query rows: "sparse" applies the decode selection causally to every row, "dense" does not.
+    offload: keep the full K/V in a slow tier: "cpu" (pinned host memory, for a CUDA model) or
+        "disk" (memory-mapped files under `offload_dir`, default the temp dir); None = off.
+    offload_select: "exact" (select with the layer's own query) or "predicted" (layer i-1's hidden
+        state through this layer's q projection, so the fetch can start a layer early).
     """
 
     method: ClassVar[str] = "double-sparsity"
@@ -45,6 +49,10 @@ class DoubleSparsityConfig(MethodConfig):
     min_context: int = 8192
     label_bits: int = 16
     score_mode: str = "sparse"
+    # Double Sparsity-Offload (accel.offload, patches/ds_offload.py): None | "cpu" | "disk".
+    offload: str | None = None
+    offload_dir: str | None = None
+    offload_select: str = "exact"
 
     def validate(self) -> None:
         b = self.budget
@@ -64,6 +72,8 @@ class DoubleSparsityConfig(MethodConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"double-sparsity: {name} must be an int >= 0, got {v!r}")
+        from accel.offload import validate_offload
+        validate_offload(self)
         if self.label_bits not in (4, 8, 16):
             raise ConfigError(f"double-sparsity: label_bits must be 4, 8 or 16, got {self.label_bits!r}")
         if self.label_bits == 4 and self.heavy_channels is not None and self.heavy_channels % 2:

@@ -1,0 +1,293 @@
+"""Double Sparsity-Offload: the runtime side (handler, hooks, accounting).
+
+With `DoubleSparsityConfig(offload="cpu"|"disk")`, every full-attention layer's cache layer becomes
+an `OffloadedDSLayer` (patches/ds_offload_cache.py) the first time the layer runs with a
+transformers Cache: K/V live in the slow tier, labels + sink + recent tail on the compute device.
+
+- Sparse layers' decode steps go through `OffloadDSAttention`: select (exact: this layer's query;
+  predicted: see below), fetch only the selected rows in one batched copy, attend over them.
+- Dense layers (`n_dense`) read their K/V back each step (a transient copy, counted as moved).
+- `offload_select="predicted"`: a pre-hook on layer i-1's attention projects its (normed) input
+  hidden state through layer i's q projection (+ q_norm, RoPE), selects against layer i's labels
+  and starts the fetch (on CUDA on a side stream, `accel.offload.prefetch`). Layer i still computes
+  the exact selection to count how often the prediction agrees (`hit_rate`, over the top-k slots,
+  not the always-kept sink/recent ones).
+- `offload_stats(model)` / the "cache" row of `accel.report(model)`: bytes on the compute device,
+  in the slow tier, moved per decoded token, hit rate, for the most recent cache.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from accel.offload.store import OffloadError
+
+from . import compat
+from .ds_offload_cache import OffloadedDSLayer, OffloadSession
+from .ds_select import allowed_from_mask
+
+log = logging.getLogger(__name__)
+FLUSH_TOKENS = 64
+
+
+def _ds_select():
+    try:
+        from accel.kernels.ds_attention import ds_select
+    except ImportError as e:  # pragma: no cover - the kernels ship with this package
+        raise ImportError("Double Sparsity offload needs accel.kernels.ds_attention") from e
+    return ds_select
+
+
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor, scaling) -> torch.Tensor:
+    """Exact attention over gathered tokens. q: [B, H, 1, D], k/v: [B, KVH, n, D], ok: [B, KVH, n]
+    -> [B, H, 1, D] in q.dtype (fp32 math; the G query heads of a group are its query rows)."""
+    B, H, _, D = q.shape
+    KVH = k.shape[1]
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q[:, :, 0].reshape(B, KVH, H // KVH, D).to(cd)
+    out = F.scaled_dot_product_attention(qg, k.to(cd), v.to(cd), attn_mask=ok[:, :, None, :],
+                                         scale=D ** -0.5 if scaling is None else scaling)
+    return out.reshape(B, H, 1, D).to(q.dtype)
+
+
+def _key_mask(attention_mask, B: int, T: int, device) -> torch.Tensor | None:
+    m = allowed_from_mask(attention_mask, B, 1, T, device)[:, 0]
+    return None if bool(m.all()) else m
+
+
+def _hits(session: OffloadSession, pred: torch.Tensor, exact: torch.Tensor, T: int, forced: int) -> None:
+    B, KVH, n = exact.shape
+    mark = torch.zeros(B, KVH, T, dtype=torch.bool, device=exact.device).scatter_(2, exact, True)
+    hits = int(mark.gather(2, pred.clamp_max(T - 1)).sum())
+    # Sink and recent tokens are in both selections by construction: count only the top-k slots.
+    f = B * KVH * min(forced, n)
+    session.hits += hits - f
+    session.hit_total += exact.numel() - f
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def predict_query(attn, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """Layer `attn`'s query from another layer's normed input hidden [B, 1, hidden] -> [B, H, 1, D]."""
+    B, L, _ = hidden.shape
+    q = attn.q_proj(hidden).view(B, L, -1, attn.head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    q = q.transpose(1, 2)
+    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+    return q * cos + _rotate_half(q) * sin
+
+
+def _layer_of(cache, i: int):
+    layers = getattr(cache, "layers", None)
+    return layers[i] if layers is not None and i < len(layers) else None
+
+
+def _make_dsattention_subclass():
+    from .double_sparsity import DSAttention
+
+    class OffloadDSAttention(DSAttention):
+        """The DS handler for a layer whose cache is offloaded."""
+
+        def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+            layer = _layer_of(module.__dict__.get("_ds_cache"), self.layer_idx)
+            if not isinstance(layer, OffloadedDSLayer):
+                return super().__call__(module, query, key, value, attention_mask, scaling=scaling,
+                                        dropout=dropout, **kwargs)
+            session, cfg = layer.session, self.cfg
+            session.check()
+            B, H, Tq, D = query.shape
+            T = layer.length
+            try:
+                if Tq != 1 or T < max(cfg.min_context, 1):
+                    layer.pending = None
+                    if Tq == 1:
+                        key, value = layer.read_all()
+                    out = self._dense(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+                else:
+                    out = (self._decode(layer, query, attention_mask, scaling).transpose(1, 2).contiguous(), None)
+                layer.settle()
+            except OffloadError as e:
+                session.fail(e)
+                raise
+            return out
+
+        def _decode(self, layer, query, attention_mask, scaling):
+            cfg, session = self.cfg, layer.session
+            B, T = query.shape[0], layer.length
+            key_mask = _key_mask(attention_mask, B, T, query.device)
+            budget = cfg.budget_tokens(T)
+            channels = self.channels.to(query.device)
+            exact = _ds_select()(query, layer.labels(query.dtype), channels, budget, cfg.sink, cfg.recent,
+                                 cfg.group_reduce, key_mask)
+            plan, layer.pending = layer.pending, None
+            if plan is not None and plan.get("T") == T:
+                _hits(session, plan["idx"], exact, T, min(budget, cfg.sink + cfg.recent))
+            else:
+                plan = layer.fetch_plan(exact, key_mask)
+            k, v, ok = layer.assemble(plan)
+            self.counts["sparse_decode"] += 1
+            return attend_rows(query, k, v, ok, scaling)
+
+    return OffloadDSAttention
+
+
+_HANDLER_CLASS = None
+
+
+def offload_handler_class():
+    """`OffloadDSAttention` (built lazily: patches/double_sparsity.py imports this module)."""
+    global _HANDLER_CLASS
+    if _HANDLER_CLASS is None:
+        _HANDLER_CLASS = _make_dsattention_subclass()
+    return _HANDLER_CLASS
+
+
+class OffloadReport:
+    """The live "cache" row of `accel.report`: str() gives the numbers of the latest cache."""
+
+    def __init__(self, kind: str):
+        self.kind, self.kernel_path = kind, f"offload-{kind}"
+        self.session_ref = None
+        self.sessions: weakref.WeakSet = weakref.WeakSet()
+
+    def detach(self) -> None:
+        # After unpatch no handler serves these caches: plain attention would see only the
+        # device tail, so any further use must fail loudly.
+        for s in list(self.sessions):
+            s.fail("the model was unpatched; an offloaded cache needs the offload patch")
+
+    def stats(self) -> dict | None:
+        s = self.session_ref() if self.session_ref is not None else None
+        return None if s is None else session_stats(s)
+
+    def __str__(self) -> str:
+        st = self.stats()
+        if st is None:
+            return "no cache yet"
+        hr = "n/a" if st["hit_rate"] is None else f"{st['hit_rate']:.3f}"
+        return (f"device {st['device_bytes'] / 2**20:.2f} MiB, slow tier {st['slow_bytes'] / 2**20:.2f} MiB, "
+                f"moved {st['moved_bytes_per_token'] / 2**10:.1f} KiB/token, dense KV "
+                f"{st['dense_kv_bytes'] / 2**20:.2f} MiB, hit rate {hr}")
+
+
+def session_stats(s: OffloadSession) -> dict:
+    layers = list(s.layers.values())
+    moved = sum(l.store.bytes_read + l.store.bytes_written for l in layers if l.store is not None)
+    pf = s.prefetcher.nbytes if s.prefetcher is not None else 0
+    # Fetch buffers: the assembled selection of one layer plus the next layer's pending fetch.
+    device = sum(l.device_bytes() for l in layers) + 2 * s.buffer_bytes + pf
+    return {
+        "kind": s.kind, "layers": len(layers), "device_bytes": device,
+        "slow_bytes": sum(l.store.nbytes for l in layers if l.store is not None),
+        "dense_kv_bytes": sum(l.dense_bytes() for l in layers),
+        "moved_bytes_total": moved, "decode_tokens": s.decode_tokens,
+        "moved_bytes_per_token": (moved - s.decode_start) / s.decode_tokens if s.decode_tokens else 0.0,
+        "hit_rate": s.hits / s.hit_total if s.hit_total else None,
+        "hits": s.hits, "hit_total": s.hit_total,
+    }
+
+
+def cache_session(cache) -> OffloadSession | None:
+    return None if cache is None else cache.__dict__.get("_accel_offload")
+
+
+def _session_for(cache, cfg, device, report: OffloadReport) -> OffloadSession:
+    s = cache.__dict__.get("_accel_offload")
+    if s is None:
+        prefetcher = None
+        if cfg.offload == "cpu" and torch.device(device).type == "cuda":
+            from accel.offload.prefetch import CudaPrefetcher
+            prefetcher = CudaPrefetcher(device)
+        s = OffloadSession(cfg.offload, cfg.offload_dir, prefetcher=prefetcher)
+        cache.__dict__["_accel_offload"] = s
+        report.session_ref = weakref.ref(s)
+        report.sessions.add(s)
+    return s
+
+
+def _convert_hook(i: int, channels, cfg, report: OffloadReport):
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None or not hasattr(cache, "layers"):
+            return
+        layers = cache.layers
+        if len(layers) <= i and cache.layer_class_to_replicate is not None:
+            while len(layers) <= i:
+                layers.append(cache.layer_class_to_replicate())
+        layer = layers[i]
+        if isinstance(layer, OffloadedDSLayer):
+            return
+        if not isinstance(layer, compat.DynamicLayer) or getattr(layer, "is_sliding", False):
+            raise OffloadError(f"double-sparsity offload: layer {i} has a {type(layer).__name__} cache layer; "
+                               "offload works on DynamicCache (the default of generate())")
+        session = _session_for(cache, cfg, module.q_proj.weight.device, report)
+        new = OffloadedDSLayer(session, i, channels, cfg.label_bits, cfg.sink, keep=cfg.recent, flush=FLUSH_TOKENS)
+        if layer.get_seq_length() > 0:
+            # A cache filled before (by a non-offloaded run): move its K/V to the slow tier.
+            new.extend(layer.keys, layer.values)
+        layers[i] = new
+    return hook
+
+
+def _predict_hook(j: int, target_attn, channels, cfg):
+    """Pre-hook on layer j-1's attention: predict layer j's selection and start its fetch."""
+    def hook(module, args, kwargs):
+        layer = _layer_of(kwargs.get("past_key_values"), j)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        pe = kwargs.get("position_embeddings")
+        if not isinstance(layer, OffloadedDSLayer) or not layer.is_initialized or hidden is None or pe is None \
+                or hidden.shape[1] != 1 or layer.session.broken is not None:
+            return
+        T = layer.length + 1
+        if T < max(cfg.min_context, 1):
+            return
+        with torch.no_grad():
+            q = predict_query(target_attn, hidden, pe)
+            key_mask = _key_mask(kwargs.get("attention_mask"), q.shape[0], T, q.device)
+            # Layer j has not appended this step's token yet: one zero label row stands in for it
+            # (it is always kept as a recent token).
+            idx = _ds_select()(q, layer.labels(q.dtype, extra=1), channels.to(q.device), cfg.budget_tokens(T),
+                               cfg.sink, cfg.recent, cfg.group_reduce, key_mask)
+            plan = layer.fetch_plan(idx, key_mask)
+        plan["T"] = T
+        layer.pending = plan
+    return hook
+
+
+def install_offload(ctx, cfg, model, sparse: dict[int, torch.Tensor], is_sliding) -> None:
+    """Hook every full-attention layer: cache conversion, and with offload_select="predicted" the
+    next layer's prediction. sparse: {layer index: channels [KVH, r]} of the DS layers."""
+    _ds_select()
+    if cfg.offload == "disk":
+        # Fail at patch time, not inside generate(), when the directory cannot take files.
+        OffloadSession("disk", cfg.offload_dir).close()
+    report = OffloadReport(cfg.offload)
+    layers = compat.decoder_layers(model)
+    full = [i for i in range(len(layers)) if not is_sliding(i)]
+    for i in full:
+        attn = layers[i].self_attn
+        h = attn.register_forward_pre_hook(_convert_hook(i, sparse.get(i), cfg, report), with_kwargs=True)
+        ctx.on_undo(h.remove)
+        j = i + 1
+        if cfg.offload_select == "predicted" and j in sparse and j in full:
+            h = attn.register_forward_pre_hook(_predict_hook(j, layers[j].self_attn, sparse[j], cfg),
+                                               with_kwargs=True)
+            ctx.on_undo(h.remove)
+    ctx.add_row("past_key_values", "cache", target=report, detail=report)
+    model.__dict__["_accel_offload_report"] = report
+    ctx.on_undo(lambda: model.__dict__.pop("_accel_offload_report", None))
+    ctx.on_undo(report.detach)
+
+
+def offload_stats(model) -> dict | None:
+    """The accounting of the most recent offloaded cache of a patched model (None before one ran)."""
+    rep = model.__dict__.get("_accel_offload_report")
+    return None if rep is None else rep.stats()
