@@ -259,3 +259,17 @@ def test_cpu_buffers_survive_growing_and_shrinking_budgets():
         out = ds_decode_attention(q, k, v, labels, channels, budget, SINK, RECENT, path="cpu")
         ref = ds_decode_attention(q, k, v, labels, channels, budget, SINK, RECENT, path="reference")
         assert rel_err(out, ref.double()) < 1e-5, budget
+
+
+def test_cpu_buffers_survive_inference_mode_switch():
+    """Gather buffers created under inference_mode must not break a later call outside it."""
+    from accel.kernels.ds_attention import ds_decode_attention
+
+    g = torch.Generator().manual_seed(42)
+    q, k, v = torch.randn(1, 4, 1, 16, generator=g), torch.randn(1, 2, 77, 16, generator=g), torch.randn(1, 2, 77, 16, generator=g)
+    ch = torch.arange(4).repeat(2, 1)
+    labels = k[..., :4].contiguous()
+    with torch.inference_mode():
+        a = ds_decode_attention(q, k, v, labels, ch, budget=20, sink=2, recent=4, path="cpu")
+    b = ds_decode_attention(q, k, v, labels, ch, budget=20, sink=2, recent=4, path="cpu")
+    torch.testing.assert_close(a, b)

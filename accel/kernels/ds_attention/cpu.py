@@ -30,7 +30,9 @@ def _gather_buffers(n: int, D: int, dtype, device) -> tuple[torch.Tensor, torch.
 
     The budget grows with the context during decode, so capacity grows by 1.5x rather than being
     reallocated (and page-faulted) every time n changes. Not thread-safe: one decode at a time."""
-    key = (D, dtype, str(device))
+    # Buffers made under inference_mode are inference tensors that cannot be written outside it
+    # (e.g. `accel eval ppl` then `generate()` in one process), so each mode keeps its own pair.
+    key = (D, dtype, str(device), torch.is_inference_mode_enabled())
     bufs = _BUFFERS.get(key)
     if bufs is None or bufs[0].shape[0] < n:
         cap = max(n, int(1.5 * bufs[0].shape[0]) if bufs is not None else n)
