@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 def run_sweep(model_name: str = "smollm2-135m", levels=(0.4, 0.5, 0.6), *, max_tokens: int = 16384,
               seq_len: int = 512, search: str = "greedy", n_samples: int = 8, greedy_tokens: int = 512,
               evo=None, sparse_share: float = 0.95, checkpoint_dir=None, progress: bool = True,
-              dense: bool = True) -> dict:
+              dense: bool = True, rows=("teal", "uniform", "searched")) -> dict:
     from pathlib import Path
 
     import accel
@@ -38,6 +38,8 @@ def run_sweep(model_name: str = "smollm2-135m", levels=(0.4, 0.5, 0.6), *, max_t
     for s in levels:
         cfgs = {"teal": teal_config(s), "rsparse-uniform": RSparseConfig(s, sparse_share, search="uniform"),
                 f"rsparse-{search}": RSparseConfig(s, sparse_share, search=search)}
+        cfgs = {k: v for k, v in cfgs.items() if k.split("-")[-1] in rows or k in rows
+                or ("searched" in rows and k == f"rsparse-{search}")}
         row = {"sparsity": s}
         for label, cfg in cfgs.items():
             art = calibrate_rsparse(model, tok, cfg, n_samples=n_samples, seq_len=seq_len, evo=evo,
