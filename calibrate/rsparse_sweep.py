@@ -34,7 +34,7 @@ def run_sweep(model_name: str = "smollm2-135m", levels=(0.4, 0.5, 0.6), *, max_t
     base = RSparseConfig(sparsity=0.5, sparse_share=sparse_share, search="greedy")
     stats = collect_stats(model, samples, base, greedy_modes=("rsparse",), greedy_tokens=greedy_tokens,
                           checkpoint_dir=ck / "stats" if ck else None, progress=progress)
-    rows = []
+    table = []
     for s in levels:
         cfgs = {"teal": teal_config(s), "rsparse-uniform": RSparseConfig(s, sparse_share, search="uniform"),
                 f"rsparse-{search}": RSparseConfig(s, sparse_share, search=search)}
@@ -49,9 +49,9 @@ def run_sweep(model_name: str = "smollm2-135m", levels=(0.4, 0.5, 0.6), *, max_t
                 r = perplexity(model, ids, seq_len=seq_len, progress=progress, desc=f"{label}@{s}")
             row[label] = r.ppl
             log.info("sparsity %.2f %s: ppl %.3f (budget %.4f)", s, label, r.ppl, art.calibration["budget"])
-        rows.append(row)
+        table.append(row)
     n_tok = (ids.numel() // seq_len) * (seq_len - 1)
-    return {"model": model_name, "tokens": n_tok, "seq_len": seq_len, "dense": dense_ppl, "rows": rows,
+    return {"model": model_name, "tokens": n_tok, "seq_len": seq_len, "dense": dense_ppl, "rows": table,
             "search": search, "sparse_share": sparse_share, "calibration_tokens": n_samples * seq_len,
             "protocol": "every token sparsified (prefill included); thresholds from dense upstream activations",
             "seconds": time.perf_counter() - t0}
