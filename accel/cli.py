@@ -17,6 +17,8 @@ from typing import Any, Callable
 COMMAND_MODULES = [
     "accel.eval.cli",
     "accel.calibrate.cli",
+    "accel.eval.bench_ds_attention",
+    "accel.eval.gqsa_cli",
 ]
 
 

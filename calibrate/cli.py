@@ -3,6 +3,9 @@ from __future__ import annotations
 
 # Each method issue adds its CLI module to this list; each module defines `register(cli)`.
 METHOD_CLI_MODULES: list[str] = [
+    "accel.calibrate.ds_cli",
+    "accel.eval.ds_cli",
+    "accel.calibrate.prune_cli",
     "accel.calibrate.rsparse_cli",
 ]
 
@@ -12,3 +15,4 @@ def register(cli) -> None:
 
     for mod in METHOD_CLI_MODULES:
         importlib.import_module(mod).register(cli)
+METHOD_CLI_MODULES.append("accel.calibrate.gqsa_cli")

@@ -74,7 +74,13 @@ class LayerData:
         try:
             with torch.no_grad():
                 for h in self.hidden:
-                    y = layer(h.to(device), **self.kwargs_for(i, h.size(0), device))
+                    try:
+                        y = layer(h.to(device), **self.kwargs_for(i, h.size(0), device))
+                    except _StopForward:
+                        # A statistics hook has everything it needs from this chunk (early exit).
+                        if keep_outputs:
+                            raise
+                        continue
                     y = y[0] if isinstance(y, (tuple, list)) else y
                     if keep_outputs:
                         outs.append(y.to("cpu"))
@@ -143,15 +149,18 @@ def capture_inputs(model, samples: torch.Tensor, batch_size: int = 8) -> LayerDa
     handles = [layer.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
+            # One full forward of a single sample captures every layer's kwargs (Gemma3 gives
+            # sliding and global layers different masks and rotary tables); their batch dim is 1
+            # and broadcasts. Every chunk then stops at layer 0, so capture costs ~1 sample's forward.
+            model(input_ids=samples[:1].to(device), use_cache=False)
+            hidden.clear()
+            first["done"] = True
             for start in range(0, samples.size(0), batch_size):
                 x = samples[start:start + batch_size].to(device)
                 try:
-                    # The first chunk runs the whole model once, so every layer's kwargs get captured
-                    # (Gemma3 gives sliding and global layers different masks and rotary tables).
                     model(input_ids=x, use_cache=False)
                 except _StopForward:
                     pass
-                first["done"] = True
     finally:
         for hd in handles:
             hd.remove()
@@ -234,12 +243,31 @@ def run_layerwise(model, samples: torch.Tensor, method: LayerMethod, *, batch_si
 
 
 def linear_input_stats(layer: nn.Module, data: LayerData, i: int, modules: dict[str, nn.Module],
-                       fn: Callable[[str, torch.Tensor], None]) -> None:
+                       fn: Callable[[str, torch.Tensor], None], early_exit: bool = False) -> None:
     """Run layer `i` over all chunks, calling `fn(name, x)` with each listed submodule's input
-    `x: [tokens, in_features]` (fp32). Used for ‖X_j‖ and similar statistics."""
+    `x: [tokens, in_features]` (fp32). Used for ‖X_j‖ and similar statistics.
+
+    early_exit: stop each chunk's forward as soon as every listed module has seen its input (the
+    rest of the layer, e.g. down_proj's matmul, is not computed). Only for modules that run once
+    per layer call, as nn.Linear projections do."""
+    seen: set[str] = set()
+
     def make(name):
-        def hook(mod, inputs, output):
+        def hook(mod, inputs, output=None):
             x = inputs[0]
             fn(name, x.reshape(-1, x.size(-1)).float())
+            if early_exit:
+                seen.add(name)
+                if len(seen) == len(modules):
+                    seen.clear()
+                    raise _StopForward
         return hook
-    data.forward(layer, i, hooks={m: make(n) for n, m in modules.items()}, keep_outputs=False)
+    if not early_exit:
+        data.forward(layer, i, hooks={m: make(n) for n, m in modules.items()}, keep_outputs=False)
+        return
+    handles = [m.register_forward_pre_hook(make(n)) for n, m in modules.items()]
+    try:
+        data.forward(layer, i, keep_outputs=False)
+    finally:
+        for hd in handles:
+            hd.remove()

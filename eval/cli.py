@@ -23,9 +23,11 @@ def evaluate_ppl(model_name: str = "smollm2-135m", artifact: str | None = None, 
 
     from .perplexity import perplexity
 
+    # Load (and so validate) the artifact before the model: a bad path fails in a second, not after a load.
+    art = accel.Artifact.load(artifact) if artifact else None
     model, tok = accel.models.load(model_name, dtype=dtype)
-    if artifact:
-        accel.patch(model, artifact)
+    if art is not None:
+        accel.patch(model, art)
     ids = eval_tokens(tok, source, max_tokens)
     res = perplexity(model, ids, seq_len=seq_len, batch_size=batch_size, progress=progress)
     return {"model": model_name, "artifact": artifact, "source": source, "dtype": dtype, **res.to_dict()}
@@ -39,6 +41,36 @@ def _cmd_ppl(args) -> int:
     emit(r, args.json, f"ppl {r['ppl']:.4f} over {r['tokens']} tokens ({r['windows']} x {r['seq_len']}) "
                        f"in {r['seconds']:.1f}s")
     return 0
+
+
+def _ds_step(model, tok, ids, seq_len):
+    from .ds_sweep import demo_step
+    return demo_step(model, tok)
+
+
+def _wanda_step(model, tok, ids, seq_len):
+    from .prune_sweep import demo_step
+    return demo_step(model, tok, ids, seq_len)
+
+
+def _rsparse_step(model, tok, ids, seq_len):
+    from accel.calibrate.rsparse_sweep import demo_step
+    return demo_step(model, tok, ids, seq_len)
+
+
+def _gqsa_step(model, tok, ids, seq_len):
+    from .gqsa_sweep import demo_step
+    return demo_step(model, tok, ids, seq_len)
+
+
+# The main job's method steps: `fn(model, tok, eval_ids, seq_len) -> dict`, each printing its own
+# line and leaving `model` unpatched. Each method issue appends one.
+DEMO_STEPS = [
+    ("double_sparsity", _ds_step),
+    ("wanda", _wanda_step),
+    ("rsparse", _rsparse_step),
+    ("gqsa", _gqsa_step),
+]
 
 
 def run_demo(model_name: str = "smollm2-135m", max_tokens: int = 16384, seq_len: int = 512,
@@ -63,8 +95,9 @@ def run_demo(model_name: str = "smollm2-135m", max_tokens: int = 16384, seq_len:
     dense = perplexity(model, eval_tokens(tok, "wiki", max_tokens), seq_len=seq_len, desc="dense ppl")
     print(f"[dense] ppl {dense.ppl:.3f} over {dense.tokens} tokens ({dense.windows} x {seq_len})")
     out = {"generated": text, "dense_ppl": dense.ppl, "tokens": dense.tokens}
-    from accel.calibrate.rsparse_sweep import demo_step as rsparse_step
-    out.update(rsparse_step(model, tok, eval_tokens(tok, "wiki", max_tokens), seq_len))
+    eval_ids = eval_tokens(tok, "wiki", max_tokens)
+    for name, step in DEMO_STEPS:
+        out[name] = step(model, tok, eval_ids, seq_len)
     return out
 
 

@@ -1,0 +1,53 @@
+"""GQSA config: group-sparse, group-quantized weights with BQPO (stage 1) and E2E-OQP (stage 2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .base import ConfigError, MethodConfig, register_config
+
+
+@register_config
+@dataclass
+class GQSAConfig(MethodConfig):
+    """bits: code width (2/3/4/8); sparsity: fraction of groups pruned per row, in [0, 1);
+    group_size: consecutive input channels per group (must divide each target's in_features);
+    tile_rows: rows sharing one set of kept groups (1 = per row; >1 lets the CPU path compact
+    pruned groups away). bqpo_*: stage-1 block optimisation; e2e_*: stage-2 scale/zero tuning."""
+
+    method: ClassVar[str] = "gqsa"
+    version: ClassVar[int] = 1
+
+    bits: int = 4
+    sparsity: float = 0.5
+    group_size: int = 16
+    tile_rows: int = 1
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+    bqpo_steps: int = 8
+    bqpo_lr: float = 3e-4
+    bqpo_batch: int = 2
+    e2e_steps: int = 0
+    e2e_lr: float = 2e-5
+    e2e_batch: int = 2
+
+    def validate(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise ConfigError(f"gqsa: bits={self.bits} is not supported; choose 2, 3, 4 or 8")
+        if not isinstance(self.sparsity, (int, float)) or not (0.0 <= self.sparsity < 1.0):
+            raise ConfigError(f"gqsa: sparsity={self.sparsity} must be in [0, 1)")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ConfigError(f"gqsa: group_size={self.group_size} must be a positive integer")
+        if self.tile_rows < 1:
+            raise ConfigError(f"gqsa: tile_rows={self.tile_rows} must be >= 1")
+        for name in ("bqpo_steps", "e2e_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"gqsa: {name} must be >= 0")
+        if self.bqpo_batch < 1 or self.e2e_batch < 1:
+            raise ConfigError("gqsa: bqpo_batch and e2e_batch must be >= 1")
+
+    def check_linear(self, name: str, in_features: int) -> None:
+        """Raise ConfigError if this config cannot be applied to a linear with in_features."""
+        if in_features % self.group_size:
+            raise ConfigError(f"gqsa: group_size={self.group_size} does not divide in_features={in_features} "
+                              f"of {name}")

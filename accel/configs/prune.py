@@ -1,0 +1,95 @@
+"""`PruneConfig`: Wanda / magnitude masks, optionally refined by DSnoT."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .base import ConfigError, MethodConfig, register_config
+
+INIT_METHODS = ("wanda", "magnitude")
+
+
+def parse_nm(pattern: str) -> tuple[int, int] | None:
+    """"unstructured" -> None, "N:M" -> (N, M) with 1 <= N < M; anything else -> ConfigError."""
+    if pattern in ("", "unstructured", None):
+        return None
+    try:
+        n_s, m_s = str(pattern).split(":")
+        n, m = int(n_s), int(m_s)
+    except ValueError:
+        raise ConfigError(f"prune: pattern must be 'unstructured' or 'N:M' (e.g. 2:4), got {pattern!r}") from None
+    if not (1 <= n < m):
+        raise ConfigError(f"prune: bad N:M pattern {pattern!r}: need 1 <= N < M (N weights pruned in every M)")
+    return n, m
+
+
+@register_config
+@dataclass
+class PruneConfig(MethodConfig):
+    """Weight pruning masks for the targeted linears.
+
+    init: "wanda" (|W|·||X_j||, per output row) or "magnitude" (|W|, per layer).
+    sparsity: fraction of weights pruned, in [0, 1); for N:M it must be N/M (or left None).
+    pattern: "unstructured" or "N:M" (N pruned in every M consecutive inputs of a row).
+    use_variant: Wanda's appendix variant (per-row cumulative-score threshold; unstructured only).
+    dsnot: refine the mask with DSnoT (max_cycles, threshold, pow_var are its parameters).
+    targets/ignore: linear names, class names or `re:` regexes (see accel.patches.targets).
+    """
+
+    method: ClassVar[str] = "prune"
+    version: ClassVar[int] = 1
+    init: str = "wanda"
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    use_variant: bool = False
+    dsnot: bool = False
+    max_cycles: int = 50
+    threshold: float = 0.1
+    pow_var: float = 1.0
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.init not in INIT_METHODS:
+            raise ConfigError(f"prune: init must be one of {INIT_METHODS}, got {self.init!r}")
+        nm = parse_nm(self.pattern)
+        if nm is not None:
+            if self.sparsity is None:
+                self.sparsity = nm[0] / nm[1]
+            elif not math.isclose(float(self.sparsity), nm[0] / nm[1], abs_tol=1e-9):
+                raise ConfigError(f"prune: pattern {self.pattern} prunes {nm[0]}/{nm[1]} = {nm[0] / nm[1]:g} of the "
+                                  f"weights; sparsity {self.sparsity} contradicts it (leave it unset)")
+            if self.use_variant:
+                raise ConfigError("prune: use_variant applies to unstructured sparsity only")
+            self.pattern = f"{nm[0]}:{nm[1]}"
+        else:
+            self.pattern = "unstructured"
+        s = self.sparsity
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or math.isnan(s) or not 0.0 <= s < 1.0:
+            raise ConfigError(f"prune: sparsity must be in [0, 1), got {s!r}")
+        self.sparsity = float(s)
+        if self.use_variant and self.init != "wanda":
+            raise ConfigError("prune: use_variant is a Wanda option (init='wanda')")
+        if not isinstance(self.max_cycles, int) or self.max_cycles < 0:
+            raise ConfigError(f"prune: max_cycles must be a non-negative int, got {self.max_cycles!r}")
+        if not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):
+            raise ConfigError(f"prune: threshold must be >= 0, got {self.threshold!r}")
+        if self.targets is not None:
+            self.targets = list(self.targets)
+            if not self.targets:
+                raise ConfigError("prune: targets is an empty list (use None for every decoder linear)")
+        self.ignore = list(self.ignore or [])
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_nm(self.pattern)
+
+    @property
+    def label(self) -> str:
+        """E.g. "wanda", "magnitude+dsnot"."""
+        return self.init + ("+dsnot" if self.dsnot else "")
+
+    @property
+    def needs_data(self) -> bool:
+        return self.init == "wanda" or self.dsnot

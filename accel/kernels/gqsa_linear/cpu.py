@@ -1,0 +1,121 @@
+"""Fast CPU path for GQSA linears, built on torch's int4 CPU kernel.
+
+`torch.ops.aten._weight_int4pack_mm_for_cpu` (bf16 activations) computes
+`x @ ((q - 8) * s + z')^T` with per-(K-group, N) scale/zero, K-group in {32, 64, 128, 256}.
+Measured on this VM (research/triton_cpu.md and our bench): it is the fastest CPU GEMV for int4
+weights, and group sparsity only pays when the pruned K-groups are *compacted away*. So:
+
+- "cpu-int4-compact": the layout is tile-structured (each tile of `tile_rows` rows keeps the same
+  groups) and g is a multiple of 32. Each tile becomes one dense int4 matrix over its kept
+  columns: y[:, tile] = int4mm(x[:, kept_cols], W_tile). Work and bytes scale with 1 - sparsity.
+- "cpu-int4-masked": g is a multiple of 32 but rows keep different groups: dense int4 over all of
+  K with the pruned groups' scale and zero set to 0 (int4 speed, no gain from sparsity).
+- "cpu-dequant": anything else (g = 8/16/24, bits = 8): dequantize and F.linear per call (slow,
+  exact; the reference's math).
+Our asymmetric w = (q - zero) * s maps onto the aten convention with z' = (8 - zero) * s.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .format import GQSAWeight
+
+_int4mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+_int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+
+
+def aten_group(g: int) -> int | None:
+    """Largest aten group size dividing g (scales are then repeated g // Ga times), or None."""
+    for ga in (256, 128, 64, 32):
+        if g % ga == 0:
+            return ga
+    return None
+
+
+def _tiles(w: GQSAWeight) -> list[tuple[int, int]] | None:
+    """Row ranges that share kept groups, or None if the layout is not tile-structured."""
+    out, t = w.out_features, max(1, w.tile_rows)
+    if t <= 1:
+        return None
+    ranges = [(r0, min(out, r0 + t)) for r0 in range(0, out, t)]
+    for r0, r1 in ranges:
+        # The aten packer needs a multiple of 16 output rows per packed matrix.
+        if (r1 - r0) % 16:
+            return None
+        if not bool((w.cols[r0:r1] == w.cols[r0:r0 + 1]).all()):
+            return None
+    return ranges
+
+
+def _scale_zeros(s: torch.Tensor, z: torch.Tensor, reps: int) -> torch.Tensor:
+    """s, z: [rows, groups] -> aten's [groups * reps, rows, 2] bf16 with z' = (8 - z) * s."""
+    zp = (8.0 - z) * s
+    sz = torch.stack([s, zp], -1).repeat_interleave(reps, dim=1)
+    return sz.transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+class CPUGQSA:
+    """Prepared CPU form of one GQSAWeight. x: [M, in] (any float dtype) -> [M, out] in x's dtype."""
+
+    def __init__(self, w: GQSAWeight):
+        self.out_features, self.in_features = w.out_features, w.in_features
+        ga = aten_group(w.group_size) if w.bits <= 4 and w.out_features % 16 == 0 else None
+        tiles = _tiles(w) if ga else None
+        self.tensors: list[torch.Tensor] = []
+        if ga is None:
+            self.path = "cpu-dequant"
+            self.w = w
+            self.tensors = [w.qweight, w.cols, w.scales, w.zeros]
+            return
+        g, reps = w.group_size, w.group_size // ga
+        self.ga = ga
+        codes = w.codes().to(torch.int32)  # [out, k, g]
+        s, z = w.scales.float(), w.zeros.float()
+        if tiles is not None:
+            self.path = "cpu-int4-compact"
+            self.parts = []
+            idxs = []
+            for r0, r1 in tiles:
+                idx = (w.cols[r0].long()[:, None] * g + torch.arange(g)).reshape(-1)
+                packed = _int4pack(codes[r0:r1].reshape(r1 - r0, -1).contiguous(), 1)
+                sz = _scale_zeros(s[r0:r1], z[r0:r1], reps)
+                self.parts.append((len(idxs) * idx.numel(), idx.numel(), packed, sz))
+                idxs.append(idx)
+                self.tensors += [packed, sz]
+            # One gather of x for all tiles; each tile then reads its own slice.
+            self.idx = torch.cat(idxs)
+            self.tensors.append(self.idx)
+        else:
+            self.path = "cpu-int4-masked"
+            full = torch.full((self.out_features, w.in_features // g, g), 8, dtype=torch.int32)
+            full.scatter_(1, w.cols.long()[:, :, None].expand(-1, -1, g), codes)
+            sf = torch.zeros(self.out_features, w.in_features // g)
+            zf = torch.full_like(sf, 8.0)
+            sf.scatter_(1, w.cols.long(), s)
+            zf.scatter_(1, w.cols.long(), z)
+            self.packed = _int4pack(full.view(self.out_features, -1).contiguous(), 1)
+            self.sz = _scale_zeros(sf, zf, reps)
+            self.tensors = [self.packed, self.sz]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1])
+        if self.path == "cpu-dequant":
+            y = F.linear(x2, self.w.dequantize().to(dtype))
+        else:
+            # The aten kernel is fast only with bf16 activations (10-17x slower with fp32).
+            xb = x2.to(torch.bfloat16)
+            if self.path == "cpu-int4-masked":
+                y = _int4mm(xb, self.packed, self.ga, self.sz)
+            else:
+                xg = xb.index_select(1, self.idx)
+                y = torch.cat([_int4mm(xg[:, o:o + n].contiguous(), packed, self.ga, sz)
+                               for o, n, packed, sz in self.parts], dim=1)
+            y = y.to(dtype)
+        if bias is not None:
+            y = y + bias.to(dtype)
+        return y.reshape(*shape[:-1], self.out_features)

@@ -1,0 +1,133 @@
+"""DSnoT (Zhang et al., ICLR 2024): training-free prune-and-grow refinement of a sparse mask.
+
+For each output row i of a linear `W: [out, in]` with calibration inputs X, the signed expected
+reconstruction error of the sparse row is
+
+    eps_i = sum_{j pruned in row i} c_ij,     c_ij = W_ij * mu_j
+
+(expected dense output minus expected sparse output). Each cycle swaps one weight per row:
+  * grow the pruned weight with the largest |c_ij| / Var_j^p of the sign that shrinks eps_i
+    (c > 0 when eps_i > 0), and
+  * prune the kept weight with the lowest Wanda score |W_ij|·||X_j|| whose c has the opposite
+    sign (for N:M: the lowest-Wanda kept weight in the grown weight's M-block, so the pattern holds),
+so every row keeps exactly its number of pruned weights. Rows stop once |eps_i| <= threshold, a
+candidate list runs out, or after `max_cycles`. Weight values never change.
+
+Units follow the official code so that its default threshold (0.1) means the same thing: mu_j is
+the per-sample *sum* over tokens of x_j, averaged over samples (= tokens_per_sample * E[x_j]).
+
+Differences from the official code (zyxxmu/DSnoT), on purpose:
+  * a swap is accepted only if it strictly lowers |eps_i| (the official code can overshoot); a
+    rejected swap advances the growth pointer only, so |eps_i| never increases;
+  * the growth list is checked for sign, so its pointers never walk into kept entries;
+  * candidate lists are top-k (k = max_cycles) rather than full sorts: the same entries are reached;
+  * it is applied to every linear, MLPs included (the official default skips `mlp.*`).
+
+All rows run in parallel; a cycle is a handful of gathers over `[out]` vectors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DSnoTResult:
+    keep: torch.Tensor          # [out, in] bool, the refined mask
+    eps_before: torch.Tensor    # [out] signed error of the initial mask
+    eps_after: torch.Tensor     # [out] signed error of the refined mask
+    swaps: torch.Tensor         # [out] accepted swaps per row
+    cycles: int                 # cycles run
+
+
+def reconstruction_error(weight: torch.Tensor, keep: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """eps: [out] = sum over pruned j of W_ij * mu_j (fp64 for an exact reference)."""
+    c = weight.detach().double() * mu.double().unsqueeze(0)
+    return (c * (~keep)).sum(dim=1)
+
+
+def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                 sq_norm: torch.Tensor, tokens_per_sample: int, nm: tuple[int, int] | None = None,
+                 max_cycles: int = 50, threshold: float = 0.1, pow_var: float = 1.0) -> DSnoTResult:
+    """Refine `keep` ([out, in] bool) for `weight` ([out, in]).
+
+    mean, var: [in] per-token mean and population variance of the inputs; sq_norm: [in] sum of x^2
+    (Wanda's statistic); tokens_per_sample: calibration sequence length (threshold units, above).
+    """
+    out, n_in = weight.shape
+    w = weight.detach().float()
+    keep = keep.clone()
+    mu = mean.float() * float(tokens_per_sample)
+    c = w * mu.unsqueeze(0)
+    wscore = w.abs() * sq_norm.float().clamp_min(0).sqrt().unsqueeze(0)
+    pruned0 = ~keep
+    eps = (c.double() * pruned0).sum(dim=1)
+    eps0 = eps.clone()
+    rows = torch.arange(out)
+    inf = torch.tensor(float("inf"))
+
+    # Each pointer advances at most once per cycle, so only the first max_cycles entries of every
+    # candidate list can ever be reached: top-k instead of full sorts (the sorts dominated the cost).
+    k = max(1, min(max_cycles, n_in))
+    # Growth candidates (initially pruned weights): most positive and most negative g first.
+    g = torch.where(pruned0, c / var.float().clamp_min(1e-12).pow(pow_var).unsqueeze(0), torch.zeros(()))
+    g_hi = g.topk(k, dim=1, largest=True).indices
+    g_lo = g.topk(k, dim=1, largest=False).indices
+    top = torch.zeros(out, dtype=torch.long)
+    bot = torch.zeros(out, dtype=torch.long)
+
+    if nm is None:
+        # Pruning candidates: kept weights of each sign, lowest Wanda score first.
+        key_neg = torch.where(keep & (c < 0), wscore, inf)
+        key_pos = torch.where(keep & (c > 0), wscore, inf)
+        neg_order = key_neg.topk(k, dim=1, largest=False).indices
+        pos_order = key_pos.topk(k, dim=1, largest=False).indices
+        pn = torch.zeros(out, dtype=torch.long)
+        pp = torch.zeros(out, dtype=torch.long)
+    else:
+        m = nm[1]
+        # Kept weights that may still be pruned; a grown weight is never pruned again.
+        key_nm = torch.where(keep, wscore, inf)
+
+    swaps = torch.zeros(out, dtype=torch.long)
+    active = torch.ones(out, dtype=torch.bool)
+    cycles = 0
+    for cycles in range(1, max_cycles + 1):
+        active &= eps.abs() > threshold
+        if not bool(active.any()):
+            cycles -= 1
+            break
+        up = eps > 0
+        gi = torch.where(up, g_hi[rows, top.clamp(max=k - 1)], g_lo[rows, bot.clamp(max=k - 1)])
+        gval = g[rows, gi]
+        valid_g = torch.where(up, (gval > 0) & (top < k), (gval < 0) & (bot < k))
+        if nm is None:
+            pi_up = neg_order[rows, pn.clamp(max=k - 1)]
+            pi_dn = pos_order[rows, pp.clamp(max=k - 1)]
+            pi = torch.where(up, pi_up, pi_dn)
+            valid_p = torch.where(up, torch.isfinite(key_neg[rows, pi_up]) & (pn < k),
+                                  torch.isfinite(key_pos[rows, pi_dn]) & (pp < k))
+        else:
+            block = gi // m
+            blk = key_nm.view(out, n_in // m, m)[rows, block]
+            best = blk.argmin(dim=1)
+            pi = block * m + best
+            valid_p = torch.isfinite(blk[rows, best])
+        trying = active & valid_g & valid_p
+        eps_new = eps + c[rows, pi].double() - c[rows, gi].double()
+        accept = trying & (eps_new.abs() < eps.abs())
+        active &= valid_g & valid_p
+        ra = rows[accept]
+        keep[ra, gi[accept]] = True
+        keep[ra, pi[accept]] = False
+        eps = torch.where(accept, eps_new, eps)
+        swaps += accept.long()
+        top += (trying & up).long()
+        bot += (trying & ~up).long()
+        if nm is None:
+            pn += (accept & up).long()
+            pp += (accept & ~up).long()
+        else:
+            key_nm[ra, pi[accept]] = inf
+    return DSnoTResult(keep, eps0, eps, swaps, cycles)

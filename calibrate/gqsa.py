@@ -1,0 +1,127 @@
+"""GQSA calibration: the model walk (layer-sequential runner) around the math in gqsa_opt.
+
+    art = calibrate_gqsa(model, tok, GQSAConfig(bits=4, sparsity=0.5, group_size=16),
+                         CalibrationSpec(n_samples=32, seq_len=512))
+    art.save("out/gqsa")
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from accel.artifact import Artifact
+from accel.configs import ConfigError
+from accel.configs.gqsa import GQSAConfig
+from accel.data import CalibrationSpec, calibration_samples
+from accel.kernels.gqsa_linear.format import GQSAWeight, group_scores, select_groups
+from accel.patches import compat
+from accel.patches.targets import iter_linears
+
+from .gqsa_opt import FakeQuantLinear, _swap, bqpo_block, e2e_oqp
+from .runner import LayerData, run_layerwise
+
+log = logging.getLogger(__name__)
+
+
+def target_linears(model, cfg: GQSAConfig) -> dict[str, nn.Linear]:
+    """Full name -> linear for every target; checks the group size against each in_features."""
+    lins = dict(iter_linears(model, cfg.targets, cfg.ignore))
+    for name, lin in lins.items():
+        cfg.check_linear(name, lin.in_features)
+    return lins
+
+
+class GQSALayerMethod:
+    """Runner method: per decoder layer, Wanda group scores -> mask -> RTN -> BQPO -> pack."""
+
+    def __init__(self, model, cfg: GQSAConfig, seed: int = 0):
+        self.cfg, self.seed = cfg, seed
+        self.prefix = compat.SUPPORTED_MODEL_TYPES[compat.text_config(model.config).model_type]
+        self.lins = target_linears(model, cfg)
+        self.packed: dict[str, GQSAWeight] = {}
+        self.mse: dict[int, tuple[float, float]] = {}
+
+    def _names(self, i: int) -> dict[str, str]:
+        """Full name -> name relative to decoder layer i, for the targets inside it."""
+        p = f"{self.prefix}.{i}."
+        return {n: n[len(p):] for n in self.lins if n.startswith(p)}
+
+    def process_layer(self, i: int, layer: nn.Module, data: LayerData) -> dict[str, torch.Tensor]:
+        cfg, names = self.cfg, self._names(i)
+        if not names:
+            return {}
+        sq = {}
+
+        def make(rel):
+            def hook(mod, inputs, output):
+                x = inputs[0].reshape(-1, inputs[0].size(-1)).float()
+                sq[rel] = sq.get(rel, 0) + x.pow(2).sum(0)
+            return hook
+        # One pass gives both the dense block outputs (BQPO targets) and each linear's ||X_j||.
+        targets = data.forward(layer, i, hooks={layer.get_submodule(r): make(r) for r in names.values()})
+        fq = {}
+        for full, rel in names.items():
+            lin = layer.get_submodule(rel)
+            scores = group_scores(lin.weight, sq[rel].sqrt(), cfg.group_size)
+            cols = select_groups(scores, cfg.sparsity, cfg.tile_rows)
+            fq[rel] = FakeQuantLinear(lin, cols, cfg.group_size, cfg.bits)
+        olds = {rel: _swap(layer, rel, m) for rel, m in fq.items()}
+        try:
+            if cfg.bqpo_steps > 0:
+                inputs, tgt = torch.cat(data.hidden), torch.cat(targets)
+                device = next(layer.parameters()).device
+                self.mse[i] = bqpo_block(layer, fq, inputs, tgt, lambda b: data.kwargs_for(i, b, device),
+                                         cfg.bqpo_steps, cfg.bqpo_lr, cfg.bqpo_batch, self.seed + i, f"layer {i}")
+            packed = {rel: m.export(cfg.tile_rows) for rel, m in fq.items()}
+        finally:
+            for rel, old in olds.items():
+                _swap(layer, rel, old)
+        out = {}
+        for full, rel in names.items():
+            self._install(layer.get_submodule(rel), packed[rel])
+            self.packed[full] = packed[rel]
+            out.update(packed[rel].to_tensors(rel))
+        return out
+
+    def restore_layer(self, i: int, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        for full, rel in self._names(i).items():
+            w = GQSAWeight.from_tensors(tensors, rel)
+            self._install(layer.get_submodule(rel), w)
+            self.packed[full] = w
+
+    @staticmethod
+    def _install(lin: nn.Linear, w: GQSAWeight) -> None:
+        with torch.no_grad():
+            lin.weight.copy_(w.dequantize().to(lin.weight.dtype))
+
+
+def calibrate_gqsa(model, tok, cfg: GQSAConfig, spec: CalibrationSpec | None = None, *,
+                   checkpoint_dir=None, progress: bool = True, samples: torch.Tensor | None = None) -> Artifact:
+    """Stage 1 (+ stage 2 when cfg.e2e_steps > 0) on `model` in place; returns the artifact.
+
+    The model ends up holding the dequantized GQSA weights (what the artifact computes).
+    samples: [N, L] token ids to use instead of drawing them from `spec` (tests, custom data).
+    """
+    spec = spec or CalibrationSpec(n_samples=32, seq_len=512)
+    t0 = time.perf_counter()
+    if samples is None:
+        samples = calibration_samples(tok, spec)
+    method = GQSALayerMethod(model, cfg, seed=spec.seed)
+    if not method.lins:
+        raise ConfigError("gqsa: no target linears selected")
+    run_key = {"method": "gqsa", "config": cfg.to_dict(), "calibration": spec.to_dict()}
+    stats = run_layerwise(model, samples, method, checkpoint_dir=checkpoint_dir, run_key=run_key,
+                          progress=progress, desc="GQSA stage 1 (BQPO)")
+    t1 = time.perf_counter()
+    packed = e2e_oqp(model, method.packed, samples, cfg.e2e_steps, cfg.e2e_lr, cfg.e2e_batch,
+                     cfg.tile_rows, progress=progress, seed=spec.seed)
+    tensors = {}
+    for name, w in packed.items():
+        tensors.update({f"gqsa/{k}": v for k, v in w.to_tensors(name).items()})
+    calib = {**spec.to_dict(), "stage1_seconds": round(t1 - t0, 1),
+             "stage2_seconds": round(time.perf_counter() - t1, 1), "resumed_layers": stats.resumed_layers,
+             "bqpo_mse": {str(k): list(v) for k, v in method.mse.items()}}
+    return Artifact.for_model(model, [cfg], tensors, calibration=calib)

@@ -1,0 +1,51 @@
+"""`accel calibrate gqsa`: thin shim over `accel.calibrate.gqsa.calibrate_gqsa`."""
+from __future__ import annotations
+
+
+def _cmd(args) -> int:
+    import torch
+
+    import accel
+    from accel.cli import emit
+    from accel.configs.gqsa import GQSAConfig
+    from accel.data import CalibrationSpec
+
+    from .gqsa import calibrate_gqsa
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = GQSAConfig(bits=args.bits, sparsity=args.sparsity, group_size=args.group_size,
+                     tile_rows=args.tile_rows, bqpo_steps=args.bqpo_steps, bqpo_lr=args.bqpo_lr,
+                     bqpo_batch=args.bqpo_batch, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr)
+    spec = CalibrationSpec(source=args.source, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    model, tok = accel.models.load(args.model)
+    art = calibrate_gqsa(model, tok, cfg, spec, checkpoint_dir=args.checkpoint_dir, progress=not args.json)
+    path = art.save(args.output)
+    c = art.calibration
+    emit({"output": str(path), "config": cfg.to_dict(), **{k: c[k] for k in ("stage1_seconds", "stage2_seconds")}},
+         args.json, f"wrote {path} (stage 1 {c['stage1_seconds']}s, stage 2 {c['stage2_seconds']}s)")
+    return 0
+
+
+def register(cli) -> None:
+    p = cli.add("calibrate", "gqsa", "GQSA: group-sparse int-N weights, BQPO (+ optional E2E-OQP)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of groups pruned per row, [0, 1)")
+    p.add_argument("--group-size", type=int, default=16, help="input channels per group (divides in_features)")
+    p.add_argument("--tile-rows", type=int, default=1,
+                   help="rows sharing kept groups (1 = per row; e.g. 192 lets the CPU path compact)")
+    p.add_argument("--bqpo-steps", type=int, default=8, help="stage-1 Adam steps per decoder block")
+    p.add_argument("--bqpo-lr", type=float, default=3e-4)
+    p.add_argument("--bqpo-batch", type=int, default=2, help="calibration samples per BQPO step")
+    p.add_argument("--e2e-steps", type=int, default=0, help="stage-2 (E2E-OQP) steps; 0 = stage 1 only")
+    p.add_argument("--e2e-lr", type=float, default=2e-5)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", default="wiki")
+    p.add_argument("--checkpoint-dir", default=None, help="per-layer checkpoints; rerun to resume")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd)

@@ -1,0 +1,236 @@
+"""Calibrating "prune" artifacts (Wanda / magnitude, optionally + DSnoT) and exporting them to HF.
+
+The model walk lives here; the math is in `wanda.py` and `dsnot.py`. Wanda and DSnoT run through
+the layer-sequential runner: each decoder layer's linears are measured on the still-dense layer
+(one pass), all pruned, and the pruned layer's outputs become the next layer's inputs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from accel.artifact import Artifact, ArtifactError
+from accel.configs import ConfigError
+from accel.configs.prune import PruneConfig
+from accel.patches import compat
+from accel.patches.prune import pack_mask, unpack_mask
+from accel.patches.targets import iter_linears
+
+from .dsnot import dsnot_refine
+from .runner import CalibrationError, LayerData, RunStats, linear_input_stats, run_layerwise
+from .wanda import magnitude_mask, wanda_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InputStats:
+    """Per-input-channel statistics of one linear's calibration inputs (fp64 accumulators)."""
+
+    total: torch.Tensor
+    sq: torch.Tensor
+    count: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """x: [tokens, in]."""
+        # Per-chunk sums in fp32, accumulated across chunks in fp64.
+        self.total += x.sum(0).double()
+        self.sq += x.pow(2).sum(0).double()
+        self.count += x.size(0)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        # Population variance per token; fp64 keeps E[x^2] - E[x]^2 from cancelling badly.
+        return (self.sq / max(self.count, 1) - self.mean.pow(2)).clamp_min(0)
+
+
+@dataclass
+class PruneInfo:
+    """What a calibration did: masks per linear, runner stats and timings."""
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    run: RunStats | None = None
+    seconds: float = 0.0
+    dsnot_swaps: int = 0
+
+
+def selected_linears(model, cfg: PruneConfig) -> list[tuple[str, nn.Linear]]:
+    """The targeted linears; raises ConfigError if a pattern does not fit one of them."""
+    linears = list(iter_linears(model, cfg.targets, cfg.ignore))
+    if not linears:
+        raise ConfigError("prune: no linear selected (targets/ignore exclude them all)")
+    nm = cfg.nm
+    if nm is not None:
+        bad = [f"{n} (in_features={m.in_features})" for n, m in linears if m.in_features % nm[1]]
+        if bad:
+            raise ConfigError(f"prune: pattern {cfg.pattern} needs in_features divisible by {nm[1]}; not so for "
+                              + ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
+    return linears
+
+
+def _mask_for(cfg: PruneConfig, lin: nn.Linear, st: InputStats | None, tokens_per_sample: int, info: PruneInfo):
+    w = lin.weight.detach()
+    if cfg.init == "magnitude":
+        keep = magnitude_mask(w, cfg.sparsity, cfg.nm)
+    else:
+        keep = wanda_mask(w, st.sq, cfg.sparsity, cfg.nm, cfg.use_variant)
+    if cfg.dsnot:
+        r = dsnot_refine(w, keep, st.mean, st.var, st.sq, tokens_per_sample, cfg.nm,
+                         cfg.max_cycles, cfg.threshold, cfg.pow_var)
+        keep = r.keep
+        info.dsnot_swaps += int(r.swaps.sum())
+    return keep
+
+
+class _LayerPruner:
+    """The runner's method: statistics on the dense layer, then prune all its targeted linears."""
+
+    def __init__(self, cfg: PruneConfig, by_layer: dict[int, list[tuple[str, nn.Linear]]],
+                 tokens_per_sample: int, info: PruneInfo):
+        self.cfg, self.by_layer, self.tps, self.info = cfg, by_layer, tokens_per_sample, info
+
+    def process_layer(self, i: int, layer: nn.Module, data: LayerData) -> dict[str, torch.Tensor]:
+        lins = dict(self.by_layer.get(i, []))
+        if not lins:
+            return {}
+        stats = {n: InputStats(torch.zeros(m.in_features, dtype=torch.float64),
+                               torch.zeros(m.in_features, dtype=torch.float64)) for n, m in lins.items()}
+        # early_exit: the stats pass need not compute what comes after the last targeted input.
+        linear_input_stats(layer, data, i, lins, lambda n, x: stats[n].add(x), early_exit=True)
+        out = {}
+        for name, lin in lins.items():
+            st = stats[name]
+            if not (torch.isfinite(st.sq).all() and torch.isfinite(st.total).all()):
+                raise CalibrationError(f"NaN/inf calibration activations at the input of {name}")
+            keep = _mask_for(self.cfg, lin, st, self.tps, self.info)
+            self._apply(name, lin, keep)
+            out[name] = pack_mask(keep)
+        return out
+
+    def restore_layer(self, i: int, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        for name, lin in self.by_layer.get(i, []):
+            if name not in tensors:
+                raise CalibrationError(f"checkpoint of layer {i} lacks the mask of {name}")
+            self._apply(name, lin, unpack_mask(tensors[name], tuple(lin.weight.shape)))
+
+    def _apply(self, name: str, lin: nn.Linear, keep: torch.Tensor) -> None:
+        with torch.no_grad():
+            lin.weight.mul_(keep.to(lin.weight.device, lin.weight.dtype))
+        self.info.masks[name] = keep
+
+
+def _group_by_layer(model, linears) -> dict[int, list[tuple[str, nn.Linear]]]:
+    prefix = compat.SUPPORTED_MODEL_TYPES[compat.text_config(model.config).model_type] + "."
+    out: dict[int, list] = {}
+    for name, lin in linears:
+        if not name.startswith(prefix):
+            raise ConfigError(f"prune: {name} is not inside a decoder layer; only decoder linears can be pruned")
+        idx = int(name[len(prefix):].split(".", 1)[0])
+        out.setdefault(idx, []).append((name, lin))
+    return out
+
+
+def prune_model(model, cfg: PruneConfig, samples: torch.Tensor | None = None, *, batch_size: int = 8,
+                checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
+                stop_after: int | None = None) -> PruneInfo:
+    """Prune `model` in place; returns the keep-masks. samples: [N, L] token ids (needed unless the
+    config is plain magnitude). Validates everything before touching the model."""
+    linears = selected_linears(model, cfg)
+    info = PruneInfo()
+    t0 = time.perf_counter()
+    if not cfg.needs_data:
+        for name, lin in linears:
+            keep = magnitude_mask(lin.weight, cfg.sparsity, cfg.nm)
+            with torch.no_grad():
+                lin.weight.mul_(keep.to(lin.weight.dtype))
+            info.masks[name] = keep
+        info.seconds = time.perf_counter() - t0
+        return info
+    if samples is None or samples.dim() != 2 or samples.numel() == 0 or samples.size(1) < 2:
+        raise CalibrationError(f"{cfg.label} needs calibration samples [N >= 1, L >= 2], got "
+                               f"{None if samples is None else tuple(samples.shape)}")
+    method = _LayerPruner(cfg, _group_by_layer(model, linears), samples.size(1), info)
+    key = {"config": cfg.to_dict(), "samples": list(samples.shape),
+           "samples_sum": int(samples.sum()), "batch_size": batch_size}
+    info.run = run_layerwise(model, samples, method, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
+                             run_key=key, progress=progress, desc=cfg.label, stop_after=stop_after)
+    info.seconds = time.perf_counter() - t0
+    return info
+
+
+def time_forward(model, samples: torch.Tensor, batch_size: int = 8) -> float:
+    """Seconds for one plain forward pass of `model` over `samples` ([N, L]), the ratio's unit."""
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, samples.size(0), batch_size):
+            model(input_ids=samples[s:s + batch_size].to(device), use_cache=False)
+    return time.perf_counter() - t0
+
+
+def build_artifact(model, cfg: PruneConfig, info: PruneInfo, calibration: dict) -> Artifact:
+    return Artifact.for_model(model, cfg, tensors={f"prune/{n}": pack_mask(k) for n, k in info.masks.items()},
+                              calibration=calibration)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export to a plain HF checkpoint
+# ---------------------------------------------------------------------------------------------
+def load_source(source: str | None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer or None) for the model name an artifact records."""
+    import accel
+
+    if not source:
+        raise ArtifactError("this artifact does not record its base model (calibration.model); pass the model")
+    if source.startswith("tiny-"):
+        return accel.models.tiny(source[len("tiny-"):], dtype=dtype), None
+    return accel.models.load(source, dtype=dtype)
+
+
+def export_hf(artifact: str | os.PathLike | Artifact, output: str | os.PathLike, model=None, tokenizer=None) -> Path:
+    """Write `output` as a plain HF checkpoint of the base model with the artifact's masks applied
+    to its weights. Written into a temp dir and renamed, so a failure leaves nothing behind."""
+    art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
+    cfgs = [c for c in art.configs if isinstance(c, PruneConfig)]
+    if len(cfgs) != 1 or len(art.configs) != 1:
+        raise ArtifactError("export --format hf handles artifacts holding exactly one 'prune' config, got "
+                            + ", ".join(c.method for c in art.configs))
+    cfg = cfgs[0]
+    if model is None:
+        model, tokenizer = load_source(art.calibration.get("model"))
+    art.check_model(model)
+    tensors = art.tensors_for("prune")
+    linears = list(iter_linears(model, cfg.targets, cfg.ignore))
+    missing = [n for n, _ in linears if n not in tensors]
+    if missing:
+        raise ArtifactError(f"artifact has no mask for {missing[0]}")
+    with torch.no_grad():
+        for name, lin in linears:
+            lin.weight.mul_(unpack_mask(tensors[name], tuple(lin.weight.shape)).to(lin.weight.dtype))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s pruned linears to %s", len(linears), output)
+    return output

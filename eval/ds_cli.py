@@ -1,0 +1,116 @@
+"""`accel eval ds-sweep` and `accel eval ds-retrieval` (Double Sparsity evaluations)."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def _fraction_list(s: str) -> list[float]:
+    from accel.calibrate.ds_cli import _budget
+
+    return [_budget(x) for x in s.split(",") if x.strip()]
+
+
+def _int_list(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def _load(model_name: str, dtype: str, artifact: str | None, calib_samples: int):
+    """Model, tokenizer and a double-sparsity artifact (calibrated now when none is given)."""
+    import accel
+    from accel.artifact import Artifact
+
+    model, tok = accel.models.load(model_name, dtype=dtype)
+    if artifact:
+        art = Artifact.load(artifact)
+        if not art.tensors_for("double-sparsity"):
+            raise ValueError(f"{artifact} is not a double-sparsity artifact")
+    else:
+        from accel.calibrate.double_sparsity import calibrate_double_sparsity
+
+        log.info("no --artifact: calibrating channels on %d x 512 tokens first", calib_samples)
+        art = calibrate_double_sparsity(model, tok, n_samples=calib_samples)
+    return model, tok, art
+
+
+def _base_config(art, args):
+    import dataclasses
+
+    from accel.configs.double_sparsity import DoubleSparsityConfig
+
+    cfgs = [c for c in art.configs if isinstance(c, DoubleSparsityConfig)]
+    base = cfgs[0] if cfgs else DoubleSparsityConfig()
+    over = {k: getattr(args, k) for k in ("group_reduce", "sink", "recent", "n_dense", "label_bits", "channel_type")
+            if getattr(args, k, None) is not None}
+    return dataclasses.replace(base, **over)
+
+
+def _cmd_sweep(args) -> int:
+    from accel.cli import emit
+    from accel.data import eval_tokens
+
+    from .ds_sweep import format_table, plot_sweep, run_sweep
+
+    model, tok, art = _load(args.model, args.dtype, args.artifact, args.calib_samples)
+    tokens = eval_tokens(tok, args.source, args.max_tokens)
+    res = run_sweep(model, tokens, art, budgets=args.budgets, channels=args.channels, rows=args.rows,
+                    seq_len=args.seq_len, batch_size=args.batch_size, base=_base_config(art, args),
+                    progress=not args.json)
+    text = (f"Double Sparsity perplexity, {res['tokens']} tokens in {args.seq_len}-token windows, {args.dtype}\n"
+            + format_table(res))
+    if args.plot:
+        text += f"\nwrote {plot_sweep(res, args.plot)}"
+    emit(res["table"], args.json, text)
+    return 0
+
+
+def _cmd_retrieval(args) -> int:
+    from accel.cli import emit
+
+    from .ds_retrieval import format_retrieval, run_retrieval
+
+    model, tok, art = _load(args.model, args.dtype, args.artifact, args.calib_samples)
+    res = run_retrieval(model, tok, art, tasks=args.tasks, contexts=args.contexts, n=args.n, budget=args.budget,
+                        base=_base_config(art, args), seed=args.seed, progress=not args.json)
+    emit(res, args.json, format_retrieval(res))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--artifact", default=None, help="double-sparsity artifact (default: calibrate first)")
+    p.add_argument("--calib-samples", type=int, default=32, help="512-token blocks when calibrating here")
+    p.add_argument("--group-reduce", default=None, choices=["max", "sum"])
+    p.add_argument("--channel-type", default=None, choices=["q", "k", "qk"])
+    p.add_argument("--sink", type=int, default=None)
+    p.add_argument("--recent", type=int, default=None)
+    p.add_argument("--n-dense", type=int, default=None)
+    p.add_argument("--label-bits", type=int, default=None, choices=[4, 8, 16])
+    p.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
+
+
+def register(cli) -> None:
+    p = cli.add("eval", "ds-sweep", "Double Sparsity perplexity table: budget x channels vs baselines")
+    _common(p)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--source", default="wiki")
+    p.add_argument("--budgets", type=_fraction_list, default=[1 / 4, 1 / 8, 1 / 16], help="e.g. 1/4,1/8,1/16")
+    p.add_argument("--channels", type=_int_list, default=None, help="r values, e.g. 4,8,16 (default d/16,d/8,d/4)")
+    p.add_argument("--rows", type=lambda s: s.split(","), default=["dense", "ds", "random", "sink_recent", "oracle"])
+    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--plot", default=None, help="write a PNG of ppl against budget")
+    p.set_defaults(func=_cmd_sweep)
+
+    q = cli.add("eval", "ds-retrieval", "passkey and key-value retrieval accuracy: dense, Double Sparsity, sink+recent")
+    _common(q)
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    q.add_argument("--tasks", type=lambda s: s.split(","), default=["passkey", "kv"])
+    q.add_argument("--contexts", type=_int_list, default=[1024, 2048, 4096])
+    q.add_argument("--n", type=int, default=10, help="prompts per task and context length")
+    q.add_argument("--budget", type=_fraction_list, default=[1 / 16], help="token budget(s), e.g. 1/16")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_cmd_retrieval)

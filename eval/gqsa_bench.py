@@ -1,0 +1,106 @@
+"""`accel bench gqsa-gemv`: CPU speed of the GQSA W4S50 path against dense bf16 and dense int4.
+
+All ratios come from one run, 1 thread, methods interleaved round by round (median of rounds), so
+load from other processes on a shared VM hits every method alike.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SHAPES = [(4096, 4096), (576, 1536), (1536, 576)]  # (in, out)
+
+
+def _time(fn, reps: int) -> float:
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def _interleaved(fns: dict, rounds: int, reps: int) -> dict[str, float]:
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            times[k].append(_time(f, reps))
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def bench_gemv(shapes=SHAPES, batches=(1, 8), group_size: int = 32, tile_rows: int = 192,
+               sparsity: float = 0.5, rounds: int = 7, seed: int = 42) -> list[dict]:
+    """ms per call of dense bf16 F.linear, dense int4 (aten, same group size) and GQSA W4S50."""
+    from accel.kernels.gqsa_linear.cpu import CPUGQSA
+    from accel.kernels.gqsa_linear.format import pack_weight
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for k, n in shapes:
+        W = torch.randn(n, k, generator=g) * 0.02
+        wb = W.bfloat16()
+        dense4 = CPUGQSA(pack_weight(W, sparsity=0.0, group_size=group_size, tile_rows=n))
+        packed = pack_weight(W, sparsity=sparsity, group_size=group_size, tile_rows=tile_rows)
+        gq = CPUGQSA(packed)
+        for b in batches:
+            x = torch.randn(b, k, generator=g).bfloat16()
+            reps = max(3, int(2e8 / (n * k * 2)))
+            t = _interleaved({"bf16": lambda: F.linear(x, wb), "int4": lambda: dense4(x), "gqsa": lambda: gq(x)},
+                             rounds, reps)
+            rows.append({"in": k, "out": n, "batch": b, "ms_bf16": t["bf16"], "ms_int4": t["int4"],
+                         "ms_gqsa": t["gqsa"], "speedup_vs_bf16": t["bf16"] / t["gqsa"],
+                         "speedup_vs_int4": t["int4"] / t["gqsa"], "path": gq.path,
+                         "bytes_ratio": packed.nbytes() / (n * k * 2),
+                         "runtime_bytes_ratio": gq.nbytes() / (n * k * 2)})
+            log.info("gemv %dx%d B=%d: %s", k, n, b, rows[-1])
+        if n >= 1024:
+            # Tile size trade-off: fewer, larger compacted matrices run faster (fewer aten calls),
+            # but constrain the kept groups more (see the sweep's tile row for the accuracy cost).
+            x = torch.randn(1, k, generator=g).bfloat16()
+            variants = {f"tile{t}": CPUGQSA(pack_weight(W, sparsity=sparsity, group_size=group_size, tile_rows=t))
+                        for t in (192, 512, 1024, n)}
+            t = _interleaved({"int4": lambda: dense4(x), **{kk: (lambda v=v: v(x)) for kk, v in variants.items()}},
+                             rounds, max(3, int(2e8 / (n * k * 2))))
+            rows[-len(batches)]["tiles_vs_int4_b1"] = {kk: t["int4"] / t[kk] for kk in variants}
+    return rows
+
+
+def bench_decode(model_name: str = "smollm2-135m", new_tokens: int = 32, group_size: int = 32,
+                 tile_rows: int = 192, sparsity: float = 0.5, rounds: int = 3) -> dict:
+    """Greedy decode tokens/s of the bf16 model, dense vs GQSA W4S50 (RTN weights: speed only)."""
+    import accel
+    from accel.artifact import Artifact
+    from accel.configs.gqsa import GQSAConfig
+    from accel.kernels.gqsa_linear.format import pack_weight
+    from accel.patches.targets import iter_linears
+
+    model, tok = accel.models.load(model_name, dtype="bfloat16")
+    cfg = GQSAConfig(bits=4, sparsity=sparsity, group_size=group_size, tile_rows=tile_rows)
+    tensors = {}
+    for name, lin in iter_linears(model):
+        w = pack_weight(lin.weight, sparsity=sparsity, group_size=group_size, tile_rows=tile_rows)
+        tensors.update({f"gqsa/{k}": v for k, v in w.to_tensors(name).items()})
+    art = Artifact.for_model(model, [cfg], tensors)
+    ids = tok("The history of the city begins", return_tensors="pt").input_ids
+
+    def gen():
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    res = {"dense": [], "gqsa": []}
+    gen()
+    for _ in range(rounds):
+        res["dense"].append(_time(gen, 1))
+        with accel.patched(model, art):
+            gen()
+            res["gqsa"].append(_time(gen, 1))
+            paths = sorted({r["kernel"] for r in accel.report(model).rows})
+    tps = {k: new_tokens / statistics.median(v) for k, v in res.items()}
+    return {"dense_bf16_tok_s": tps["dense"], "gqsa_tok_s": tps["gqsa"], "speedup": tps["gqsa"] / tps["dense"],
+            "new_tokens": new_tokens, "gqsa_paths": paths, "note": "lm_head and embeddings stay dense bf16"}

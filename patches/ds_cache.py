@@ -1,0 +1,130 @@
+"""The Double Sparsity label cache: a transformers cache layer that keeps, next to K and V, the
+r heavy channels of every cached key (post-RoPE), `[B, KVH, T, r]`.
+
+`DSLabelLayer` extends `DynamicLayer`, so every operation transformers applies to a cache
+(update in generate(), crop, beam reorder, batch repeat/select, reset) also applies to the
+labels. Labels may be stored min-max quantized to 8 or 4 bits (per token and KV head, over its
+r channels), as in the paper; `label_bytes()` counts what is stored.
+"""
+from __future__ import annotations
+
+import torch
+
+from .compat import DynamicLayer
+from .ds_select import gather_labels
+
+
+def quantize_labels(x: torch.Tensor, bits: int):
+    """x: [..., r] -> (codes uint8 [..., r] (8-bit) or [..., r/2] (4-bit, two per byte),
+    scale [..., 1] fp16, low [..., 1] fp16). Asymmetric min-max over the last dim."""
+    lo = x.amin(-1, keepdim=True).float()
+    hi = x.amax(-1, keepdim=True).float()
+    qmax = (1 << bits) - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    codes = ((x.float() - lo) / scale).round_().clamp_(0, qmax).to(torch.uint8)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, scale.half(), lo.half()
+
+
+def dequantize_labels(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    if bits == 4:
+        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
+    return (codes.float() * scale.float() + low.float()).to(dtype)
+
+
+def fake_quantize_labels(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """What a label looks like after a round trip through `bits`-bit storage (16 = unchanged)."""
+    if bits >= 16:
+        return x
+    return dequantize_labels(*quantize_labels(x, bits), bits, x.dtype)
+
+
+class DSLabelLayer(DynamicLayer):
+    """A DynamicLayer whose keys carry a label cache. `channels`: [KVH, r] int64."""
+
+    def __init__(self, channels: torch.Tensor, bits: int = 16, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.bits = bits
+        # bits == 16: one tensor [B, KVH, T, r]; otherwise (codes, scale, low), all with T at dim -2.
+        self.label_parts: tuple[torch.Tensor, ...] | None = None
+
+    @classmethod
+    def from_layer(cls, layer: DynamicLayer, channels: torch.Tensor, bits: int = 16) -> "DSLabelLayer":
+        """Take over a plain DynamicLayer's K/V (no copy) and label what it already holds."""
+        new = cls(channels, bits)
+        for attr in ("keys", "values", "is_initialized", "dtype", "device"):
+            if hasattr(layer, attr):
+                setattr(new, attr, getattr(layer, attr))
+        if new.get_seq_length() > 0:
+            new.label_parts = new._make_parts(new.keys)
+        return new
+
+    def _make_parts(self, keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lab = gather_labels(keys, self.channels)
+        if self.bits >= 16:
+            return (lab,)
+        return quantize_labels(lab, self.bits)
+
+    def _map(self, fn) -> None:
+        if self.label_parts is not None:
+            self.label_parts = tuple(fn(p) for p in self.label_parts)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        new = self._make_parts(key_states)
+        if self.label_parts is None:
+            self.label_parts = new
+        else:
+            self.label_parts = tuple(torch.cat([a, b], dim=-2) for a, b in zip(self.label_parts, new))
+        return keys, values
+
+    def labels(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[B, KVH, T, r] in `dtype` (default: the keys' dtype), dequantized if stored quantized."""
+        dtype = dtype or self.keys.dtype
+        if self.label_parts is None:
+            raise RuntimeError("the label cache is empty")
+        if self.bits >= 16:
+            return self.label_parts[0].to(dtype)
+        return dequantize_labels(*self.label_parts, self.bits, dtype)
+
+    def label_length(self) -> int:
+        return 0 if self.label_parts is None else self.label_parts[0].shape[-2]
+
+    def label_bytes(self) -> int:
+        if self.label_parts is None:
+            return 0
+        return sum(p.numel() * p.element_size() for p in self.label_parts)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0 and self.label_parts is not None:
+            self._map(lambda p: p[..., :tokens_to_remove, :])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.label_parts is not None:
+            self._map(lambda p: p.index_select(0, beam_idx.to(p.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map(lambda p: p.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map(lambda p: p[indices, ...])
+
+    def reset(self) -> None:
+        super().reset()
+        self.label_parts = None
+
+    def offload(self):
+        super().offload()
+        self._map(lambda p: p.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        super().prefetch()
+        if self.is_initialized:
+            self._map(lambda p: p.to(self.keys.device, non_blocking=True))

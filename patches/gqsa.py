@@ -1,0 +1,86 @@
+"""GQSA runtime: swaps each targeted linear for a `GQSALinear` over the packed weight.
+
+The GQSALinear dispatches by device (accel.kernels.dispatch): Triton GEMV/GEMM on CUDA, the
+int4 CPU kernel (compacted per row tile where the layout allows) on CPU, the dequantize+F.linear
+reference otherwise. `accel.report` shows the path and the bytes of each layer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from accel.artifact import ArtifactError
+from accel.configs.gqsa import GQSAConfig
+from accel.kernels.dispatch import select_path
+from accel.kernels.gqsa_linear.format import GQSAFormatError, GQSAWeight
+from accel.kernels.gqsa_linear.reference import gqsa_linear_reference
+
+from .core import PatchContext, register_method
+from .linear import AccelLinear
+from .targets import iter_linears
+
+
+class GQSALinear(AccelLinear):
+    """x: [..., in] -> [..., out] with a packed GQSA weight (buffers) and the original bias."""
+
+    method = "gqsa"
+
+    def __init__(self, w: GQSAWeight, bias: torch.Tensor | None):
+        super().__init__(w.in_features, w.out_features)
+        self.group_size, self.bits, self.tile_rows = w.group_size, w.bits, w.tile_rows
+        self.register_buffer("qweight", w.qweight)
+        self.register_buffer("cols", w.cols)
+        self.register_buffer("scales", w.scales)
+        self.register_buffer("zeros", w.zeros)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._cpu = None
+
+    def packed(self) -> GQSAWeight:
+        return GQSAWeight(self.qweight, self.cols, self.scales, self.zeros, self.in_features,
+                          self.group_size, self.bits, self.tile_rows)
+
+    def _cpu_kernel(self):
+        if self._cpu is None:
+            from accel.kernels.gqsa_linear.cpu import CPUGQSA
+            self._cpu = CPUGQSA(self.packed())
+        return self._cpu
+
+    @property
+    def kernel_path(self) -> str:
+        path = select_path(self.qweight.device)
+        return self._cpu_kernel().path if path == "cpu" else path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = select_path(x.device)
+        if path == "cpu":
+            return self._cpu_kernel()(x, self.bias)
+        if path == "triton":
+            from accel.kernels.gqsa_linear.triton_kernel import gqsa_linear_triton
+            return gqsa_linear_triton(x, self.packed(), self.bias)
+        return gqsa_linear_reference(x, self.packed(), self.bias)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the stored format (codes, column indices, scales, zeros, bias)."""
+        return self.packed().nbytes() + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, n_keep={self.cols.size(1)}, tile_rows={self.tile_rows}")
+
+
+@register_method("gqsa")
+def apply_gqsa(ctx: PatchContext, cfg: GQSAConfig, tensors: dict) -> None:
+    for name, lin in list(iter_linears(ctx.model, cfg.targets, cfg.ignore)):
+        if not isinstance(lin, nn.Linear):
+            continue
+        try:
+            w = GQSAWeight.from_tensors(tensors, name)
+        except GQSAFormatError as e:
+            raise ArtifactError(f"gqsa artifact: {e}") from None
+        if (w.out_features, w.in_features) != (lin.out_features, lin.in_features):
+            raise ArtifactError(f"gqsa artifact: {name} is {w.out_features}x{w.in_features} in the artifact, "
+                                f"{lin.out_features}x{lin.in_features} in the model")
+        new = GQSALinear(w, lin.bias).to(lin.weight.device)
+        dense = lin.out_features * lin.in_features * 2
+        ctx.swap_module(name, new, detail=f"W{w.bits} S{w.sparsity:.2f} g{w.group_size} tile{w.tile_rows} "
+                                          f"{new.weight_bytes()} B ({new.weight_bytes() / dense:.3f}x bf16)")

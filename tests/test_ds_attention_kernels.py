@@ -1,0 +1,261 @@
+"""Double Sparsity decode-attention kernels (Triton under TRITON_INTERPRET=1, fast CPU path) against
+the torch reference, on odd shapes: T in {63, 1000, 4097}, GQA ratio in {1, 3, 4}, head_dim 64/128.
+
+Error bound (guide): a kernel's relative error against an fp64 computation over the *same selected
+tokens* must be <= 2x the error of a plain torch computation in the input dtype."""
+import pytest
+import torch
+
+from accel.kernels.ds_attention import (dense_decode_reference, ds_attend_reference, ds_decode_attention,
+                                        ds_select_reference, label_scores_reference)
+from accel.kernels.ds_attention import cpu as ds_cpu
+from accel.kernels.ds_attention import triton_kernel as ds_triton
+
+SHAPES = [(T, G, D) for T in (63, 1000, 4097) for G in (1, 3, 4) for D in (64, 128)]
+KVH = 2
+SINK, RECENT = 4, 8
+
+
+def shape_id(s):
+    return f"T{s[0]}-G{s[1]}-D{s[2]}"
+
+
+def budget_for(T):
+    return max(T // 16, SINK + RECENT + 8)
+
+
+def make_inputs(T, G, D, dtype=torch.float32, B=1, r=None, seed=42):
+    g = torch.Generator().manual_seed(seed)
+    r = r or D // 8
+    q = torch.randn(B, KVH * G, 1, D, generator=g).to(dtype)
+    k = torch.randn(B, KVH, T, D, generator=g).to(dtype)
+    v = torch.randn(B, KVH, T, D, generator=g).to(dtype)
+    channels = torch.stack([torch.randperm(D, generator=g)[:r] for _ in range(KVH)])
+    labels = torch.gather(k, 3, channels[None, :, None, :].expand(B, KVH, T, r)).contiguous()
+    return q, k, v, labels, channels
+
+
+def torch_same_dtype_attend(q, k, v, idx, scaling=None):
+    """The yardstick: plain torch ops in the input dtype over the selected tokens."""
+    B, H, _, D = q.shape
+    G = H // k.shape[1]
+    scaling = D ** -0.5 if scaling is None else scaling
+    gi = idx[..., None].expand(*idx.shape, D)
+    ks, vs = torch.gather(k, 2, gi), torch.gather(v, 2, gi)
+    qg = q[:, :, 0].reshape(B, -1, G, D)
+    p = torch.softmax(torch.matmul(qg, ks.transpose(-1, -2)) * scaling, dim=-1)
+    return torch.matmul(p, vs).reshape(B, H, 1, D)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def assert_same_selection(idx, q, labels, channels, budget, key_mask=None):
+    """idx must equal the fp64 reference selection, except for swaps between tokens whose fp64
+    approximate scores tie at the k-th place within fp32 rounding."""
+    ref = ds_select_reference(q.double(), labels.double(), channels, budget, SINK, RECENT, "max", key_mask)
+    assert idx.shape == ref.shape
+    s = label_scores_reference(q.double(), labels.double(), channels)
+    for b in range(idx.shape[0]):
+        for h in range(idx.shape[1]):
+            got, want = set(idx[b, h].tolist()), set(ref[b, h].tolist())
+            assert len(got) == idx.shape[-1], "duplicate indices"
+            diff = got ^ want
+            if diff:
+                kth = s[b, h, list(want)].min()
+                for t in diff:
+                    assert abs(s[b, h, t] - kth) <= 1e-5 * max(1.0, abs(kth)), f"token {t} wrongly (de)selected"
+
+
+SELECTORS = {"cpu": ds_cpu.ds_select_cpu, "triton": ds_triton.ds_select_triton}
+
+
+@pytest.mark.parametrize("path", ["cpu", "triton"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_selection_matches_reference(path, shape):
+    T, G, D = shape
+    q, k, v, labels, channels = make_inputs(T, G, D)
+    budget = budget_for(T)
+    idx = SELECTORS[path](q, labels, channels, budget, SINK, RECENT, "max", None)
+    assert_same_selection(idx, q, labels, channels, budget)
+    sel = set(idx[0, 0].tolist())
+    assert set(range(SINK)) <= sel and set(range(T - RECENT, T)) <= sel
+
+
+ATTENDERS = {"cpu": ds_cpu.ds_attend_cpu, "triton": ds_triton.ds_attend_triton}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("path", ["cpu", "triton"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_attend_error_within_2x_torch(path, shape, dtype):
+    T, G, D = shape
+    q, k, v, labels, channels = make_inputs(T, G, D, dtype)
+    idx = ds_select_reference(q, labels, channels, budget_for(T), SINK, RECENT)
+    exact = ds_attend_reference(q.double(), k.double(), v.double(), idx)
+    torch_err = rel_err(torch_same_dtype_attend(q, k, v, idx), exact)
+    out = ATTENDERS[path](q, k, v, idx)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out, exact) <= 2 * torch_err, (rel_err(out, exact), torch_err)
+
+
+@pytest.mark.parametrize("path", ["cpu", "triton"])
+def test_bf16_upcast(path):
+    """bf16 is silently wrong under the interpreter unless the kernel upcasts after every load."""
+    q, k, v, labels, channels = make_inputs(1000, 4, 64, torch.bfloat16)
+    idx = ds_select_reference(q, labels, channels, 125, SINK, RECENT)
+    exact = ds_attend_reference(q.double(), k.double(), v.double(), idx)
+    torch_err = rel_err(torch_same_dtype_attend(q, k, v, idx), exact)
+    assert rel_err(ATTENDERS[path](q, k, v, idx), exact) <= 2 * torch_err
+
+
+@pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "sum"])
+@pytest.mark.parametrize("split", [16, 48, 4096], ids=lambda s: f"split{s}")
+def test_triton_split_k(split, use_dot):
+    """Several splits with a ragged last one, and the reduce kernel, against fp64."""
+    q, k, v, labels, channels = make_inputs(1000, 3, 64)
+    idx = ds_select_reference(q, labels, channels, 125, SINK, RECENT)
+    exact = ds_attend_reference(q.double(), k.double(), v.double(), idx)
+    out = ds_triton.ds_attend_triton(q, k, v, idx, split=split, block_n=16, use_dot=use_dot)
+    assert rel_err(out, exact) <= 2 * rel_err(torch_same_dtype_attend(q, k, v, idx), exact)
+
+
+@pytest.mark.parametrize("path", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+def test_end_to_end(path, reduce):
+    q, k, v, labels, channels = make_inputs(1000, 4, 128)
+    out, idx = ds_decode_attention(q, k, v, labels, channels, 125, SINK, RECENT, group_reduce=reduce,
+                                   path=path, return_indices=True)
+    ref_idx = ds_select_reference(q.double(), labels.double(), channels, 125, SINK, RECENT, reduce)
+    assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+    exact = ds_attend_reference(q.double(), k.double(), v.double(), ref_idx)
+    assert rel_err(out, exact) <= 2 * rel_err(torch_same_dtype_attend(q, k, v, ref_idx), exact)
+
+
+@pytest.mark.parametrize("path", ["reference", "cpu", "triton"])
+def test_full_budget_is_dense(path):
+    """budget >= T: exactly dense attention (checked against SDPA, independent of our code)."""
+    q, k, v, labels, channels = make_inputs(63, 3, 64)
+    out = ds_decode_attention(q, k, v, labels, channels, 100, path=path)
+    dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+    assert rel_err(out, dense) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["reference", "cpu", "triton"])
+def test_left_padding_equals_unpadded_rows(path):
+    """Batch 2, row 1 left-padded by 37: each row must equal the same row run alone, unpadded."""
+    q, k, v, labels, channels = make_inputs(300, 3, 64, B=2)
+    pad = 37
+    key_mask = torch.ones(2, 300, dtype=torch.bool)
+    key_mask[1, :pad] = False
+    k[1, :, :pad] = 1e4   # padded garbage must not leak
+    labels[1, :, :pad] = 1e4
+    out, idx = ds_decode_attention(q, k, v, labels, channels, 40, SINK, RECENT, key_mask=key_mask, path=path,
+                                   return_indices=True)
+    assert (idx[1] >= pad).all()
+    for b, p in ((0, 0), (1, pad)):
+        alone = ds_decode_attention(q[b:b + 1], k[b:b + 1, :, p:], v[b:b + 1, :, p:], labels[b:b + 1, :, p:],
+                                    channels, 40, SINK, RECENT, path="reference")
+        assert rel_err(out[b:b + 1], alone.double()) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["reference", "cpu", "triton"])
+def test_fewer_valid_tokens_than_budget(path):
+    """Row 1 has 20 valid tokens and a budget of 32: dense over those 20, padding masked."""
+    q, k, v, labels, channels = make_inputs(64, 4, 64, B=2)
+    key_mask = torch.ones(2, 64, dtype=torch.bool)
+    key_mask[1, :44] = False
+    out = ds_decode_attention(q, k, v, labels, channels, 32, SINK, RECENT, key_mask=key_mask, path=path)
+    dense = torch.nn.functional.scaled_dot_product_attention(q[1:].double(), k[1:, :, 44:].double(),
+                                                             v[1:, :, 44:].double(), enable_gqa=True)
+    assert rel_err(out[1:], dense) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["cpu", "triton"])
+def test_narrowed_cache_view_with_nan_guard(path):
+    """k/v are narrow()ed views of a NaN-filled bigger buffer: no read beyond T, strides honoured."""
+    q, k, v, labels, channels = make_inputs(1000, 3, 64)
+    big_k = torch.full((1, KVH, 1200, 64), float("nan"))
+    big_v = torch.full((1, KVH, 1200, 64), float("nan"))
+    big_k[:, :, :1000], big_v[:, :, :1000] = k, v
+    big_l = torch.full((1, KVH, 1200, 8), float("nan"))
+    big_l[:, :, :1000] = labels
+    out = ds_decode_attention(q, big_k.narrow(2, 0, 1000), big_v.narrow(2, 0, 1000), big_l.narrow(2, 0, 1000),
+                              channels, 125, SINK, RECENT, path=path)
+    ref = ds_decode_attention(q, k, v, labels, channels, 125, SINK, RECENT, path="reference")
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref.double()) < 1e-5
+
+
+def test_sink_recent_priority_when_budget_small():
+    """budget < sink + recent: sink first, then the most recent tokens; all paths agree."""
+    q, k, v, labels, channels = make_inputs(200, 2, 64)
+    idxs = [ds_decode_attention(q, k, v, labels, channels, 10, sink=4, recent=64, path=p, return_indices=True)[1]
+            for p in ("reference", "cpu", "triton")]
+    want = set(range(4)) | set(range(194, 200))
+    for idx in idxs:
+        assert set(idx[0, 0].tolist()) == want and set(idx[0, 1].tolist()) == want
+
+
+def test_dense_reference_matches_sdpa():
+    q, k, v, _, _ = make_inputs(1000, 4, 64)
+    dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+    assert rel_err(dense_decode_reference(q, k, v), dense) < 1e-6
+    assert rel_err(ds_cpu.dense_decode_cpu(q, k, v), dense) < 1e-5
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(budget=0), "budget must be > 0"),
+    (dict(budget=-3), "budget must be > 0"),
+    (dict(channels=torch.zeros(2, 65, dtype=torch.long)), r"r = 65 heavy channels"),
+    (dict(channels=torch.zeros(3, 8, dtype=torch.long)), "channels has 3 rows"),
+    (dict(channels=torch.full((2, 8), 64)), r"channel indices must lie in \[0, 64\)"),
+    (dict(q=torch.randn(1, 5, 1, 64)), "not a multiple"),
+    (dict(q=torch.randn(1, 6, 2, 64)), "one query token"),
+    (dict(v=torch.randn(1, 2, 99, 64)), "differ"),
+    (dict(labels=torch.randn(1, 2, 63, 4)), "labels shape"),
+    (dict(group_reduce="mean"), "group_reduce"),
+    (dict(key_mask=torch.ones(1, 62, dtype=torch.bool)), "key_mask shape"),
+    (dict(path="gpu"), "path must be one of"),
+], ids=["budget0", "budget-neg", "r>D", "channel-rows", "channel-range", "gqa", "prefill", "kv-shape",
+        "labels", "reduce", "mask", "path"])
+def test_bad_input_errors(bad, match):
+    q, k, v, labels, channels = make_inputs(63, 3, 64)
+    kw = dict(q=q, k=k, v=v, labels=labels, channels=channels, budget=16, path="reference")
+    kw.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ds_decode_attention(**kw)
+
+
+def test_dispatch_env_forces_path(monkeypatch):
+    calls = []
+    real = ds_triton.ds_attend_triton
+    monkeypatch.setattr(ds_triton, "ds_attend_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k, v, labels, channels = make_inputs(63, 1, 64)
+    monkeypatch.setenv("ACCEL_KERNEL", "triton")
+    ds_decode_attention(q, k, v, labels, channels, 16)
+    assert calls == [1]
+    monkeypatch.setenv("ACCEL_KERNEL", "cpu")
+    ds_decode_attention(q, k, v, labels, channels, 16)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cpu_low_precision_label_selection_overlap(dtype):
+    """The CPU path scores bf16/fp16 labels in their own dtype (no fp32-output matmul on CPU):
+    only near-ties at the k-th place may differ from the fp32-scored reference."""
+    q, k, v, labels, channels = make_inputs(4097, 4, 128, dtype)
+    ref = ds_select_reference(q, labels, channels, 256, SINK, RECENT)
+    got = ds_cpu.ds_select_cpu(q, labels, channels, 256, SINK, RECENT)
+    overlap = sum(len(set(got[0, h].tolist()) & set(ref[0, h].tolist())) for h in range(KVH)) / ref[0].numel()
+    assert overlap >= 0.97, overlap
+
+
+def test_cpu_buffers_survive_growing_and_shrinking_budgets():
+    """Decode grows the budget with the context: reused gather buffers must never leak old rows."""
+    q, k, v, labels, channels = make_inputs(1000, 3, 64)
+    for budget in (50, 120, 60, 200):
+        out = ds_decode_attention(q, k, v, labels, channels, budget, SINK, RECENT, path="cpu")
+        ref = ds_decode_attention(q, k, v, labels, channels, budget, SINK, RECENT, path="reference")
+        assert rel_err(out, ref.double()) < 1e-5, budget

@@ -1,0 +1,169 @@
+"""GQSA: format round-trip, kernels vs reference, BQPO vs RTN, patched logits, bad inputs."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import accel
+from accel.artifact import Artifact, ArtifactError
+from accel.calibrate.gqsa import GQSALayerMethod, calibrate_gqsa
+from accel.calibrate.runner import capture_inputs
+from accel.configs import ConfigError
+from accel.configs.gqsa import GQSAConfig
+from accel.kernels.gqsa_linear.cpu import CPUGQSA
+from accel.kernels.gqsa_linear.format import (GQSAFormatError, GQSAWeight, pack_codes, pack_weight,
+                                              select_groups, unpack_codes)
+from accel.kernels.gqsa_linear.reference import gqsa_linear_reference
+from accel.patches import compat
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Many tiny ops: on a shared 2-vCPU VM the OpenMP spin-wait makes 2 threads far slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _sqnr_db(ref, out):
+    return (10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())).item()
+
+
+def _naive_fake_quant(W, cols, g, bits):
+    """Independent spec: per row, per kept group, asymmetric min/max fp16 params, round, clamp."""
+    out = torch.zeros_like(W)
+    qmax = 2 ** bits - 1
+    for r in range(W.size(0)):
+        for c in cols[r].tolist():
+            w = W[r, c * g:(c + 1) * g]
+            s = ((w.max() - w.min()) / qmax).clamp(min=2.0 ** -20)
+            z = (-w.min() / s).clamp(0, qmax).half().float()
+            s = s.half().float()
+            q = torch.clamp(torch.round(w / s + z), 0, qmax)
+            out[r, c * g:(c + 1) * g] = (q - z) * s
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"bits{b}")
+def test_pack_codes_roundtrip(bits):
+    g = torch.Generator().manual_seed(42)
+    q = torch.randint(0, 2 ** bits, (5, 37), generator=g)
+    assert torch.equal(unpack_codes(pack_codes(q, bits), 37, bits).long(), q)
+
+
+@pytest.mark.parametrize("g,sparsity,tile,bits", [(16, 0.5, 1, 4), (8, 0.25, 1, 3), (24, 0.5, 8, 4),
+                                                   (32, 0.0, 1, 4), (16, 0.5, 16, 2), (48, 0.5, 1, 8)],
+                         ids=lambda v: str(v))
+def test_format_roundtrip_equals_quantized_dense(tmp_path, g, sparsity, tile, bits):
+    torch.manual_seed(42)
+    W = torch.randn(40, 96) * 0.05
+    w = pack_weight(W, sparsity=sparsity, group_size=g, bits=bits, tile_rows=tile)
+    n_groups = 96 // g
+    assert w.n_keep == n_groups - round(sparsity * n_groups)
+    expected = _naive_fake_quant(W, w.cols.long(), g, bits)
+    assert torch.equal(w.dequantize(), expected)
+    # Pruned groups are exactly zero; the rows are balanced.
+    nz = (w.dequantize().view(40, n_groups, g) != 0).any(-1).sum(1)
+    assert int(nz.max()) <= w.n_keep
+    save_file(w.to_tensors("lin"), str(tmp_path / "w.safetensors"))
+    w2 = GQSAWeight.from_tensors(load_file(str(tmp_path / "w.safetensors")), "lin")
+    assert torch.equal(w2.dequantize(), expected)
+
+
+def test_select_groups_per_row_and_per_tile():
+    scores = torch.tensor([[5., 1, 4, 0], [0, 6, 2, 7], [3, 2, 0, 9], [1, 0, 8, 2]])
+    assert select_groups(scores, 0.5, 1).tolist() == [[0, 2], [1, 3], [0, 3], [2, 3]]
+    # Tile of 2 rows: sums [5, 7, 6, 7] and [4, 2, 8, 11].
+    assert select_groups(scores, 0.5, 2).tolist() == [[1, 3], [1, 3], [2, 3], [2, 3]]
+
+
+SHAPES = [(40, 96, 16, 1), (48, 96, 32, 16), (64, 160, 32, 64), (48, 96, 24, 1)]
+
+
+@pytest.mark.parametrize("out,inp,g,tile", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("batch", [1, 3, 8], ids=lambda b: f"B{b}")
+def test_cpu_path_matches_reference(out, inp, g, tile, batch):
+    torch.manual_seed(42)
+    w = pack_weight(torch.randn(out, inp) * 0.05, sparsity=0.5, group_size=g, tile_rows=tile)
+    x = torch.randn(batch, inp)
+    ref = gqsa_linear_reference(x, w)
+    k = CPUGQSA(w)
+    # bf16 activations on the int4 path (the aten kernel needs them): SQNR floor 35 dB.
+    assert _sqnr_db(ref, k(x)) > 35, k.path
+    expected = {16: "cpu-dequant", 24: "cpu-dequant"}.get(g, "cpu-int4-compact" if tile > 1 else "cpu-int4-masked")
+    assert k.path == expected
+
+
+@pytest.mark.parametrize("out,inp,g,bits,batch,kind", [
+    (40, 96, 16, 4, 1, "gemv"), (40, 96, 16, 4, 3, "gemv"), (40, 96, 24, 3, 8, "gemv"),
+    (40, 96, 8, 8, 5, "gemv"), (64, 96, 16, 4, 20, "gemm"), (64, 160, 32, 2, 9, "gemm")], ids=lambda v: str(v))
+def test_triton_matches_reference(out, inp, g, bits, batch, kind):
+    from accel.kernels.gqsa_linear.triton_kernel import gqsa_linear_triton
+
+    torch.manual_seed(42)
+    tile = 32 if kind == "gemm" else 1
+    w = pack_weight(torch.randn(out, inp), sparsity=0.5, group_size=g, bits=bits, tile_rows=tile)
+    x = torch.randn(batch, inp)
+    bias = torch.randn(out)
+    ref = gqsa_linear_reference(x, w, bias)
+    y = gqsa_linear_triton(x, w, bias, force=kind)
+    assert _sqnr_db(ref, y) > 100
+
+
+def test_config_and_format_reject_bad_input():
+    for bad in [dict(bits=5), dict(bits=1), dict(sparsity=1.0), dict(sparsity=-0.1), dict(group_size=0)]:
+        with pytest.raises(ConfigError):
+            GQSAConfig(**bad)
+    with pytest.raises(ConfigError, match="does not divide in_features=64"):
+        GQSALayerMethod(accel.models.tiny("llama"), GQSAConfig(group_size=24))
+    with pytest.raises(GQSAFormatError, match="does not divide"):
+        pack_weight(torch.randn(8, 96), group_size=40)
+    with pytest.raises(GQSAFormatError, match="bits"):
+        pack_weight(torch.randn(8, 96), bits=5)
+
+
+def _block_mse(layer, data, i, ref):
+    return (torch.cat(data.forward(layer, i)) - ref).pow(2).mean().item()
+
+
+def test_bqpo_lowers_block_mse_vs_rtn_prune():
+    import copy
+
+    model = accel.models.tiny("llama")
+    x = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(42))
+    data = capture_inputs(model, x, batch_size=4)
+    layer = compat.decoder_layers(model)[0]
+    ref = torch.cat(data.forward(layer, 0))
+    mses = {}
+    for steps in (0, 40):
+        cfg = GQSAConfig(bits=3, sparsity=0.5, group_size=16, bqpo_steps=steps, bqpo_lr=1e-3, bqpo_batch=4)
+        lay = copy.deepcopy(layer)
+        GQSALayerMethod(model, cfg).process_layer(0, lay, data)
+        mses[steps] = _block_mse(lay, data, 0, ref)
+    assert mses[40] < 0.8 * mses[0], mses
+
+
+def test_patched_logits_match_dequantized_model(tmp_path, monkeypatch):
+    model = accel.models.tiny("llama")
+    x = torch.randint(0, 512, (4, 24), generator=torch.Generator().manual_seed(42))
+    cfg = GQSAConfig(bits=4, sparsity=0.5, group_size=32, tile_rows=16, bqpo_steps=2, e2e_steps=2, e2e_batch=2)
+    art = calibrate_gqsa(model, None, cfg, samples=x, progress=False)
+    art.save(tmp_path / "a")
+    ids = x[:2, :16]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits  # the calibrated model holds the dequantized weights
+    fresh = accel.models.tiny("llama")
+    with torch.no_grad():
+        dense = fresh(input_ids=ids).logits
+    loaded = Artifact.load(tmp_path / "a")
+    for path, floor in (("reference", 100), ("cpu", 30), ("triton", 100)):
+        monkeypatch.setenv("ACCEL_KERNEL", path)
+        with accel.patched(fresh, loaded), torch.no_grad():
+            out = fresh(input_ids=ids).logits
+            rep = accel.report(fresh)
+        assert len(rep) == 28 and all(r["method"] == "gqsa" for r in rep.rows)
+        assert _sqnr_db(ref, out) > floor, path
+        assert "B (0." in rep.rows[0]["detail"]
+    assert _sqnr_db(ref, dense) < 40  # GQSA changed the model: the check above is not vacuous
+    with pytest.raises(ArtifactError, match="different model"):
+        accel.patch(accel.models.tiny("qwen2"), loaded)
