@@ -181,10 +181,35 @@ def collect_stats(model, samples: torch.Tensor, cfg: RSparseConfig, *, greedy_mo
     key = {"method": "rsparse-stats", "samples": list(samples.shape), "first": samples[0, :8].tolist(),
            "grid": list(grid), "modes": list(greedy_modes), "rho": stats.rho_grid, "greedy_tokens": greedy_tokens,
            "targets": cfg.targets, "ignore": cfg.ignore}
-    run_layerwise(model, samples, method, checkpoint_dir=checkpoint_dir, run_key=key, progress=progress,
-                  desc="rsparse stats")
+    if not _load_complete(checkpoint_dir, key, method, model):
+        run_layerwise(model, samples, method, checkpoint_dir=checkpoint_dir, run_key=key, progress=progress,
+                      desc="rsparse stats")
     stats.grid = tuple(grid)
     return stats
+
+
+def _load_complete(checkpoint_dir, key: dict, method: "_StatsMethod", model) -> bool:
+    """A finished statistics pass with the same run key is read back directly: the statistics do not
+    change the model, so (unlike a resume mid-pass) no layer needs to be re-run."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    if checkpoint_dir is None:
+        return False
+    ck = Path(checkpoint_dir)
+    n_layers = len(compat.decoder_layers(model))
+    files = [ck / f"layer_{i:03d}.safetensors" for i in range(n_layers)]
+    kp = ck / "run_key.json"
+    if not kp.is_file() or kp.read_text() != json.dumps(key, sort_keys=True, default=str):
+        return False
+    if not all(f.is_file() for f in files):
+        return False
+    for i, f in enumerate(files):
+        method.restore_layer(i, None, load_file(str(f)))
+    log.info("rsparse statistics read from %s (complete pass)", ck)
+    return True
 
 
 def allocate(model, stats: RSparseStats, cfg: RSparseConfig, *, search: str | None = None,

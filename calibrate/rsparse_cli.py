@@ -51,7 +51,8 @@ def _cmd_sweep(args) -> int:
     levels = [float(v) for v in args.levels.split(",")]
     r = run_sweep(args.model, levels, max_tokens=args.max_tokens, seq_len=args.seq_len, search=args.search,
                   n_samples=args.n_samples, greedy_tokens=args.greedy_tokens, evo=_evo(args),
-                  sparse_share=args.sparse_share, checkpoint_dir=args.checkpoint_dir, progress=not args.json)
+                  sparse_share=args.sparse_share, checkpoint_dir=args.checkpoint_dir, progress=not args.json,
+                  dense=not args.no_dense, rows=tuple(args.rows.split(",")))
     emit(r, args.json, format_table(r))
     return 0
 
@@ -85,6 +86,8 @@ def register(cli) -> None:
     s.add_argument("--search", default="greedy", choices=["greedy", "evo"], help="search for the 'searched' row")
     s.add_argument("--sparse-share", type=float, default=0.95)
     s.add_argument("--checkpoint-dir", default=None, help="reuse/resume the statistics pass here")
+    s.add_argument("--rows", default="teal,uniform,searched", help="which rows besides dense")
+    s.add_argument("--no-dense", action="store_true", help="skip the dense row (e.g. one level per process)")
     s.set_defaults(func=_cmd_sweep)
 
     b = cli.add("bench", "rsparse-linear", "CPU speed of an R-Sparse linear vs dense F.linear (1 thread)")

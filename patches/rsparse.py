@@ -14,7 +14,7 @@ from torch import nn
 
 from accel.artifact import ArtifactError
 from accel.configs.rsparse import RSparseConfig, check_rank
-from accel.kernels.dispatch import select_path
+from accel.kernels.dispatch import forced_path, select_path
 from accel.kernels.rsparse_linear import rsparse_linear
 from accel.kernels.rsparse_linear.cpu import rsparse_linear_cpu
 from accel.kernels.rsparse_linear.reference import channel_thresholds
@@ -64,6 +64,9 @@ class RSparseLinear(AccelLinear):
 
     @property
     def kernel_path(self) -> str:
+        forced = forced_path()
+        if forced is not None:
+            return forced
         dev = self.scale.device
         if self._path is None or self._path[0] != dev:
             self._path = (dev, select_path(dev))

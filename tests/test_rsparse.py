@@ -150,3 +150,22 @@ def test_threshold_zero_patch_equals_dense():
         with accel.patched(model, Artifact.for_model(model, [cfg], tensors)):
             torch.testing.assert_close(model(input_ids=x).logits, dense, rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(dense.abs().max()))
+
+
+def test_stats_pass_is_read_back_without_rerunning(tmp_path, monkeypatch):
+    import accel.calibrate.rsparse as R
+
+    model = accel.models.tiny("llama")
+    cfg = RSparseConfig(sparsity=0.5)
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(42))
+    first = collect_stats(model, x, cfg, grid=(0.0, 0.5, 0.9), greedy_tokens=16, checkpoint_dir=tmp_path,
+                          progress=False)
+
+    def boom(*a, **k):
+        raise AssertionError("complete pass should not be re-run")
+    monkeypatch.setattr(R, "run_layerwise", boom)
+    again = collect_stats(model, x, cfg, grid=(0.0, 0.5, 0.9), greedy_tokens=16, checkpoint_dir=tmp_path,
+                          progress=False)
+    assert set(again.quantiles) == set(first.quantiles) and set(again.errors) == set(first.errors)
+    for k in first.quantiles:
+        torch.testing.assert_close(again.quantiles[k], first.quantiles[k])
