@@ -167,3 +167,10 @@ def test_patched_logits_match_dequantized_model(tmp_path, monkeypatch):
     assert _sqnr_db(ref, dense) < 40  # GQSA changed the model: the check above is not vacuous
     with pytest.raises(ArtifactError, match="different model"):
         accel.patch(accel.models.tiny("qwen2"), loaded)
+
+
+def test_dequantize_stays_on_the_weights_device():
+    # Found on an H200: dequantize() built its output on the CPU while cols lived on CUDA.
+    torch.manual_seed(42)
+    w = pack_weight(torch.randn(40, 96), sparsity=0.5, group_size=16, bits=4).to("meta")
+    assert w.dequantize().device.type == "meta"

@@ -58,7 +58,8 @@ def test_cpu_matches_reference(tokens, r):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", [(63, 100, 0, 1), (200, 63, 9, 3), (130, 257, 33, 8)],
                          ids=["63x100_r0_B1", "200x63_r9_B3", "130x257_r33_B8"])
-def test_triton_matches_reference(shape, dtype):
+@pytest.mark.parametrize("k_splits", [1, 3], ids=["ks1", "ks3"])
+def test_triton_matches_reference(shape, dtype, k_splits):
     pytest.importorskip("triton")
     from accel.kernels.rsparse_linear.triton_kernel import rsparse_linear_triton
 
@@ -68,7 +69,8 @@ def test_triton_matches_reference(shape, dtype):
     lr = (down, up) if r else (None, None)
     ref = rsparse_linear_ref(x.float(), w.float(), scale, thr, *(t.float() if t is not None else None for t in lr),
                              bias.float())
-    got = rsparse_linear_triton(x, w.t().contiguous(), scale, thr, *lr, bias, block_n=32, block_k=32, block_r=16)
+    got = rsparse_linear_triton(x, w.t().contiguous(), scale, thr, *lr, bias, block_n=32, block_k=32, block_r=16,
+                                k_splits=k_splits)
     # Error bound: 2x the same-dtype torch error (fp16 output rounding), floor for fp32.
     torch_err = (rsparse_linear_ref(x, w, scale, thr, *lr, bias).float() - ref).abs().max().item() \
         if dtype != torch.float32 else 1e-5

@@ -31,7 +31,8 @@ import triton.language as tl
 
 from .reference import forced_budget, valid_rank
 
-FLT_MAX = 3.4028234663852886e38
+# A tl.constexpr: compiled Triton (unlike the interpreter) refuses plain Python globals in @jit code.
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit

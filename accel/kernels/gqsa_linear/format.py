@@ -20,6 +20,8 @@ then compacts each tile into a smaller dense int4 matrix. Sparsity 0 gives dense
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +138,11 @@ class GQSAWeight:
     def out_features(self) -> int:
         return self.cols.size(0)
 
+    def to(self, device) -> "GQSAWeight":
+        """The same weight with its tensors on `device`."""
+        return dataclasses.replace(self, qweight=self.qweight.to(device), cols=self.cols.to(device),
+                                   scales=self.scales.to(device), zeros=self.zeros.to(device))
+
     @property
     def n_keep(self) -> int:
         return self.cols.size(1)
@@ -156,7 +163,8 @@ class GQSAWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The quantized dense weight, fp32 [out, in], pruned groups zero."""
-        out = torch.zeros(self.out_features, self.in_features // self.group_size, self.group_size)
+        out = torch.zeros(self.out_features, self.in_features // self.group_size, self.group_size,
+                          device=self.qweight.device)
         out.scatter_(1, self.cols.long()[:, :, None].expand(-1, -1, self.group_size), self.dequantize_groups())
         return out.view(self.out_features, self.in_features)
 
