@@ -1,8 +1,10 @@
 """Calibrating "prune" artifacts (Wanda / magnitude, optionally + DSnoT) and exporting them to HF.
 
 The model walk lives here; the math is in `wanda.py` and `dsnot.py`. Wanda and DSnoT run through
-the layer-sequential runner: each decoder layer's linears are measured on the still-dense layer
-(one pass), all pruned, and the pruned layer's outputs become the next layer's inputs.
+the layer-sequential runner, one decoder layer at a time, and the pruned layer's outputs become
+the next layer's inputs. By default a layer takes one joined pass (every linear is measured on
+its input and pruned just before it runs); when that would need too much memory, two passes
+(measure the dense layer, prune, recompute). See `_LayerPruner`.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from accel.patches.prune import pack_mask, unpack_mask
 from accel.patches.targets import iter_linears
 
 from .dsnot import dsnot_refine
-from .runner import CalibrationError, LayerData, RunStats, linear_input_stats, run_layerwise
+from .runner import CalibrationError, LayerData, RunStats, joined_bytes, linear_input_stats, run_layerwise
 from .wanda import magnitude_mask, wanda_mask
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,10 @@ class PruneInfo:
     run: RunStats | None = None
     seconds: float = 0.0
     dsnot_swaps: int = 0
+    mode: str | None = None      # "joined" or "two-pass" (None: no calibration data used)
+
+
+CALIB_MODES = ("auto", "joined", "two-pass")
 
 
 def selected_linears(model, cfg: PruneConfig) -> list[tuple[str, nn.Linear]]:
@@ -95,29 +101,60 @@ def _mask_for(cfg: PruneConfig, lin: nn.Linear, st: InputStats | None, tokens_pe
 
 
 class _LayerPruner:
-    """The runner's method: statistics on the dense layer, then prune all its targeted linears."""
+    """The runner's method. Two modes:
+
+    - joined (one pass per layer): all calibration samples go through the layer as one batch; a
+      pre-hook on each targeted linear measures its input, prunes it, and lets it run pruned, so
+      later linears of the layer see the already-pruned earlier ones ("true sequential"). One
+      layer forward per layer, but memory grows with the calibration tokens.
+    - two-pass: statistics of every linear on the dense layer, prune them all, then a second pass
+      computes the pruned layer's outputs (Wanda's official pipeline; memory bounded by a chunk).
+    """
 
     def __init__(self, cfg: PruneConfig, by_layer: dict[int, list[tuple[str, nn.Linear]]],
-                 tokens_per_sample: int, info: PruneInfo):
-        self.cfg, self.by_layer, self.tps, self.info = cfg, by_layer, tokens_per_sample, info
+                 tokens_per_sample: int, info: PruneInfo, joined: bool = False):
+        self.cfg, self.by_layer, self.tps, self.info, self.joined = cfg, by_layer, tokens_per_sample, info, joined
 
     def process_layer(self, i: int, layer: nn.Module, data: LayerData) -> dict[str, torch.Tensor]:
         lins = dict(self.by_layer.get(i, []))
         if not lins:
             return {}
-        stats = {n: InputStats(torch.zeros(m.in_features, dtype=torch.float64),
-                               torch.zeros(m.in_features, dtype=torch.float64)) for n, m in lins.items()}
+        out: dict[str, torch.Tensor] = {}
+        if self.joined:
+            self._joined_pass(i, layer, data, lins, out)
+            return out
+        stats = {n: _new_stats(m) for n, m in lins.items()}
         # early_exit: the stats pass need not compute what comes after the last targeted input.
         linear_input_stats(layer, data, i, lins, lambda n, x: stats[n].add(x), early_exit=True)
-        out = {}
         for name, lin in lins.items():
-            st = stats[name]
-            if not (torch.isfinite(st.sq).all() and torch.isfinite(st.total).all()):
-                raise CalibrationError(f"NaN/inf calibration activations at the input of {name}")
-            keep = _mask_for(self.cfg, lin, st, self.tps, self.info)
-            self._apply(name, lin, keep)
-            out[name] = pack_mask(keep)
+            self._prune(name, lin, stats[name], out)
         return out
+
+    def _joined_pass(self, i, layer, data: LayerData, lins: dict[str, nn.Linear], out) -> None:
+        # q/k/v (and gate/up) receive the same tensor object: measure it once. Holding the
+        # reference also keeps its memory from being reused by a later input of the same shape.
+        last: list = [None, None]
+
+        def make(name):
+            def pre_hook(mod, args):
+                x = args[0]
+                if last[0] is not x:
+                    st = _new_stats(mod)
+                    st.add(x.reshape(-1, x.size(-1)).float())
+                    last[0], last[1] = x, st
+                self._prune(name, mod, last[1], out)
+            return pre_hook
+        data.forward_joined(layer, i, {m: make(n) for n, m in lins.items()})
+        if len(out) != len(lins):
+            missing = sorted(set(lins) - set(out))
+            raise CalibrationError(f"layer {i}: {missing[0]} never ran in the layer's forward; cannot prune it")
+
+    def _prune(self, name: str, lin: nn.Linear, st: InputStats, out: dict) -> None:
+        if not (torch.isfinite(st.sq).all() and torch.isfinite(st.total).all()):
+            raise CalibrationError(f"NaN/inf calibration activations at the input of {name}")
+        keep = _mask_for(self.cfg, lin, st, self.tps, self.info)
+        self._apply(name, lin, keep)
+        out[name] = pack_mask(keep)
 
     def restore_layer(self, i: int, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         for name, lin in self.by_layer.get(i, []):
@@ -129,6 +166,21 @@ class _LayerPruner:
         with torch.no_grad():
             lin.weight.mul_(keep.to(lin.weight.device, lin.weight.dtype))
         self.info.masks[name] = keep
+
+
+def _new_stats(lin: nn.Linear) -> InputStats:
+    return InputStats(torch.zeros(lin.in_features, dtype=torch.float64),
+                      torch.zeros(lin.in_features, dtype=torch.float64))
+
+
+def joined_fits(model, samples: torch.Tensor, max_bytes: int | None = None) -> bool:
+    """Whether a joined pass over `samples` fits in `max_bytes` (default: a quarter of the RAM)."""
+    if max_bytes is None:
+        try:
+            max_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+        except (ValueError, OSError, AttributeError):
+            max_bytes = 4 << 30
+    return joined_bytes(model, samples.numel()) <= max_bytes
 
 
 def _group_by_layer(model, linears) -> dict[int, list[tuple[str, nn.Linear]]]:
@@ -144,9 +196,15 @@ def _group_by_layer(model, linears) -> dict[int, list[tuple[str, nn.Linear]]]:
 
 def prune_model(model, cfg: PruneConfig, samples: torch.Tensor | None = None, *, batch_size: int = 8,
                 checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
-                stop_after: int | None = None) -> PruneInfo:
+                stop_after: int | None = None, mode: str = "auto") -> PruneInfo:
     """Prune `model` in place; returns the keep-masks. samples: [N, L] token ids (needed unless the
-    config is plain magnitude). Validates everything before touching the model."""
+    config is plain magnitude). Validates everything before touching the model.
+
+    mode: "joined" (one layer forward per layer, memory grows with the calibration tokens),
+    "two-pass" (statistics pass + output pass, memory bounded by one chunk), or "auto" (joined
+    when `joined_fits`)."""
+    if mode not in CALIB_MODES:
+        raise ConfigError(f"prune: mode must be one of {CALIB_MODES}, got {mode!r}")
     linears = selected_linears(model, cfg)
     info = PruneInfo()
     t0 = time.perf_counter()
@@ -161,9 +219,11 @@ def prune_model(model, cfg: PruneConfig, samples: torch.Tensor | None = None, *,
     if samples is None or samples.dim() != 2 or samples.numel() == 0 or samples.size(1) < 2:
         raise CalibrationError(f"{cfg.label} needs calibration samples [N >= 1, L >= 2], got "
                                f"{None if samples is None else tuple(samples.shape)}")
-    method = _LayerPruner(cfg, _group_by_layer(model, linears), samples.size(1), info)
+    joined = mode == "joined" or (mode == "auto" and joined_fits(model, samples))
+    info.mode = "joined" if joined else "two-pass"
+    method = _LayerPruner(cfg, _group_by_layer(model, linears), samples.size(1), info, joined=joined)
     key = {"config": cfg.to_dict(), "samples": list(samples.shape),
-           "samples_sum": int(samples.sum()), "batch_size": batch_size}
+           "samples_sum": int(samples.sum()), "batch_size": batch_size, "mode": info.mode}
     info.run = run_layerwise(model, samples, method, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
                              run_key=key, progress=progress, desc=cfg.label, stop_after=stop_after)
     info.seconds = time.perf_counter() - t0

@@ -14,7 +14,7 @@ def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model
                     n_samples: int = 128, seq_len: int = 512, seed: int = 0, max_cycles: int = 50,
                     threshold: float = 0.1, targets: list[str] | None = None, ignore: list[str] | None = None,
                     batch_size: int = 8, dtype: str = "float32", progress: bool = True,
-                    model=None, tokenizer=None, samples=None) -> dict:
+                    model=None, tokenizer=None, samples=None, mode: str = "auto") -> dict:
     """Calibrate and save a prune artifact at `output`. Every input is checked before anything is
     written; per-layer checkpoints go to `<output>.partial/` (resumed by re-running the same
     command) and are removed once the artifact is saved. `model`/`tokenizer`/`samples` ([N, L])
@@ -46,7 +46,8 @@ def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model
     cpu0 = time.process_time()
     try:
         info = prune_model(model, cfg, samples, batch_size=batch_size,
-                           checkpoint_dir=partial if samples is not None else None, progress=progress)
+                           checkpoint_dir=partial if samples is not None else None, progress=progress,
+                           mode=mode)
     except CalibrationError:
         # Bad data (NaN activations...): a resume could not help, so leave nothing behind.
         if not existed:
@@ -66,7 +67,7 @@ def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model
              "peak_rss_mb": info.run.peak_rss_mb if info.run else None,
              "activation_mb": info.run.activation_mb if info.run else None,
              "resumed_layers": info.run.resumed_layers if info.run else 0,
-             "dsnot_swaps": info.dsnot_swaps, "sparsity_measured": 1 - nz / tot, "linears": len(info.masks)}
+             "mode": info.mode, "dsnot_swaps": info.dsnot_swaps, "sparsity_measured": 1 - nz / tot, "linears": len(info.masks)}
     build_artifact(model, cfg, info, calib).save(out)
     shutil.rmtree(partial, ignore_errors=True)
     return {"output": str(out), "method": cfg.label, "pattern": cfg.pattern, "sparsity": cfg.sparsity, **calib}
@@ -89,8 +90,8 @@ def _cmd_calibrate(args) -> int:
                         n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
                         max_cycles=args.max_cycles, threshold=args.threshold, targets=_targets(args.targets),
                         ignore=_targets(args.ignore) or [], batch_size=args.batch_size, dtype=args.dtype,
-                        progress=not args.json)
-    ratio = (f"{r['seconds']:.1f}s = {r['time_ratio']:.2f}x one plain forward over the same "
+                        progress=not args.json, mode=args.mode)
+    ratio = (f"({r['mode']}) {r['seconds']:.1f}s = {r['time_ratio']:.2f}x one plain forward over the same "
              f"{args.n_samples}x{args.seq_len} calibration set ({r['forward_seconds']:.1f}s); CPU time "
              f"{r['cpu_seconds']:.1f}s = {r['cpu_time_ratio']:.2f}x ({r['forward_cpu_seconds']:.1f}s)"
              if r["time_ratio"] else f"{r['seconds']:.2f}s (no calibration data needed)")
@@ -155,6 +156,10 @@ def register(cli) -> None:
         p.add_argument("--init", default="wanda", choices=["wanda", "magnitude"], help="(dsnot) initial mask")
         p.add_argument("--max-cycles", type=int, default=50, help="(dsnot) prune-and-grow cycles per layer")
         p.add_argument("--threshold", type=float, default=0.1, help="(dsnot) stop when |error| <= this")
+        p.add_argument("--mode", default="auto", choices=["auto", "joined", "two-pass"],
+                       help="joined: one layer forward per layer (memory grows with the calibration "
+                            "tokens); two-pass: Wanda's stats-then-recompute pipeline; auto: joined if "
+                            "it fits in a quarter of the RAM")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=_cmd_calibrate, prune_kind=kind)
 

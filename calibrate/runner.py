@@ -51,6 +51,8 @@ class LayerData:
     hidden: list[torch.Tensor]
     layer_kwargs: list[dict[str, Any]]
     chunk_sizes: list[int] = field(default_factory=list)
+    # Index of the layer whose outputs `hidden` already holds (a method that ran a joined pass).
+    advanced: int | None = None
 
     @property
     def n_samples(self) -> int:
@@ -91,11 +93,36 @@ class LayerData:
 
     def advance(self, layer: nn.Module, i: int) -> None:
         """Replace the inputs by this (already modified) layer's outputs."""
-        self.hidden = self.forward(layer, i)
-        for h in self.hidden:
+        self._set_outputs(self.forward(layer, i), i)
+
+    def forward_joined(self, layer: nn.Module, i: int, pre_hooks: dict[nn.Module, Callable]) -> None:
+        """One forward of `layer` over all chunks joined into one batch, and advance to its outputs.
+
+        `pre_hooks` maps submodules to `fn(module, args)` forward pre-hooks. Each sees the input of
+        every calibration sample at once, so it can compute statistics and change its module (e.g.
+        prune it) before the module runs: later submodules then see the changed module's outputs.
+        Peak memory grows with the number of calibration tokens (see `joined_bytes`).
+        """
+        device = _device_of(layer)
+        h = torch.cat(self.hidden).to(device)
+        handles = [m.register_forward_pre_hook(fn) for m, fn in pre_hooks.items()]
+        try:
+            with torch.no_grad():
+                y = layer(h, **self.kwargs_for(i, h.size(0), device))
+        finally:
+            for hd in handles:
+                hd.remove()
+        y = (y[0] if isinstance(y, (tuple, list)) else y).to("cpu")
+        del h
+        self._set_outputs(list(y.split([c.size(0) for c in self.hidden])), i)
+
+    def _set_outputs(self, outs: list[torch.Tensor], i: int) -> None:
+        for h in outs:
             if not torch.isfinite(h).all():
                 raise CalibrationError(f"decoder layer {i} produced NaN/inf activations; the model or the "
                                        f"calibration data is broken (or the method's changes to layer {i} are)")
+        self.hidden = outs
+        self.advanced = i
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -233,13 +260,23 @@ def run_layerwise(model, samples: torch.Tensor, method: LayerMethod, *, batch_si
                 tmp = ck.with_suffix(".tmp")
                 save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}, str(tmp))
                 os.replace(tmp, ck)
-        data.advance(layer, i)
+        if data.advanced != i:
+            data.advance(layer, i)
         bar.update(1)
     bar.close()
     stats = RunStats(len(layers), resumed, time.perf_counter() - t0, _peak_rss_mb(), act_mb, t_cap)
     log.info("layer-wise calibration: %d layers (%d resumed) in %.1fs, peak RSS %.0f MB, activations %.0f MB",
              stats.layers, resumed, stats.seconds, stats.peak_rss_mb, act_mb)
     return stats
+
+
+def joined_bytes(model, n_tokens: int) -> int:
+    """Rough peak bytes of a joined (all samples in one batch) pass of one decoder layer in fp32:
+    hidden-sized activations (input, residual, norm, q/o, output) and three MLP-sized ones."""
+    cfg = getattr(model.config, "text_config", model.config)
+    hidden = int(cfg.hidden_size)
+    inter = int(getattr(cfg, "intermediate_size", None) or 4 * hidden)
+    return 4 * n_tokens * (6 * hidden + 3 * inter)
 
 
 def linear_input_stats(layer: nn.Module, data: LayerData, i: int, modules: dict[str, nn.Module],

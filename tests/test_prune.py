@@ -97,11 +97,16 @@ def test_wanda_hand_made_layer():
     assert keep.tolist() == [[True, False, False, True], [False, True, True, False]]
 
 
-def test_walk_uses_dense_inputs_of_each_linear():
-    """Layer 0's masks come from its inputs in the dense model (captured here independently)."""
-    model = accel.models.tiny("llama")
-    x = torch.randint(0, 512, (4, 16), generator=G())
+def _layer0_inputs(model, x, masks=None):
+    """Inputs of layer 0's q_proj and down_proj in `model`, with `masks` (name -> keep) applied
+    first to layer 0's linears."""
     layer = model.model.layers[0]
+    if masks:
+        with torch.no_grad():
+            for name, mod in layer.named_modules():
+                full = f"model.layers.0.{name}"
+                if full in masks:
+                    mod.weight.mul_(masks[full].to(mod.weight.dtype))
     seen = {}
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.setdefault(n, []).append(i[0].detach().clone()))
              for n, m in [("q", layer.self_attn.q_proj), ("down", layer.mlp.down_proj)]]
@@ -109,16 +114,56 @@ def test_walk_uses_dense_inputs_of_each_linear():
         model(input_ids=x, use_cache=False)
     for h in hooks:
         h.remove()
+    return seen
+
+
+def _expected_mask(w, xs):
+    scores = w.abs() * xs.reshape(-1, w.size(1)).pow(2).sum(0).sqrt()
+    # 50%: keep the upper half of each row.
+    return scores >= scores.topk(w.size(1) // 2, dim=1).values[:, -1:]
+
+
+@pytest.mark.parametrize("mode", ["two-pass", "joined"])
+def test_walk_uses_the_right_inputs_of_each_linear(mode):
+    """Layer 0's masks come from each linear's inputs, captured here independently: in the dense
+    layer (two-pass), or in the layer whose earlier linears are already pruned (joined)."""
+    model = accel.models.tiny("llama")
+    x = torch.randint(0, 512, (4, 16), generator=G())
+    layer = model.model.layers[0]
     w_q, w_down = layer.self_attn.q_proj.weight.clone(), layer.mlp.down_proj.weight.clone()
-    info = prune_model(model, PruneConfig(sparsity=0.5), x, batch_size=2, progress=False)
+    info = prune_model(model, PruneConfig(sparsity=0.5), x, batch_size=2, progress=False, mode=mode)
+    assert info.mode == mode
+    fresh = accel.models.tiny("llama")
+    earlier = None if mode == "two-pass" else {n: k for n, k in info.masks.items()
+                                               if n.startswith("model.layers.0.") and "down_proj" not in n}
+    seen = _layer0_inputs(fresh, x, earlier)
     for n, w in [("q", w_q), ("down", w_down)]:
-        xs = torch.cat(seen[n]).reshape(-1, w.size(1))
-        scores = w.abs() * xs.pow(2).sum(0).sqrt()
-        # 50%: keep the upper half of each row.
-        expected = scores >= scores.topk(w.size(1) // 2, dim=1).values[:, -1:]
+        expected = _expected_mask(w, torch.cat(seen[n]))
         got = info.masks[f"model.layers.0.{'self_attn.q_proj' if n == 'q' else 'mlp.down_proj'}"]
         assert (got != expected).float().mean() < 0.005  # float noise at the boundary only
+    if mode == "joined":
+        # The modes really differ: down_proj's dense-layer inputs would give another mask.
+        dense_down = _expected_mask(w_down, torch.cat(_layer0_inputs(accel.models.tiny("llama"), x)["down"]))
+        assert (dense_down != info.masks["model.layers.0.mlp.down_proj"]).float().mean() > 0.01
     assert (layer.self_attn.q_proj.weight == 0).float().mean().item() == pytest.approx(0.5)
+
+
+def test_joined_and_two_pass_outputs_match_their_masks():
+    """Both modes leave the model computing with exactly the masks they report."""
+    for mode in ("joined", "two-pass"):
+        model = accel.models.tiny("qwen3")
+        x = torch.randint(0, 512, (3, 20), generator=G())
+        info = prune_model(model, PruneConfig(sparsity=0.6), x, batch_size=2, progress=False, mode=mode)
+        for name, mod in model.named_modules():
+            if name in info.masks:
+                assert torch.equal(mod.weight != 0, info.masks[name] & (mod.weight != 0))
+                assert (info.masks[name].float().mean(1) - 0.4).abs().max() < 0.02
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(ConfigError, match="mode"):
+        prune_model(accel.models.tiny("llama"), PruneConfig(sparsity=0.5), torch.zeros(2, 8, dtype=torch.long),
+                    mode="fast")
 
 
 # --------------------------------------------------------------------------------------------
