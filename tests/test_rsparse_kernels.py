@@ -76,3 +76,16 @@ def test_triton_matches_reference(shape, dtype, k_splits):
         if dtype != torch.float32 else 1e-5
     assert (got.float() - ref).abs().max().item() <= max(2 * torch_err, 1e-4)
     assert got.dtype == dtype
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8], ids=lambda t: f"T{t}")
+def test_cpu_bf16_gather_path_within_2x_torch_error(tokens):
+    """bf16 decode takes the embedding_bag path (fp32 takes sparse.mm): same bound as the kernels."""
+    x, w, scale, down, up, bias = _case(1000, 63, 5, tokens)
+    thr = float((x.abs() * scale).quantile(0.5))
+    ref = rsparse_linear_ref(x.double(), w.double(), scale.double(), thr, down.double(), up.double(), bias.double())
+    xb, wb, db, ub, bb = (t.bfloat16() for t in (x, w, down, up, bias))
+    got = rsparse_linear_cpu(xb, wb, scale, thr, db, ub, bb, weight_t=wb.t().contiguous())
+    torch_err = (rsparse_linear_ref(xb, wb, scale, thr, db, ub, bb).double() - ref).norm()
+    assert got.dtype == torch.bfloat16
+    assert (got.double() - ref).norm() <= 2 * torch_err
