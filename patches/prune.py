@@ -2,12 +2,17 @@
 
 Masks travel bit-packed in the artifact (1 bit per weight, `pack_mask`). On CPU the masked linear
 runs the *dense* kernel on masked weights (kernel "dense-masked"): the result is the pruned
-model's, but there is no speedup. On CUDA, 2:4 masks with fp16/bf16 weights use torch's
-semi-structured sparse tensors when this torch build supports them (kernel "cuda-2:4-semi").
+model's, but there is no speedup. On CUDA, 2:4 masks with fp16/bf16 weights can use torch's
+semi-structured sparse tensors (kernel "cuda-2:4-semi"), but only when `ACCEL_SEMI_SPARSE=1`:
+measured on an H200 (torch 2.11, eval/results/gpu_check_h200_prune*.json) they were correct but
+slower than the dense GEMM at every decode size (4096x4096, 1 token: 628 us eager / 34 us in a
+CUDA graph, dense 19 / 10 us) and won only at 2048 tokens inside a CUDA graph (94 vs 106 us),
+so dense-masked is the default everywhere.
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -39,9 +44,16 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool)).view(*shape)
 
 
+def semi_sparse_enabled() -> bool:
+    return os.environ.get("ACCEL_SEMI_SPARSE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _semi_structured(weight: torch.Tensor):
-    """torch's 2:4 semi-structured sparse weight, or None where unsupported (no CUDA, old GPU/torch)."""
+    """torch's 2:4 semi-structured sparse weight, or None where unsupported (no CUDA, old GPU/torch)
+    or not asked for (ACCEL_SEMI_SPARSE unset: see the module docstring)."""
     if weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if not semi_sparse_enabled():
         return None
     try:
         from torch.sparse import to_sparse_semi_structured

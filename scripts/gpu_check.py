@@ -233,6 +233,35 @@ def rsparse_linear(quick):
                 print(f"  {label} {dtype}: R-Sparse {t_rs * 1e3:.1f} us, dense {t_d * 1e3:.1f} us")
 
 
+# ---- 2:4 pruned linear: torch's semi-structured sparse kernel --------------------------------
+@section("prune_2to4")
+def prune_2to4(quick):
+    from torch import nn
+
+    from accel.patches.prune import MaskedLinear
+    os.environ["ACCEL_SEMI_SPARSE"] = "1"  # opt-in path (slower than dense at decode sizes)
+    torch.manual_seed(42)
+    for N, K in ((4096, 4096), (1536, 576), (576, 1536)):
+        lin = nn.Linear(K, N, bias=False).to(DEV, torch.float16)
+        w = lin.weight.detach()
+        blocks = w.abs().view(N, K // 4, 4)
+        keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, blocks.topk(2, -1).indices, True).view(N, K)
+        mod = MaskedLinear(lin, keep, "2:4")
+        wm = w * keep
+        for M in (1, 64, 2048):
+            x = torch.randn(M, K, device=DEV, dtype=torch.float16)
+            ref = x.double() @ wm.double().t()
+            y = mod(x)
+            err, torch_err = rel(y, ref), rel(F.linear(x, wm), ref)
+            check(f"prune 2:4 {N}x{K} M{M} fp16 path={mod.kernel_path}",
+                  mod.kernel_path == "cuda-2:4-semi" and err <= max(2 * torch_err, 1e-3), err=err, torch_err=torch_err)
+            if not DRY and mod.kernel_path == "cuda-2:4-semi":
+                t_s, t_d = bench(lambda: mod(x)), bench(lambda: F.linear(x, wm))
+                RESULTS["timings"][f"prune 2:4 {N}x{K} M{M} fp16"] = {"semi_ms": t_s, "dense_ms": t_d,
+                                                                      "speedup": t_d / t_s}
+                print(f"  {N}x{K} M={M}: 2:4 semi {t_s * 1e3:.1f} us, dense {t_d * 1e3:.1f} us")
+
+
 # ---- Patched tiny models on CUDA: Triton path against the reference path --------------------
 @section("patched_models")
 def patched_models(quick):
@@ -281,7 +310,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer timing shapes")
     p.add_argument("--graph", action="store_true", help="time inside CUDA graphs (kernel time, no launch cost)")
     p.add_argument("--dry-run", action="store_true", help="CPU + TRITON_INTERPRET=1, small shapes, no timings")
-    p.add_argument("--only", nargs="*", default=None, help="sections: ds gqsa rsparse models")
+    p.add_argument("--only", nargs="*", default=None, help="sections: ds gqsa rsparse prune models")
     a = p.parse_args(argv)
     if not DRY and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device (use --dry-run to exercise this script under TRITON_INTERPRET)")
@@ -294,7 +323,8 @@ def main(argv=None):
     except Exception:  # noqa: BLE001
         pass
     print(RESULTS["device"], RESULTS["versions"], flush=True)
-    sections = {"ds": ds_attention, "gqsa": gqsa_linear, "rsparse": rsparse_linear, "models": patched_models}
+    sections = {"ds": ds_attention, "gqsa": gqsa_linear, "rsparse": rsparse_linear, "prune": prune_2to4,
+                "models": patched_models}
     for key, fn in sections.items():
         if a.only is None or key in a.only:
             fn(a.quick)
