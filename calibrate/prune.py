@@ -33,18 +33,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InputStats:
-    """Per-input-channel statistics of one linear's calibration inputs (fp64 accumulators)."""
+    """Per-input-channel statistics of one linear's calibration inputs (fp64 accumulators).
+
+    xtx: optional [in, in] accumulator of X^T X (DSnoT's "mse" objective); None = not collected."""
 
     total: torch.Tensor
     sq: torch.Tensor
     count: int = 0
+    xtx: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
         """x: [tokens, in]."""
         # Per-chunk sums in fp32, accumulated across chunks in fp64.
         self.total += x.sum(0).double()
         self.sq += x.pow(2).sum(0).double()
+        if self.xtx is not None:
+            self.xtx += (x.t() @ x).double()
         self.count += x.size(0)
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """E[x x^T] per token ([in, in], fp64), or None if X^T X was not collected."""
+        return None if self.xtx is None else self.xtx / max(self.count, 1)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -88,7 +98,7 @@ def _mask_for(cfg: PruneConfig, lin: nn.Linear, st: InputStats | None, tokens_pe
         keep = wanda_mask(w, st.sq, cfg.sparsity, cfg.nm, cfg.use_variant)
     if cfg.dsnot:
         r = dsnot_refine(w, keep, st.mean, st.var, st.sq, tokens_per_sample, cfg.nm,
-                         cfg.max_cycles, cfg.threshold, cfg.pow_var)
+                         cfg.max_cycles, cfg.threshold, cfg.pow_var, cfg.dsnot_objective, st.gram)
         keep = r.keep
         info.dsnot_swaps += int(r.swaps.sum())
     return keep

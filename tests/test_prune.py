@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import accel
-from accel.calibrate.dsnot import dsnot_refine, reconstruction_error
+from accel.calibrate.dsnot import dsnot_refine, reconstruction_error, reconstruction_mse
 from accel.calibrate.prune import InputStats, export_hf, prune_model
 from accel.calibrate.prune_cli import calibrate_prune
 from accel.calibrate.runner import CalibrationError
@@ -158,6 +158,72 @@ def test_dsnot_respects_threshold_and_cycles():
     assert r.cycles <= 3 and (r.swaps <= 3).all()
     r0 = dsnot_refine(w, keep0, st.mean, st.var, st.sq, 1, threshold=1e9)
     assert torch.equal(r0.keep, keep0)
+
+
+def _correlated_layer(out=37, n_in=120, tokens=600, gram=True):
+    """A random layer whose inputs are correlated across channels and have non-zero means."""
+    g = G()
+    w = torch.randn(out, n_in, generator=g)
+    mix = torch.randn(n_in, n_in, generator=g) / n_in ** 0.5 + torch.diag(torch.rand(n_in, generator=g))
+    x = torch.randn(tokens, n_in, generator=g) @ mix + torch.randn(n_in, generator=g)
+    st = InputStats(torch.zeros(n_in, dtype=torch.float64), torch.zeros(n_in, dtype=torch.float64),
+                    xtx=torch.zeros(n_in, n_in, dtype=torch.float64) if gram else None)
+    for chunk in x.split(128):  # several chunks, as the runner feeds them
+        st.add(chunk)
+    return w, x, st
+
+
+def test_input_stats_gram_is_second_moment():
+    _, x, st = _correlated_layer()
+    torch.testing.assert_close(st.gram, x.double().t() @ x.double() / x.size(0), rtol=1e-5, atol=1e-5)
+    assert _correlated_layer(gram=False)[2].gram is None
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_dsnot_mse_never_raises_reconstruction_error(pattern):
+    w, x, st = _correlated_layer()
+    nm = None if pattern == "unstructured" else tuple(map(int, pattern.split(":")))
+    keep0 = wanda_mask(w, st.sq, 0.6 if nm is None else nm[0] / nm[1], nm)
+    r = dsnot_refine(w, keep0, st.mean, st.var, st.sq, 16, nm, objective="mse", gram=st.gram)
+    # Exact reconstruction error ||(W * pruned) X^T||^2 per row, from the raw inputs.
+    err = lambda k: ((w.double() * ~k) @ x.double().t()).pow(2).sum(1)  # noqa: E731
+    e0, e1 = err(keep0), err(r.keep)
+    assert (e1 <= e0 * (1 + 1e-9)).all()
+    assert e1.sum() < 0.8 * e0.sum() and r.swaps.sum() > 0
+    torch.testing.assert_close(reconstruction_mse(w, r.keep, st.gram) * x.size(0), e1, rtol=1e-5, atol=1e-3)
+    # The paper's objective on the same layer does raise it in some rows (why "mse" exists).
+    rm = dsnot_refine(w, keep0, st.mean, st.var, st.sq, 16, nm, objective="mean")
+    assert (err(rm.keep) > e0).any()
+    if nm is None:
+        assert torch.equal((~r.keep).sum(1), (~keep0).sum(1))
+    else:
+        assert ((~r.keep).view(w.size(0), -1, nm[1]).sum(-1) == nm[0]).all()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_dsnot_mse_diag_never_raises_its_objective(pattern):
+    w, x, st = _correlated_layer(gram=False)
+    nm = None if pattern == "unstructured" else (2, 4)
+    keep0 = wanda_mask(w, st.sq, 0.5, nm)
+    r = dsnot_refine(w, keep0, st.mean, st.var, st.sq, 16, nm, objective="mse-diag")
+    xd = x.double()
+    # eps^2 + sum_pruned W^2 Var, per token, from the raw inputs.
+    obj = lambda k: ((w.double() * ~k) @ xd.mean(0)).pow(2) + (w.double().pow(2) * ~k) @ xd.var(0, unbiased=False)  # noqa: E731
+    assert (obj(r.keep) <= obj(keep0) * (1 + 1e-9)).all() and obj(r.keep).sum() < obj(keep0).sum()
+    assert torch.equal((~r.keep).sum(1), (~keep0).sum(1))
+    if nm:
+        assert ((~r.keep).view(w.size(0), -1, 4).sum(-1) == 2).all()
+
+
+def test_dsnot_objective_errors():
+    w, _, st = _correlated_layer(gram=False)
+    keep0 = wanda_mask(w, st.sq, 0.5)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        dsnot_refine(w, keep0, st.mean, st.var, st.sq, 16, objective="mse-full")
+    with pytest.raises(ValueError, match="needs gram"):
+        dsnot_refine(w, keep0, st.mean, st.var, st.sq, 16, objective="mse")
+    with pytest.raises(ConfigError, match="dsnot_objective must be one of"):
+        PruneConfig(dsnot=True, dsnot_objective="variance")
 
 
 # --------------------------------------------------------------------------------------------

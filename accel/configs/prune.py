@@ -8,6 +8,7 @@ from typing import ClassVar
 from .base import ConfigError, MethodConfig, register_config
 
 INIT_METHODS = ("wanda", "magnitude")
+DSNOT_OBJECTIVES = ("mean", "mse-diag", "mse")  # as calibrate/dsnot.py OBJECTIVES
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -47,6 +48,7 @@ class PruneConfig(MethodConfig):
     max_cycles: int = 50
     threshold: float = 0.1
     pow_var: float = 1.0
+    dsnot_objective: str = "mean"
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
 
@@ -71,6 +73,8 @@ class PruneConfig(MethodConfig):
         self.sparsity = float(s)
         if self.use_variant and self.init != "wanda":
             raise ConfigError("prune: use_variant is a Wanda option (init='wanda')")
+        if self.dsnot_objective not in DSNOT_OBJECTIVES:
+            raise ConfigError(f"prune: dsnot_objective must be one of {DSNOT_OBJECTIVES}, got {self.dsnot_objective!r}")
         if not isinstance(self.max_cycles, int) or self.max_cycles < 0:
             raise ConfigError(f"prune: max_cycles must be a non-negative int, got {self.max_cycles!r}")
         if not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):
