@@ -51,6 +51,12 @@ class InputStats:
             self.xtx += (x.t() @ x).double()
         self.count += x.size(0)
 
+    @classmethod
+    def zeros(cls, n_in: int, gram: bool = False) -> "InputStats":
+        """Empty accumulators for a linear with `n_in` inputs; gram: also accumulate X^T X."""
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        return cls(z(n_in), z(n_in), xtx=z(n_in, n_in) if gram else None)
+
     @property
     def gram(self) -> torch.Tensor | None:
         """E[x x^T] per token ([in, in], fp64), or None if X^T X was not collected."""
@@ -115,8 +121,7 @@ class _LayerPruner:
         lins = dict(self.by_layer.get(i, []))
         if not lins:
             return {}
-        stats = {n: InputStats(torch.zeros(m.in_features, dtype=torch.float64),
-                               torch.zeros(m.in_features, dtype=torch.float64)) for n, m in lins.items()}
+        stats = {n: InputStats.zeros(m.in_features, self.cfg.needs_gram) for n, m in lins.items()}
         # early_exit: the stats pass need not compute what comes after the last targeted input.
         linear_input_stats(layer, data, i, lins, lambda n, x: stats[n].add(x), early_exit=True)
         out = {}

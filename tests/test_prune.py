@@ -226,6 +226,45 @@ def test_dsnot_objective_errors():
         PruneConfig(dsnot=True, dsnot_objective="variance")
 
 
+def test_walk_dsnot_mse_lowers_layer0_reconstruction_error():
+    """Through prune_model (X^T X gathered by the walk), the default DSnoT objective never raises
+    any row's reconstruction error of layer 0 on its dense calibration inputs."""
+    model = accel.models.tiny("llama")
+    x = torch.randint(0, 512, (5, 24), generator=G())
+    layer = model.model.layers[0]
+    lins = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    seen = {n: [] for n in lins}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen[n].append(i[0].detach().reshape(-1, i[0].size(-1))))
+             for n, m in lins.items()]
+    with torch.no_grad():
+        model(input_ids=x, use_cache=False)
+    for h in hooks:
+        h.remove()
+    dense = {n: m.weight.detach().clone() for n, m in lins.items()}
+    assert PruneConfig(dsnot=True).dsnot_objective == "mse"
+    wanda = prune_model(accel.models.tiny("llama"), PruneConfig(sparsity=0.6), x, batch_size=2, progress=False)
+    info = prune_model(model, PruneConfig(sparsity=0.6, dsnot=True), x, batch_size=2, progress=False)
+    assert info.dsnot_swaps > 0
+    for n, w in dense.items():
+        xs = torch.cat(seen[n]).double()
+        err = lambda k: ((w.double() * ~k) @ xs.t()).pow(2).sum(1)  # noqa: E731
+        k0, k1 = wanda.masks[f"model.layers.0.{n}"], info.masks[f"model.layers.0.{n}"]
+        assert torch.equal((~k1).sum(1), (~k0).sum(1)), n
+        assert (err(k1) <= err(k0) * (1 + 1e-6) + 1e-9).all(), n
+
+
+def test_prune_config_v1_loads_as_mean_objective():
+    from accel.configs import config_from_dict
+
+    d = PruneConfig(sparsity=0.6, dsnot=True).to_dict()
+    assert d["version"] == 2 and d["params"]["dsnot_objective"] == "mse"
+    del d["params"]["dsnot_objective"]
+    cfg = config_from_dict({**d, "version": 1})
+    assert cfg.dsnot_objective == "mean" and cfg.sparsity == 0.6 and not cfg.needs_gram
+    with pytest.raises(ConfigError, match="version 3 is not supported"):
+        config_from_dict({**d, "version": 3})
+
+
 # --------------------------------------------------------------------------------------------
 # Calibration walk, resume, artifact, patch, export
 # --------------------------------------------------------------------------------------------
@@ -286,6 +325,16 @@ def test_artifact_patch_export_reload_identical_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, patched, rtol=0, atol=0)
     assert (reloaded.model.layers[2].self_attn.o_proj.weight == 0).float().mean().item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("objective", ["mean", "mse-diag", "mse"])
+def test_calibrate_prune_records_dsnot_objective(tmp_path, objective):
+    x = torch.randint(0, 512, (2, 12), generator=G())
+    r = calibrate_prune(str(tmp_path / "art"), dsnot=True, objective=objective, model=accel.models.tiny("llama"),
+                        samples=x, model_name="tiny-llama", sparsity=0.5, progress=False)
+    assert r["sparsity_measured"] == pytest.approx(0.5) and r["dsnot_swaps"] > 0
+    cfg = accel.Artifact.load(tmp_path / "art").configs[0]
+    assert cfg.dsnot_objective == objective and cfg.dsnot
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,11 +35,15 @@ class PruneConfig(MethodConfig):
     pattern: "unstructured" or "N:M" (N pruned in every M consecutive inputs of a row).
     use_variant: Wanda's appendix variant (per-row cumulative-score threshold; unstructured only).
     dsnot: refine the mask with DSnoT (max_cycles, threshold, pow_var are its parameters).
+    dsnot_objective: when DSnoT accepts a swap: "mse" (default: the layer's exact reconstruction
+      error on the calibration inputs drops; needs X^T X per linear), "mse-diag" (same with inputs
+      treated as uncorrelated) or "mean" (the paper's: |expected error| drops). Version 1 artifacts
+      predate the field and load as "mean", which is what produced their masks.
     targets/ignore: linear names, class names or `re:` regexes (see accel.patches.targets).
     """
 
     method: ClassVar[str] = "prune"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: dsnot_objective (default "mse"; version 1 behaved as "mean")
     init: str = "wanda"
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
@@ -48,7 +52,7 @@ class PruneConfig(MethodConfig):
     max_cycles: int = 50
     threshold: float = 0.1
     pow_var: float = 1.0
-    dsnot_objective: str = "mean"
+    dsnot_objective: str = "mse"
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
 
@@ -85,6 +89,12 @@ class PruneConfig(MethodConfig):
                 raise ConfigError("prune: targets is an empty list (use None for every decoder linear)")
         self.ignore = list(self.ignore or [])
 
+    @classmethod
+    def upgrade_params(cls, version, params: dict) -> dict:
+        if version == 1:
+            return {**params, "dsnot_objective": "mean"}
+        return super().upgrade_params(version, params)
+
     @property
     def nm(self) -> tuple[int, int] | None:
         return parse_nm(self.pattern)
@@ -97,3 +107,8 @@ class PruneConfig(MethodConfig):
     @property
     def needs_data(self) -> bool:
         return self.init == "wanda" or self.dsnot
+
+    @property
+    def needs_gram(self) -> bool:
+        """Whether calibration must accumulate X^T X per linear input (DSnoT objective "mse")."""
+        return self.dsnot and self.dsnot_objective == "mse"
