@@ -167,7 +167,9 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
         keep[ra, gi[accept]] = True
         keep[ra, pi[accept]] = False
         if objective == "mse" and len(ra):
-            u[ra] += b[accept].unsqueeze(1) * h[pi[accept]] - a[accept].unsqueeze(1) * h[gi[accept]]
+            upd = h.index_select(0, pi[accept]).mul_(b[accept].unsqueeze(1))
+            upd.sub_(h.index_select(0, gi[accept]).mul_(a[accept].unsqueeze(1)))
+            u.index_add_(0, ra, upd)
         eps = torch.where(accept, eps_new, eps)
         swaps += accept.long()
         top += (trying & up).long()
