@@ -124,13 +124,21 @@ def test_walk_uses_dense_inputs_of_each_linear():
 # --------------------------------------------------------------------------------------------
 # DSnoT
 # --------------------------------------------------------------------------------------------
+def _assert_same_pattern(keep, keep0, nm):
+    """Exactly as many pruned per row (unstructured) or N per M-block as the initial mask."""
+    if nm is None:
+        assert torch.equal((~keep).sum(1), (~keep0).sum(1))
+    else:
+        assert ((~keep).view(keep.size(0), -1, nm[1]).sum(-1) == nm[0]).all()
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
 def test_dsnot_never_increases_error_and_keeps_sparsity(pattern):
     g = G()
     out, n_in, tps = 48, 128, 16
     w = torch.randn(out, n_in, generator=g)
     x = torch.randn(64 * tps, n_in, generator=g) * torch.rand(n_in, generator=g) + torch.randn(n_in, generator=g)
-    st = InputStats(torch.zeros(n_in, dtype=torch.float64), torch.zeros(n_in, dtype=torch.float64))
+    st = InputStats.zeros(n_in)
     st.add(x)
     nm = None if pattern == "unstructured" else tuple(map(int, pattern.split(":")))
     keep0 = wanda_mask(w, st.sq, 0.5, nm)
@@ -141,17 +149,14 @@ def test_dsnot_never_increases_error_and_keeps_sparsity(pattern):
     assert (e1 <= e0 + 1e-6).all()
     assert e1.sum() < 0.5 * e0.sum()  # it must actually work
     assert r.swaps.sum() > 0
-    if nm is None:
-        assert torch.equal((~r.keep).sum(1), (~keep0).sum(1))
-    else:
-        assert ((~r.keep).view(out, -1, nm[1]).sum(-1) == nm[0]).all()
+    _assert_same_pattern(r.keep, keep0, nm)
 
 
 def test_dsnot_respects_threshold_and_cycles():
     g = G()
     w = torch.randn(8, 64, generator=g)
     x = torch.randn(256, 64, generator=g) + 1
-    st = InputStats(torch.zeros(64, dtype=torch.float64), torch.zeros(64, dtype=torch.float64))
+    st = InputStats.zeros(64)
     st.add(x)
     keep0 = wanda_mask(w, st.sq, 0.5)
     r = dsnot_refine(w, keep0, st.mean, st.var, st.sq, 1, max_cycles=3)
@@ -166,8 +171,7 @@ def _correlated_layer(out=37, n_in=120, tokens=600, gram=True):
     w = torch.randn(out, n_in, generator=g)
     mix = torch.randn(n_in, n_in, generator=g) / n_in ** 0.5 + torch.diag(torch.rand(n_in, generator=g))
     x = torch.randn(tokens, n_in, generator=g) @ mix + torch.randn(n_in, generator=g)
-    st = InputStats(torch.zeros(n_in, dtype=torch.float64), torch.zeros(n_in, dtype=torch.float64),
-                    xtx=torch.zeros(n_in, n_in, dtype=torch.float64) if gram else None)
+    st = InputStats.zeros(n_in, gram)
     for chunk in x.split(128):  # several chunks, as the runner feeds them
         st.add(chunk)
     return w, x, st
@@ -194,10 +198,7 @@ def test_dsnot_mse_never_raises_reconstruction_error(pattern):
     # The paper's objective on the same layer does raise it in some rows (why "mse" exists).
     rm = dsnot_refine(w, keep0, st.mean, st.var, st.sq, 16, nm, objective="mean")
     assert (err(rm.keep) > e0).any()
-    if nm is None:
-        assert torch.equal((~r.keep).sum(1), (~keep0).sum(1))
-    else:
-        assert ((~r.keep).view(w.size(0), -1, nm[1]).sum(-1) == nm[0]).all()
+    _assert_same_pattern(r.keep, keep0, nm)
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
@@ -210,9 +211,7 @@ def test_dsnot_mse_diag_never_raises_its_objective(pattern):
     # eps^2 + sum_pruned W^2 Var, per token, from the raw inputs.
     obj = lambda k: ((w.double() * ~k) @ xd.mean(0)).pow(2) + (w.double().pow(2) * ~k) @ xd.var(0, unbiased=False)  # noqa: E731
     assert (obj(r.keep) <= obj(keep0) * (1 + 1e-9)).all() and obj(r.keep).sum() < obj(keep0).sum()
-    assert torch.equal((~r.keep).sum(1), (~keep0).sum(1))
-    if nm:
-        assert ((~r.keep).view(w.size(0), -1, 4).sum(-1) == 2).all()
+    _assert_same_pattern(r.keep, keep0, nm)
 
 
 def test_dsnot_objective_errors():
