@@ -12,7 +12,8 @@ log = logging.getLogger(__name__)
 def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model_name: str = "smollm2-135m",
                     sparsity: float | None = 0.5, pattern: str = "unstructured", use_variant: bool = False,
                     n_samples: int = 128, seq_len: int = 512, seed: int = 0, max_cycles: int = 50,
-                    threshold: float = 0.1, objective: str | None = None, targets: list[str] | None = None, ignore: list[str] | None = None,
+                    threshold: float = 0.1, objective: str | None = None, targets: list[str] | None = None,
+                    ignore: list[str] | None = None,
                     batch_size: int = 8, dtype: str = "float32", progress: bool = True,
                     model=None, tokenizer=None, samples=None) -> dict:
     """Calibrate and save a prune artifact at `output`. Every input is checked before anything is

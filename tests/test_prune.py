@@ -209,7 +209,8 @@ def test_dsnot_mse_diag_never_raises_its_objective(pattern):
     r = dsnot_refine(w, keep0, st.mean, st.var, st.sq, 16, nm, objective="mse-diag")
     xd = x.double()
     # eps^2 + sum_pruned W^2 Var, per token, from the raw inputs.
-    obj = lambda k: ((w.double() * ~k) @ xd.mean(0)).pow(2) + (w.double().pow(2) * ~k) @ xd.var(0, unbiased=False)  # noqa: E731
+    wd = w.double()
+    obj = lambda k: ((wd * ~k) @ xd.mean(0)).pow(2) + (wd.pow(2) * ~k) @ xd.var(0, unbiased=False)  # noqa: E731
     assert (obj(r.keep) <= obj(keep0) * (1 + 1e-9)).all() and obj(r.keep).sum() < obj(keep0).sum()
     _assert_same_pattern(r.keep, keep0, nm)
 
