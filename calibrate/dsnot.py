@@ -16,9 +16,18 @@ candidate list runs out, or after `max_cycles`. Weight values never change.
 Units follow the official code so that its default threshold (0.1) means the same thing: mu_j is
 the per-sample *sum* over tokens of x_j, averaged over samples (= tokens_per_sample * E[x_j]).
 
+Objectives (`objective`), i.e. when a proposed swap is accepted; the candidates are always DSnoT's:
+  * "mean" (the paper's): the swap strictly lowers |eps_i|. Only the expected error is driven to 0;
+    its variance is ignored, so the real reconstruction error can rise.
+  * "mse-diag": the swap strictly lowers E[e_i^2] = eps_i^2 + sum_{j pruned} W_ij^2 Var_j
+    (per-token units, inputs treated as uncorrelated), e_i = sum_{j pruned} W_ij x_j.
+  * "mse": the swap strictly lowers E[e_i^2] = w_P^T H w_P, H = E[x x^T] (the calibration second
+    moment, `gram`), i.e. the exact layer-wise reconstruction objective on the calibration data:
+    then DSnoT never raises ||(W - W_sparse) X^T||^2 on those inputs.
+
 Differences from the official code (zyxxmu/DSnoT), on purpose:
-  * a swap is accepted only if it strictly lowers |eps_i| (the official code can overshoot); a
-    rejected swap advances the growth pointer only, so |eps_i| never increases;
+  * a swap is accepted only if it strictly lowers the objective (the official code can overshoot);
+    a rejected swap advances the growth pointer only, so the objective never increases;
   * the growth list is checked for sign, so its pointers never walk into kept entries;
   * candidate lists are top-k (k = max_cycles) rather than full sorts: the same entries are reached;
   * it is applied to every linear, MLPs included (the official default skips `mlp.*`).
@@ -47,14 +56,30 @@ def reconstruction_error(weight: torch.Tensor, keep: torch.Tensor, mu: torch.Ten
     return (c * (~keep)).sum(dim=1)
 
 
+def reconstruction_mse(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """E[e_i^2] per row: [out] = w_P^T H w_P, H = gram = E[x x^T] ([in, in]); fp64."""
+    wp = weight.detach().double() * (~keep)
+    return ((wp @ gram.double()) * wp).sum(dim=1)
+
+
+OBJECTIVES = ("mean", "mse-diag", "mse")
+
+
 def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                  sq_norm: torch.Tensor, tokens_per_sample: int, nm: tuple[int, int] | None = None,
-                 max_cycles: int = 50, threshold: float = 0.1, pow_var: float = 1.0) -> DSnoTResult:
+                 max_cycles: int = 50, threshold: float = 0.1, pow_var: float = 1.0,
+                 objective: str = "mean", gram: torch.Tensor | None = None) -> DSnoTResult:
     """Refine `keep` ([out, in] bool) for `weight` ([out, in]).
 
     mean, var: [in] per-token mean and population variance of the inputs; sq_norm: [in] sum of x^2
-    (Wanda's statistic); tokens_per_sample: calibration sequence length (threshold units, above).
+    (Wanda's statistic); tokens_per_sample: calibration sequence length (threshold units, above);
+    objective: "mean" | "mse-diag" | "mse" (above); gram: [in, in] E[x x^T], needed for "mse".
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"DSnoT objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "mse" and (gram is None or gram.shape != (weight.size(1), weight.size(1))):
+        raise ValueError(f"DSnoT objective 'mse' needs gram [in, in], got "
+                         f"{None if gram is None else tuple(gram.shape)}")
     out, n_in = weight.shape
     w = weight.detach().float()
     keep = keep.clone()
@@ -66,6 +91,15 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
     eps0 = eps.clone()
     rows = torch.arange(out)
     inf = torch.tensor(float("inf"))
+    if objective == "mse-diag":
+        # Per-token units: the mean error is eps / L; Var term d_i = sum_{j pruned} W_ij^2 Var_j.
+        wv = w.double().pow(2) * var.double().clamp_min(0).unsqueeze(0)
+        dvar = (wv * pruned0).sum(dim=1)
+        inv_l2 = 1.0 / float(tokens_per_sample) ** 2
+    elif objective == "mse":
+        h = gram.double()
+        u = (w.double() * pruned0) @ h      # [out, in]: (H w_P) per row; the objective is w_P . u
+        hdiag = h.diagonal()
 
     # Each pointer advances at most once per cycle, so only the first max_cycles entries of every
     # candidate list can ever be reached: top-k instead of full sorts (the sorts dominated the cost).
@@ -116,11 +150,26 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
             valid_p = torch.isfinite(blk[rows, best])
         trying = active & valid_g & valid_p
         eps_new = eps + c[rows, pi].double() - c[rows, gi].double()
-        accept = trying & (eps_new.abs() < eps.abs())
+        if objective == "mean":
+            accept = trying & (eps_new.abs() < eps.abs())
+        elif objective == "mse-diag":
+            dvar_new = dvar + wv[rows, pi] - wv[rows, gi]
+            accept = trying & ((eps_new.pow(2) - eps.pow(2)) * inv_l2 + dvar_new - dvar < 0)
+            dvar = torch.where(accept, dvar_new, dvar)
+        else:
+            # Swap: w_P -> w_P - a e_g + b e_p (a = W_ig grown, b = W_ip pruned).
+            a, b = w[rows, gi].double(), w[rows, pi].double()
+            delta = (b * b * hdiag[pi] + a * a * hdiag[gi] - 2 * a * b * h[gi, pi]
+                     + 2 * b * u[rows, pi] - 2 * a * u[rows, gi])
+            accept = trying & (delta < 0)
         active &= valid_g & valid_p
         ra = rows[accept]
         keep[ra, gi[accept]] = True
         keep[ra, pi[accept]] = False
+        if objective == "mse" and len(ra):
+            upd = h.index_select(0, pi[accept]).mul_(b[accept].unsqueeze(1))
+            upd.sub_(h.index_select(0, gi[accept]).mul_(a[accept].unsqueeze(1)))
+            u.index_add_(0, ra, upd)
         eps = torch.where(accept, eps_new, eps)
         swaps += accept.long()
         top += (trying & up).long()

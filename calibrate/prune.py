@@ -35,18 +35,34 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InputStats:
-    """Per-input-channel statistics of one linear's calibration inputs (fp64 accumulators)."""
+    """Per-input-channel statistics of one linear's calibration inputs (fp64 accumulators).
+
+    xtx: optional [in, in] accumulator of X^T X (DSnoT's "mse" objective); None = not collected."""
 
     total: torch.Tensor
     sq: torch.Tensor
     count: int = 0
+    xtx: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
         """x: [tokens, in]."""
         # Per-chunk sums in fp32, accumulated across chunks in fp64.
         self.total += x.sum(0).double()
         self.sq += x.pow(2).sum(0).double()
+        if self.xtx is not None:
+            self.xtx += (x.t() @ x).double()
         self.count += x.size(0)
+
+    @classmethod
+    def zeros(cls, n_in: int, gram: bool = False) -> "InputStats":
+        """Empty accumulators for a linear with `n_in` inputs; gram: also accumulate X^T X."""
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        return cls(z(n_in), z(n_in), xtx=z(n_in, n_in) if gram else None)
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """E[x x^T] per token ([in, in], fp64), or None if X^T X was not collected."""
+        return None if self.xtx is None else self.xtx / max(self.count, 1)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -94,7 +110,7 @@ def _mask_for(cfg: PruneConfig, lin: nn.Linear, st: InputStats | None, tokens_pe
         keep = wanda_mask(w, st.sq, cfg.sparsity, cfg.nm, cfg.use_variant)
     if cfg.dsnot:
         r = dsnot_refine(w, keep, st.mean, st.var, st.sq, tokens_per_sample, cfg.nm,
-                         cfg.max_cycles, cfg.threshold, cfg.pow_var)
+                         cfg.max_cycles, cfg.threshold, cfg.pow_var, cfg.dsnot_objective, st.gram)
         keep = r.keep
         info.dsnot_swaps += int(r.swaps.sum())
     return keep
@@ -123,7 +139,7 @@ class _LayerPruner:
         if self.joined:
             self._joined_pass(i, layer, data, lins, out)
             return out
-        stats = {n: _new_stats(m) for n, m in lins.items()}
+        stats = {n: InputStats.zeros(m.in_features, self.cfg.needs_gram) for n, m in lins.items()}
         # early_exit: the stats pass need not compute what comes after the last targeted input.
         linear_input_stats(layer, data, i, lins, lambda n, x: stats[n].add(x), early_exit=True)
         for name, lin in lins.items():
@@ -139,7 +155,7 @@ class _LayerPruner:
             def pre_hook(mod, args):
                 x = args[0]
                 if last[0] is not x:
-                    st = _new_stats(mod)
+                    st = InputStats.zeros(mod.in_features, self.cfg.needs_gram)
                     st.add(x.reshape(-1, x.size(-1)).float())
                     last[0], last[1] = x, st
                 self._prune(name, mod, last[1], out)
@@ -166,11 +182,6 @@ class _LayerPruner:
         with torch.no_grad():
             lin.weight.mul_(keep.to(lin.weight.device, lin.weight.dtype))
         self.info.masks[name] = keep
-
-
-def _new_stats(lin: nn.Linear) -> InputStats:
-    return InputStats(torch.zeros(lin.in_features, dtype=torch.float64),
-                      torch.zeros(lin.in_features, dtype=torch.float64))
 
 
 def joined_fits(model, samples: torch.Tensor, max_bytes: int | None = None) -> bool:

@@ -12,7 +12,8 @@ log = logging.getLogger(__name__)
 def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model_name: str = "smollm2-135m",
                     sparsity: float | None = 0.5, pattern: str = "unstructured", use_variant: bool = False,
                     n_samples: int = 128, seq_len: int = 512, seed: int = 0, max_cycles: int = 50,
-                    threshold: float = 0.1, targets: list[str] | None = None, ignore: list[str] | None = None,
+                    threshold: float = 0.1, objective: str | None = None, targets: list[str] | None = None,
+                    ignore: list[str] | None = None,
                     batch_size: int = 8, dtype: str = "float32", progress: bool = True,
                     model=None, tokenizer=None, samples=None, mode: str = "auto") -> dict:
     """Calibrate and save a prune artifact at `output`. Every input is checked before anything is
@@ -27,8 +28,9 @@ def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model
     from .prune import build_artifact, load_source, prune_model, selected_linears, time_forward
     from .runner import CalibrationError
 
+    extra = {} if objective is None else {"dsnot_objective": objective}
     cfg = PruneConfig(init=init, dsnot=dsnot, sparsity=sparsity, pattern=pattern, use_variant=use_variant,
-                      max_cycles=max_cycles, threshold=threshold, targets=targets, ignore=list(ignore or []))
+                      max_cycles=max_cycles, threshold=threshold, targets=targets, ignore=list(ignore or []), **extra)
     if model is None:
         model, tokenizer = load_source(model_name, getattr(torch, dtype))
     selected_linears(model, cfg)
@@ -88,7 +90,8 @@ def _cmd_calibrate(args) -> int:
     r = calibrate_prune(args.output, init=init, dsnot=args.prune_kind == "dsnot", model_name=args.model,
                         sparsity=sparsity, pattern=args.pattern or "unstructured", use_variant=args.use_variant,
                         n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
-                        max_cycles=args.max_cycles, threshold=args.threshold, targets=_targets(args.targets),
+                        max_cycles=args.max_cycles, threshold=args.threshold, objective=args.objective,
+                        targets=_targets(args.targets),
                         ignore=_targets(args.ignore) or [], batch_size=args.batch_size, dtype=args.dtype,
                         progress=not args.json, mode=args.mode)
     ratio = (f"({r['mode']}) {r['seconds']:.1f}s = {r['time_ratio']:.2f}x one plain forward over the same "
@@ -136,6 +139,8 @@ def _export_hf(artifact: str, output: str):
 
 
 def register(cli) -> None:
+    from accel.configs.prune import DSNOT_OBJECTIVES
+
     helps = {"wanda": "Wanda pruning masks (|W|*||X_j||, per output row; unstructured or N:M)",
              "magnitude": "magnitude pruning masks (|W| per layer; the baseline)",
              "dsnot": "DSnoT prune-and-grow refinement on top of a Wanda or magnitude mask"}
@@ -160,13 +165,18 @@ def register(cli) -> None:
                        help="joined: one layer forward per layer (memory grows with the calibration "
                             "tokens); two-pass: Wanda's stats-then-recompute pipeline; auto: joined if "
                             "it fits in a quarter of the RAM")
+        p.add_argument("--objective", default=None, choices=list(DSNOT_OBJECTIVES),
+                       help="(dsnot) swap acceptance: mean = |expected error| (the paper's), mse-diag = expected "
+                            "squared error with uncorrelated inputs, mse = exact layer reconstruction error "
+                            "(needs X^T X); default: PruneConfig's")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=_cmd_calibrate, prune_kind=kind)
 
     s = cli.add("eval", "prune-sweep", "perplexity table: dense / magnitude / wanda / wanda+dsnot x sparsities")
     s.add_argument("--model", default="smollm2-135m")
     s.add_argument("--sparsities", default="0.5,0.6,0.7,2:4,4:8", help="columns: sparsities and N:M patterns")
-    s.add_argument("--methods", default="magnitude,wanda,wanda+dsnot")
+    s.add_argument("--methods", default="magnitude,wanda,wanda+dsnot",
+                   help="rows; a DSnoT objective may follow, e.g. wanda+dsnot:mean,wanda+dsnot:mse")
     s.add_argument("--max-tokens", type=int, default=16384)
     s.add_argument("--seq-len", type=int, default=512)
     s.add_argument("--n-samples", type=int, default=16, help="calibration samples")

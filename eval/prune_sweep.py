@@ -22,11 +22,14 @@ def config_for(method: str, column: str):
     from accel.configs.prune import PruneConfig
 
     init, _, extra = method.partition("+")
-    if extra not in ("", "dsnot"):
-        raise ValueError(f"unknown sweep method {method!r}; use magnitude, wanda, magnitude+dsnot or wanda+dsnot")
+    extra, _, objective = extra.partition(":")
+    if extra not in ("", "dsnot") or (objective and not extra):
+        raise ValueError(f"unknown sweep method {method!r}; use magnitude, wanda, magnitude+dsnot or "
+                         "wanda+dsnot, optionally with a DSnoT objective (wanda+dsnot:mean)")
+    kw = {"dsnot_objective": objective} if objective else {}
     if ":" in column:
-        return PruneConfig(init=init, sparsity=None, pattern=column, dsnot=bool(extra))
-    return PruneConfig(init=init, sparsity=float(column), dsnot=bool(extra))
+        return PruneConfig(init=init, sparsity=None, pattern=column, dsnot=bool(extra), **kw)
+    return PruneConfig(init=init, sparsity=float(column), dsnot=bool(extra), **kw)
 
 
 def prune_sweep(model_name: str = "smollm2-135m", columns=DEFAULT_COLUMNS, methods=DEFAULT_METHODS,

@@ -56,6 +56,16 @@ class MethodConfig:
         return {"method": self.method, "version": self.version, "params": dataclasses.asdict(self)}
 
     @classmethod
+    def upgrade_params(cls, version: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """Params of an artifact written with another `version`, as this version reads them.
+        Default: no older version is readable (ConfigError); subclasses that bump `version`
+        override this to keep old artifacts loading."""
+        raise ConfigError(
+            f"{cls.method}: artifact config version {version} is not supported by this accel "
+            f"(expects version {cls.version}); re-run calibration or install the matching accel"
+        )
+
+    @classmethod
     def from_params(cls, params: dict[str, Any]) -> "MethodConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - names)
@@ -69,12 +79,10 @@ def config_from_dict(d: dict[str, Any]) -> MethodConfig:
         raise ConfigError(f"a method config must be a dict with a 'method' key, got {d!r}")
     cls = get_config_class(d["method"])
     version = d.get("version")
+    params = dict(d.get("params", {}))
     if version != cls.version:
-        raise ConfigError(
-            f"{cls.method}: artifact config version {version} is not supported by this accel "
-            f"(expects version {cls.version}); re-run calibration or install the matching accel"
-        )
-    return cls.from_params(dict(d.get("params", {})))
+        params = cls.upgrade_params(version, params)
+    return cls.from_params(params)
 
 
 @register_config

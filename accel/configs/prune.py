@@ -8,6 +8,7 @@ from typing import ClassVar
 from .base import ConfigError, MethodConfig, register_config
 
 INIT_METHODS = ("wanda", "magnitude")
+DSNOT_OBJECTIVES = ("mean", "mse-diag", "mse")  # as calibrate/dsnot.py OBJECTIVES
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -34,11 +35,15 @@ class PruneConfig(MethodConfig):
     pattern: "unstructured" or "N:M" (N pruned in every M consecutive inputs of a row).
     use_variant: Wanda's appendix variant (per-row cumulative-score threshold; unstructured only).
     dsnot: refine the mask with DSnoT (max_cycles, threshold, pow_var are its parameters).
+    dsnot_objective: when DSnoT accepts a swap: "mse" (default: the layer's exact reconstruction
+      error on the calibration inputs drops; needs X^T X per linear), "mse-diag" (same with inputs
+      treated as uncorrelated) or "mean" (the paper's: |expected error| drops). Version 1 artifacts
+      predate the field and load as "mean", which is what produced their masks.
     targets/ignore: linear names, class names or `re:` regexes (see accel.patches.targets).
     """
 
     method: ClassVar[str] = "prune"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: dsnot_objective (default "mse"; version 1 behaved as "mean")
     init: str = "wanda"
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
@@ -47,6 +52,7 @@ class PruneConfig(MethodConfig):
     max_cycles: int = 50
     threshold: float = 0.1
     pow_var: float = 1.0
+    dsnot_objective: str = "mse"
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
 
@@ -71,6 +77,8 @@ class PruneConfig(MethodConfig):
         self.sparsity = float(s)
         if self.use_variant and self.init != "wanda":
             raise ConfigError("prune: use_variant is a Wanda option (init='wanda')")
+        if self.dsnot_objective not in DSNOT_OBJECTIVES:
+            raise ConfigError(f"prune: dsnot_objective must be one of {DSNOT_OBJECTIVES}, got {self.dsnot_objective!r}")
         if not isinstance(self.max_cycles, int) or self.max_cycles < 0:
             raise ConfigError(f"prune: max_cycles must be a non-negative int, got {self.max_cycles!r}")
         if not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):
@@ -80,6 +88,12 @@ class PruneConfig(MethodConfig):
             if not self.targets:
                 raise ConfigError("prune: targets is an empty list (use None for every decoder linear)")
         self.ignore = list(self.ignore or [])
+
+    @classmethod
+    def upgrade_params(cls, version, params: dict) -> dict:
+        if version == 1:
+            return {**params, "dsnot_objective": "mean"}
+        return super().upgrade_params(version, params)
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -93,3 +107,8 @@ class PruneConfig(MethodConfig):
     @property
     def needs_data(self) -> bool:
         return self.init == "wanda" or self.dsnot
+
+    @property
+    def needs_gram(self) -> bool:
+        """Whether calibration must accumulate X^T X per linear input (DSnoT objective "mse")."""
+        return self.dsnot and self.dsnot_objective == "mse"
