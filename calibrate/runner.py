@@ -162,7 +162,7 @@ def capture_inputs(model, samples: torch.Tensor, batch_size: int = 8) -> LayerDa
     def make_pre_hook(idx):
         def pre_hook(mod, args, kwargs):
             if kwargs_per_layer[idx] is None:
-                kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+                kw = {k: v for k, v in kwargs.items() if k not in compat.CACHE_KWARG_NAMES}
                 kw["use_cache"] = False
                 kwargs_per_layer[idx] = _fit_batch(kw, None, "cpu")
             if idx == 0:

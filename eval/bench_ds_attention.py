@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from accel.patches import compat
+
 log = logging.getLogger(__name__)
 
 ATTN_SHAPES = {"llama-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
@@ -99,7 +101,6 @@ class _OnTheFlyDS:
     kernel_path = "ds-cpu (bench handler)"
 
     def __init__(self, channels: torch.Tensor, fraction: float, min_context: int):
-        from accel.patches import compat
         self.channels, self.fraction, self.min_context = channels, fraction, min_context
         self.sdpa = compat.sdpa_attention_forward
         self.buf, self.n = None, 0
@@ -134,7 +135,6 @@ class _OnTheFlyDS:
 def _patch_bench_handler(model, prompt_k_stats: dict, fraction: float, r: int, n_dense: int = 2) -> list:
     """Register `_OnTheFlyDS` on every attention layer but the first n_dense, through PatchContext
     (so `accel.unpatch` restores the model). Channels: top-r of mean |k| per KV head of the prompt."""
-    from accel.patches import compat
     from accel.patches.core import PatchContext, PatchState
 
     state = PatchState()
@@ -156,7 +156,7 @@ def _decode(model, cache, first_token: torch.Tensor, n: int) -> tuple[list[float
     tok, times, out = first_token, [], []
     for _ in range(n):
         t0 = time.perf_counter()
-        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=tok, **compat.cache_kwargs(cache), use_cache=True).logits
         tok = logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - t0)
         out.append(int(tok))
@@ -176,7 +176,6 @@ def bench_e2e(context: int = 4096, new_tokens: int = 16, fraction: float = 1 / 1
 
     import accel
     from accel.data import eval_tokens
-    from accel.patches import compat
 
     model, tok = accel.models.load("smollm2-135m", dtype=dtype)
     ids = eval_tokens(tok, "wiki", context + 1)[None, : context]
@@ -186,7 +185,7 @@ def bench_e2e(context: int = 4096, new_tokens: int = 16, fraction: float = 1 / 1
     with torch.inference_mode():
         cache = compat.DynamicCache(config=model.config)
         t0 = time.perf_counter()
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids, **compat.cache_kwargs(cache), use_cache=True).logits
         prefill_s = time.perf_counter() - t0
         first = logits[:, -1:].argmax(-1)
         # Mean |k| (post-RoPE) per layer/KV head/channel from the prompt: a stand-in for calibrated

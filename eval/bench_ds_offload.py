@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from accel.patches import compat
+
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 1024, 8, 8, 128, 2, 1024
 CHUNK = 1024
 
@@ -79,12 +81,11 @@ def fill(cache, context: int, offloaded: bool) -> None:
 
 def offloaded_cache(model):
     """A DynamicCache whose layers are converted to offloaded ones (by one tiny forward's hooks)."""
-    from accel.patches import compat
     from accel.patches.ds_offload_cache import OffloadedDSLayer
     cache = compat.DynamicCache(config=model.config)
     for i, layer in enumerate(compat.decoder_layers(model)):
         for hook in layer.self_attn._forward_pre_hooks.values():
-            hook(layer.self_attn, (), {"past_key_values": cache})
+            hook(layer.self_attn, (), compat.cache_kwargs(cache))
         assert isinstance(cache.layers[i], OffloadedDSLayer)
     return cache
 
@@ -97,7 +98,7 @@ def decode(model, cache, context: int, steps: int, first_token: int = 1):
         for s in range(steps):
             mask = torch.ones(1, context + s + 1, dtype=torch.long)
             t0 = time.perf_counter()
-            out = model(tok, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+            out = model(tok, attention_mask=mask, **compat.cache_kwargs(cache), use_cache=True).logits[:, -1]
             times.append(time.perf_counter() - t0)
             tok = out.argmax(-1, keepdim=True)
             toks.append(int(tok))
@@ -127,7 +128,6 @@ def peak_rss_mb() -> float:
 
 def synthetic_run(context: int, steps: int, inv_fraction: int, offload_dir: str | None) -> dict:
     import accel
-    from accel.patches import compat
     from accel.patches.ds_offload import offload_stats
     model = synthetic_model()
     budget = 1 / inv_fraction
@@ -189,7 +189,8 @@ def smol_run(context: int, steps: int, inv_fraction: int, offload_dir: str | Non
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
                                  return_dict_in_generate=True)
             st = offload_stats(model)
-        out.past_key_values = None
+        # Drop the cache (and its slow-tier files) before the next run.
+        setattr(out, compat.CACHE_KWARG, None)
         return out.sequences[0, context:].tolist(), st
 
     ref, _ = run()

@@ -15,6 +15,8 @@ import random
 
 import torch
 
+from accel.patches import compat
+
 log = logging.getLogger(__name__)
 
 TASKS = ("passkey", "kv")
@@ -78,7 +80,7 @@ def make_prompts(tok, task: str, contexts, n: int, seed: int = 0) -> list[Prompt
 def _decode(model, cache, last_token: torch.Tensor, steps: int) -> list[int]:
     out, x = [], last_token.view(1, 1)
     for _ in range(steps):
-        logits = model(input_ids=x, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=x, **compat.cache_kwargs(cache), use_cache=True).logits[:, -1]
         nxt = int(logits.argmax(-1))
         out.append(nxt)
         x = torch.tensor([[nxt]], device=last_token.device)
@@ -109,7 +111,7 @@ def run_retrieval(model, tok, artifact, tasks=TASKS, contexts=(1024, 2048, 4096)
     prompts = [p for t in tasks for p in make_prompts(tok, t, contexts, n, seed)]
     for p in tqdm(prompts, desc="retrieval", unit="prompt", disable=not progress):
         ids = tok(p.text, return_tensors="pt").input_ids.to(device)
-        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        cache = compat.output_cache(model(input_ids=ids[:, :-1], use_cache=True))
         for m, cfg in methods.items():
             c = copy.deepcopy(cache)
             if cfg is None:

@@ -19,6 +19,36 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward  # n
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
+from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+
+# transformers 5.2x renamed the cache keyword (and model output field) `past_key_values` -> `cache`
+# (the old keyword is accepted with a deprecation warning until 5.40). Detected by feature, not
+# version, so a backport either way is handled.
+CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# Every name a layer or attention forward may receive the cache under.
+CACHE_KWARG_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+def cache_from_kwargs(kwargs: dict):
+    """The Cache passed to a decoder layer / attention forward, under whichever name this
+    transformers uses, or None."""
+    for name in CACHE_KWARG_NAMES:
+        c = kwargs.get(name)
+        if c is not None:
+            return c
+    return None
+
+
+def cache_kwargs(cache) -> dict:
+    """Keyword arguments passing `cache` to a model forward: `model(ids, **cache_kwargs(c))`."""
+    return {CACHE_KWARG: cache}
+
+
+def output_cache(outputs):
+    """The cache a model forward returned."""
+    return getattr(outputs, CACHE_KWARG)
+
+
 # model_type values accel has tested; each maps to the attribute path of its decoder layers.
 SUPPORTED_MODEL_TYPES = {
     "llama": "model.layers",
@@ -52,8 +82,8 @@ def decoder_layers(model):
 
 
 __all__ = [
-    "AttentionInterface", "AttentionMaskInterface", "Cache", "CacheLayerMixin", "DynamicCache", "DynamicLayer",
+    "AttentionInterface", "AttentionMaskInterface", "CACHE_KWARG", "CACHE_KWARG_NAMES", "Cache", "CacheLayerMixin", "DynamicCache", "DynamicLayer",
     "PreTrainedModel", "SUPPORTED_MODEL_TYPES", "TRANSFORMERS_VERSION", "attn_implementation",
-    "can_set_attn_implementation", "decoder_layers", "sdpa_attention_forward", "sdpa_mask",
-    "set_attn_implementation", "text_config",
+    "cache_from_kwargs", "cache_kwargs", "can_set_attn_implementation", "decoder_layers", "sdpa_attention_forward", "sdpa_mask",
+    "output_cache", "set_attn_implementation", "text_config",
 ]

@@ -112,7 +112,7 @@ class DSAttention:
 def _stash_cache(module, args, kwargs):
     # The attention forward receives the cache as a keyword; the handler needs it to find the
     # label cache, and transformers does not pass it on to attention functions.
-    module.__dict__["_ds_cache"] = kwargs.get("past_key_values")
+    module.__dict__["_ds_cache"] = compat.cache_from_kwargs(kwargs)
 
 
 def _drop_cache(module, args, kwargs, output):

@@ -215,7 +215,7 @@ def _session_for(cache, cfg, device, report: OffloadReport) -> OffloadSession:
 
 def _convert_hook(i: int, channels, cfg, report: OffloadReport):
     def hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_from_kwargs(kwargs)
         if cache is None or not hasattr(cache, "layers"):
             return
         layers = cache.layers
@@ -240,7 +240,7 @@ def _convert_hook(i: int, channels, cfg, report: OffloadReport):
 def _predict_hook(j: int, target_attn, channels, cfg):
     """Pre-hook on layer j-1's attention: predict layer j's selection and start its fetch."""
     def hook(module, args, kwargs):
-        layer = _layer_of(kwargs.get("past_key_values"), j)
+        layer = _layer_of(compat.cache_from_kwargs(kwargs), j)
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         pe = kwargs.get("position_embeddings")
         if not isinstance(layer, OffloadedDSLayer) or not layer.is_initialized or hidden is None or pe is None \
@@ -281,7 +281,7 @@ def install_offload(ctx, cfg, model, sparse: dict[int, torch.Tensor], is_sliding
             h = attn.register_forward_pre_hook(_predict_hook(j, layers[j].self_attn, sparse[j], cfg),
                                                with_kwargs=True)
             ctx.on_undo(h.remove)
-    ctx.add_row("past_key_values", "cache", target=report, detail=report)
+    ctx.add_row(compat.CACHE_KWARG, "cache", target=report, detail=report)
     model.__dict__["_accel_offload_report"] = report
     ctx.on_undo(lambda: model.__dict__.pop("_accel_offload_report", None))
     ctx.on_undo(report.detach)

@@ -222,7 +222,7 @@ def test_full_budget_generate_is_dense(tiny_model):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert handlers and all(h.counts["sparse_decode"] >= 7 for h in handlers)
     assert torch.equal(beams.sequences, beams_ref)
-    ds_layers = _ds_layers(beams.past_key_values)
+    ds_layers = _ds_layers(compat.output_cache(beams))
     assert len(ds_layers) == len(handlers)
     for layer in ds_layers:
         ch = [h for h in handlers][0].channels
@@ -241,8 +241,8 @@ def test_sparse_eval_and_decode_agree(tiny_model):
         dense = model(x, use_cache=False).logits[:, -1]
         with accel.patched(model, art):
             ev = model(x, use_cache=False).logits[:, -1]
-            cache = model(x[:, :-1], use_cache=True).past_key_values
-            dec = model(x[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+            cache = compat.output_cache(model(x[:, :-1], use_cache=True))
+            dec = model(x[:, -1:], **compat.cache_kwargs(cache), use_cache=True).logits[:, -1]
     torch.testing.assert_close(ev, dec, atol=1e-5, rtol=1e-5)
     assert (ev - dense).abs().max() > 1e-3
     assert not accel.is_patched(model)
@@ -253,10 +253,10 @@ def test_crop_keeps_labels_in_step():
     art = _calibrated(model, DoubleSparsityConfig(budget=8, min_context=0, heavy_channels=4))
     x = torch.randint(1, 512, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode(), accel.patched(model, art):
-        cache = model(x[:, :20], use_cache=True).past_key_values
-        model(x[:, 20:21], past_key_values=cache, use_cache=True)
+        cache = compat.output_cache(model(x[:, :20], use_cache=True))
+        model(x[:, 20:21], **compat.cache_kwargs(cache), use_cache=True)
         cache.crop(-5)
-        out = model(x[:, 15:16], past_key_values=cache, use_cache=True).logits
+        out = model(x[:, 15:16], **compat.cache_kwargs(cache), use_cache=True).logits
         for layer in _ds_layers(cache):
             assert layer.keys.shape[2] == 17
             assert torch.equal(layer.labels(), gather_labels(layer.keys, layer.channels))
@@ -353,8 +353,8 @@ def test_quantized_labels_in_decode_and_eval(bits):
     x = torch.randint(1, 512, (1, 50), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode(), accel.patched(model, art):
         ev = model(x, use_cache=False).logits[:, -1]
-        cache = model(x[:, :-1], use_cache=True).past_key_values
-        dec = model(x[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+        cache = compat.output_cache(model(x[:, :-1], use_cache=True))
+        dec = model(x[:, -1:], **compat.cache_kwargs(cache), use_cache=True).logits[:, -1]
         (layer,) = _ds_layers(cache)
     torch.testing.assert_close(ev, dec, atol=1e-5, rtol=1e-5)
     assert layer.label_bytes() == 50 * 2 * (4 * bits // 8 + 4)

@@ -45,7 +45,7 @@ def _generate(model, art, ids, mask, new=12):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, pad_token_id=0)
         stats = offload_stats(model)
-    out.past_key_values = None
+    setattr(out, compat.CACHE_KWARG, None)
     return out.sequences, torch.stack(out.logits), stats
 
 
@@ -105,11 +105,11 @@ def test_device_tail_bounded_and_moved_bytes_sparse(tmp_path):
     ids, mask = _prompt(1, T=400)
     with accel.patched(model, _artifact(model, offload="disk", offload_dir=str(tmp_path))):
         cache = compat.DynamicCache(config=model.config)
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **compat.cache_kwargs(cache))
         tok = ids[:, -1:]
         for _ in range(FLUSH_TOKENS + 5):  # at least one flush of the tail during decode
             mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
-            tok = model(tok, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+            tok = model(tok, attention_mask=mask, **compat.cache_kwargs(cache)).logits[:, -1:].argmax(-1)
         layers = [lay for lay in cache.layers if isinstance(lay, OffloadedDSLayer)]
         assert len(layers) == 4
         for lay in layers:
@@ -174,7 +174,7 @@ def _step_run(model, tmp_path, n_steps, break_at, breaker):
     outs, err = [], None
     with accel.patched(model, _artifact(model, offload="disk", offload_dir=str(tmp_path))):
         cache = compat.DynamicCache(config=model.config)
-        logits = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+        logits = model(ids, attention_mask=mask, **compat.cache_kwargs(cache)).logits[:, -1]
         outs.append(logits)
         kept = [o.clone() for o in outs]
         for step in range(n_steps):
@@ -182,7 +182,7 @@ def _step_run(model, tmp_path, n_steps, break_at, breaker):
                 breaker()
             mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
             try:
-                logits = model(outs[-1].argmax(-1, keepdim=True), attention_mask=mask, past_key_values=cache).logits[:, -1]
+                logits = model(outs[-1].argmax(-1, keepdim=True), attention_mask=mask, **compat.cache_kwargs(cache)).logits[:, -1]
             except OffloadError as e:
                 err = e
                 break
@@ -190,7 +190,7 @@ def _step_run(model, tmp_path, n_steps, break_at, breaker):
             kept.append(logits.clone())
         if err is not None:  # the cache refuses to go on after the failure
             with pytest.raises(OffloadError, match="unusable after an earlier error"):
-                model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache)
+                model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), **compat.cache_kwargs(cache))
     for a, b in zip(outs, kept):
         assert torch.equal(a, b)  # earlier outputs untouched
     return outs, err
@@ -212,9 +212,9 @@ def test_cache_refuses_use_after_unpatch():
     ids, mask = _prompt(1)
     with accel.patched(model, _artifact(model, offload="cpu")):
         cache = compat.DynamicCache(config=model.config)
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **compat.cache_kwargs(cache))
     with pytest.raises(OffloadError, match="unpatched"):
-        model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache)
+        model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), **compat.cache_kwargs(cache))
 
 
 def test_disk_full_while_growing_file(tmp_path, monkeypatch):
