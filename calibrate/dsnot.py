@@ -63,6 +63,8 @@ def reconstruction_mse(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Ten
 
 
 OBJECTIVES = ("mean", "mse-diag", "mse")
+# "mse" accepts a swap only if it lowers the row's error by more than this fraction of it.
+MSE_RTOL = 1e-5
 
 
 def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
@@ -97,9 +99,12 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
         dvar = (wv * pruned0).sum(dim=1)
         inv_l2 = 1.0 / float(tokens_per_sample) ** 2
     elif objective == "mse":
-        h = gram.double()
-        u = (w.double() * pruned0) @ h      # [out, in]: (H w_P) per row; the objective is w_P . u
+        # fp32: the [out, in] x [in, in] product and the per-swap row updates dominate the cost,
+        # and fp64 doubled it. Rounding is covered by accepting only a clear decrease (below).
+        h = gram.float()
+        u = (w * pruned0) @ h               # [out, in]: (H w_P) per row; the objective is w_P . u
         hdiag = h.diagonal()
+        obj = (w * pruned0 * u).sum(dim=1).double()
 
     # Each pointer advances at most once per cycle, so only the first max_cycles entries of every
     # candidate list can ever be reached: top-k instead of full sorts (the sorts dominated the cost).
@@ -161,14 +166,16 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
             a, b = w[rows, gi].double(), w[rows, pi].double()
             delta = (b * b * hdiag[pi] + a * a * hdiag[gi] - 2 * a * b * h[gi, pi]
                      + 2 * b * u[rows, pi] - 2 * a * u[rows, gi])
-            accept = trying & (delta < 0)
+            # A swap must lower the row's error by more than fp32 rounding of u could hide.
+            accept = trying & (delta < -MSE_RTOL * obj.abs())
+            obj = torch.where(accept, obj + delta, obj)
         active &= valid_g & valid_p
         ra = rows[accept]
         keep[ra, gi[accept]] = True
         keep[ra, pi[accept]] = False
         if objective == "mse" and len(ra):
-            upd = h.index_select(0, pi[accept]).mul_(b[accept].unsqueeze(1))
-            upd.sub_(h.index_select(0, gi[accept]).mul_(a[accept].unsqueeze(1)))
+            upd = h.index_select(0, pi[accept]).mul_(b[accept].float().unsqueeze(1))
+            upd.sub_(h.index_select(0, gi[accept]).mul_(a[accept].float().unsqueeze(1)))
             u.index_add_(0, ra, upd)
         eps = torch.where(accept, eps_new, eps)
         swaps += accept.long()
