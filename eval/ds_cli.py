@@ -42,7 +42,8 @@ def _base_config(art, args):
 
     cfgs = [c for c in art.configs if isinstance(c, DoubleSparsityConfig)]
     base = cfgs[0] if cfgs else DoubleSparsityConfig()
-    over = {k: getattr(args, k) for k in ("group_reduce", "sink", "recent", "n_dense", "label_bits", "channel_type")
+    over = {k: getattr(args, k) for k in ("group_reduce", "sink", "recent", "n_dense", "label_bits", "channel_type",
+                                          "heavy_channels")
             if getattr(args, k, None) is not None}
     return dataclasses.replace(base, **over)
 
@@ -113,4 +114,6 @@ def register(cli) -> None:
     q.add_argument("--n", type=int, default=10, help="prompts per task and context length")
     q.add_argument("--budget", type=_fraction_list, default=[1 / 16], help="token budget(s), e.g. 1/16")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--heavy-channels", type=int, default=None,
+                   help="r label channels (default: the artifact's; its full channel scores are stored)")
     q.set_defaults(func=_cmd_retrieval)

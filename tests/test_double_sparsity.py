@@ -358,3 +358,15 @@ def test_quantized_labels_in_decode_and_eval(bits):
         (layer,) = _ds_layers(cache)
     torch.testing.assert_close(ev, dec, atol=1e-5, rtol=1e-5)
     assert layer.label_bytes() == 50 * 2 * (4 * bits // 8 + 4)
+
+
+def test_retrieval_cli_overrides_heavy_channels():
+    import argparse
+
+    from accel.artifact import Artifact
+    from accel.eval.ds_cli import _base_config
+
+    art = Artifact(configs=[DoubleSparsityConfig(heavy_channels=8, recent=32)], tensors={})
+    args = argparse.Namespace(heavy_channels=16, recent=None, sink=None)
+    cfg = _base_config(art, args)
+    assert cfg.heavy_channels == 16 and cfg.recent == 32
