@@ -44,9 +44,15 @@ def test_lowrank_term_is_used():
     assert err_rs < 0.9 * err_sparse
 
 
+@pytest.mark.parametrize("fp32_path", ["embedding_bag", "sparse_mm"])
 @pytest.mark.parametrize("tokens", [1, 3, 8, 63], ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("r", [0, 5], ids=lambda r: f"r{r}")
-def test_cpu_matches_reference(tokens, r):
+def test_cpu_matches_reference(tokens, r, fp32_path, monkeypatch):
+    import accel.kernels.rsparse_linear.cpu as rs_cpu
+
+    # fp32 weights this small take the embedding bag; force the COO path for large weights too.
+    if fp32_path == "sparse_mm":
+        monkeypatch.setattr(rs_cpu, "COO_MIN_NUMEL", 0)
     x, w, scale, down, up, bias = _case(1000, 63, r, tokens)
     thr = float((x.abs() * scale).quantile(0.5))
     ref = rsparse_linear_ref(x, w, scale, thr, down if r else None, up if r else None, bias)
@@ -80,7 +86,7 @@ def test_triton_matches_reference(shape, dtype, k_splits):
 
 @pytest.mark.parametrize("tokens", [1, 3, 8], ids=lambda t: f"T{t}")
 def test_cpu_bf16_gather_path_within_2x_torch_error(tokens):
-    """bf16 decode takes the embedding_bag path (fp32 takes sparse.mm): same bound as the kernels."""
+    """bf16 decode through the int32 embedding_bag path: same error bound as the kernels."""
     x, w, scale, down, up, bias = _case(1000, 63, 5, tokens)
     thr = float((x.abs() * scale).quantile(0.5))
     ref = rsparse_linear_ref(x.double(), w.double(), scale.double(), thr, down.double(), up.double(), bias.double())

@@ -2,12 +2,15 @@
 
 Decode (few tokens): a sparse-input GEMV that reads only the active columns of W. W is kept
 transposed (`weight_t: [in, out]`), so column i of W is a contiguous row, and one op sums exactly
-the active rows scaled by x_S in one pass (no gathered copy of W, which would cost more traffic
-than the dense GEMV it replaces):
-  - bf16/fp16: `F.embedding_bag(mode="sum", per_sample_weights=x_S)`;
-  - fp32: `torch.sparse.mm` of x as a COO [tokens, in] matrix with Wᵀ. At 4096², 1 thread, 47.5%
-    active, it ran 1.66x dense against embedding_bag's 1.04x (fp32 embedding_bag is not
-    vectorised as well); in bf16 the ranking flips (embedding_bag 2.9x, sparse.mm 0.6x).
+the active rows scaled by x_S (no gathered copy of W, which would cost more traffic than the
+dense GEMV it replaces). Measured at 4096², 1 thread, 47.5% active, caches flushed between calls
+(as in decode, where every layer's weights come from DRAM), ratio to the dense GEMV:
+  - fp32, large weights: `torch.sparse.mm` of x_S as a COO [tokens, in] matrix with Wᵀ,
+    1.41–1.49x; `F.embedding_bag` 1.14–1.26x (int64 / int32 offsets). At SmolLM2's sizes
+    (≤ 1536×576) the int32 embedding bag has the lower fixed cost (bench: 0.46/0.82/0.70x
+    against 0.41/0.74/0.56x for q/o, gate/up, down), so it is used below `COO_MIN_NUMEL`;
+  - bf16/fp16: `F.embedding_bag(mode="sum", per_sample_weights=x_S)` with int32 indices and
+    `include_last_offset=True` (torch's fast embedding-bag kernel), 2.44x (int64: 2.30x).
 The low-rank term is added with one `addmm_` into the same output.
 
 Prefill / many tokens: every token has its own active set, so the union of columns is nearly all
@@ -22,6 +25,8 @@ from .reference import channel_thresholds
 
 # Above this many tokens the per-token active sets cover most of W: masked dense wins.
 GATHER_MAX_TOKENS = 8
+# fp32 weights with at least this many elements use the COO sparse.mm path (see above).
+COO_MIN_NUMEL = 1 << 22
 
 
 def rsparse_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, threshold: float,
@@ -45,19 +50,18 @@ def rsparse_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if x2.size(0) == 1:
         return _gemv1(x2[0], m[0], weight_t, down, up, bias, has_lr).view(*lead, -1)
     rows, cols = m.nonzero(as_tuple=True)
-    if x2.dtype == torch.float32:
+    if x2.dtype == torch.float32 and weight_t.numel() >= COO_MIN_NUMEL:
         y = _sparse_mm(rows, cols, x2[rows, cols], x2.size(0), weight_t)
         if has_lr:
             y.addmm_(F.linear(x2.masked_fill(m, 0), down), up.t())
         if bias is not None:
             y += bias
         return y.view(*lead, -1)
-    counts = m.sum(1)
-    offsets = torch.zeros(x2.size(0), dtype=torch.long)
-    if x2.size(0) > 1:
-        offsets[1:] = counts.cumsum(0)[:-1]
+    offsets = torch.zeros(x2.size(0) + 1, dtype=torch.int32)
+    offsets[1:] = m.sum(1).cumsum(0)
     # One bag per token: y[t] = Σ_{i in S_t} x[t, i] · Wᵀ[i, :]. Empty bags give zeros.
-    y = F.embedding_bag(cols, weight_t, offsets, mode="sum", per_sample_weights=x2[rows, cols])
+    y = F.embedding_bag(cols.int(), weight_t, offsets, mode="sum", per_sample_weights=x2[rows, cols],
+                        include_last_offset=True)
     if has_lr:
         y.addmm_(F.linear(x2.masked_fill(m, 0), down), up.t())
     if bias is not None:
@@ -65,17 +69,16 @@ def rsparse_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return y.view(*lead, -1)
 
 
-_ZERO_OFFSET = torch.zeros(1, dtype=torch.long)
-
-
 def _gemv1(x: torch.Tensor, m: torch.Tensor, weight_t, down, up, bias, has_lr: bool) -> torch.Tensor:
     """One token (x, m: [in]): the decode case, with the fewest small ops (each costs microseconds
     that matter at SmolLM2 sizes)."""
     idx = m.nonzero().view(-1)
-    if x.dtype == torch.float32:
+    if x.dtype == torch.float32 and weight_t.numel() >= COO_MIN_NUMEL:
         y = _sparse_mm(torch.zeros_like(idx), idx, x.index_select(0, idx), 1, weight_t)
     else:
-        y = F.embedding_bag(idx, weight_t, _ZERO_OFFSET, mode="sum", per_sample_weights=x.index_select(0, idx))
+        offsets = torch.tensor([0, idx.numel()], dtype=torch.int32)
+        y = F.embedding_bag(idx.int(), weight_t, offsets, mode="sum", per_sample_weights=x.index_select(0, idx),
+                            include_last_offset=True)
     if has_lr:
         y.view(-1).addmv_(up, torch.mv(down, x.masked_fill(m, 0)))
     if bias is not None:
