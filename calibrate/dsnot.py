@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+from accel.configs.prune import DSNOT_OBJECTIVES
+
 
 @dataclass
 class DSnoTResult:
@@ -62,7 +64,7 @@ def reconstruction_mse(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Ten
     return ((wp @ gram.double()) * wp).sum(dim=1)
 
 
-OBJECTIVES = ("mean", "mse-diag", "mse")
+OBJECTIVES = DSNOT_OBJECTIVES
 # "mse" accepts a swap only if it lowers the row's error by more than this fraction of it.
 MSE_RTOL = 1e-5
 

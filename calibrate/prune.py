@@ -21,7 +21,7 @@ from torch import nn
 
 from accel.artifact import Artifact, ArtifactError
 from accel.configs import ConfigError
-from accel.configs.prune import PruneConfig
+from accel.configs.prune import CALIB_MODES, PruneConfig
 from accel.patches import compat
 from accel.patches.prune import pack_mask, unpack_mask
 from accel.patches.targets import iter_linears
@@ -83,9 +83,6 @@ class PruneInfo:
     seconds: float = 0.0
     dsnot_swaps: int = 0
     mode: str | None = None      # "joined" or "two-pass" (None: no calibration data used)
-
-
-CALIB_MODES = ("auto", "joined", "two-pass")
 
 
 def selected_linears(model, cfg: PruneConfig) -> list[tuple[str, nn.Linear]]:

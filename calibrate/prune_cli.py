@@ -139,7 +139,7 @@ def _export_hf(artifact: str, output: str):
 
 
 def register(cli) -> None:
-    from accel.configs.prune import DSNOT_OBJECTIVES
+    from accel.configs.prune import CALIB_MODES, DSNOT_OBJECTIVES
 
     helps = {"wanda": "Wanda pruning masks (|W|*||X_j||, per output row; unstructured or N:M)",
              "magnitude": "magnitude pruning masks (|W| per layer; the baseline)",
@@ -161,7 +161,7 @@ def register(cli) -> None:
         p.add_argument("--init", default="wanda", choices=["wanda", "magnitude"], help="(dsnot) initial mask")
         p.add_argument("--max-cycles", type=int, default=50, help="(dsnot) prune-and-grow cycles per layer")
         p.add_argument("--threshold", type=float, default=0.1, help="(dsnot) stop when |error| <= this")
-        p.add_argument("--mode", default="auto", choices=["auto", "joined", "two-pass"],
+        p.add_argument("--mode", default="auto", choices=list(CALIB_MODES),
                        help="joined: one layer forward per layer (memory grows with the calibration "
                             "tokens); two-pass: Wanda's stats-then-recompute pipeline; auto: joined if "
                             "it fits in a quarter of the RAM")

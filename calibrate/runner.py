@@ -273,7 +273,7 @@ def run_layerwise(model, samples: torch.Tensor, method: LayerMethod, *, batch_si
 def joined_bytes(model, n_tokens: int) -> int:
     """Rough peak bytes of a joined (all samples in one batch) pass of one decoder layer in fp32:
     hidden-sized activations (input, residual, norm, q/o, output) and three MLP-sized ones."""
-    cfg = getattr(model.config, "text_config", model.config)
+    cfg = compat.text_config(model.config)
     hidden = int(cfg.hidden_size)
     inter = int(getattr(cfg, "intermediate_size", None) or 4 * hidden)
     return 4 * n_tokens * (6 * hidden + 3 * inter)

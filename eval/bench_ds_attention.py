@@ -11,7 +11,6 @@ it. The load average is recorded as well.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import statistics
 import time

@@ -266,7 +266,6 @@ def prune_2to4(quick):
 @section("patched_models")
 def patched_models(quick):
     import accel
-    from accel.artifact import Artifact
     from accel.calibrate.double_sparsity import calibrate_double_sparsity
     from accel.calibrate.gqsa import calibrate_gqsa
     from accel.configs.double_sparsity import DoubleSparsityConfig
@@ -301,7 +300,6 @@ def patched_models(quick):
                                             do_sample=False, pad_token_id=0)
         os.environ.pop("ACCEL_KERNEL")
         check(f"ds tiny-{arch} generate cuda triton == reference", torch.equal(seqs["reference"], seqs["triton"]))
-    del Artifact
 
 
 def main(argv=None):

@@ -8,7 +8,9 @@ from typing import ClassVar
 from .base import ConfigError, MethodConfig, register_config
 
 INIT_METHODS = ("wanda", "magnitude")
-DSNOT_OBJECTIVES = ("mean", "mse-diag", "mse")  # as calibrate/dsnot.py OBJECTIVES
+DSNOT_OBJECTIVES = ("mean", "mse-diag", "mse")  # calibrate/dsnot.py implements them
+# How the layer-wise runner calibrates (calibrate/prune.py); a run option, not part of the config.
+CALIB_MODES = ("auto", "joined", "two-pass")
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:

@@ -50,18 +50,7 @@ def rsparse_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if x2.size(0) == 1:
         return _gemv1(x2[0], m[0], weight_t, down, up, bias, has_lr).view(*lead, -1)
     rows, cols = m.nonzero(as_tuple=True)
-    if x2.dtype == torch.float32 and weight_t.numel() >= COO_MIN_NUMEL:
-        y = _sparse_mm(rows, cols, x2[rows, cols], x2.size(0), weight_t)
-        if has_lr:
-            y.addmm_(F.linear(x2.masked_fill(m, 0), down), up.t())
-        if bias is not None:
-            y += bias
-        return y.view(*lead, -1)
-    offsets = torch.zeros(x2.size(0) + 1, dtype=torch.int32)
-    offsets[1:] = m.sum(1).cumsum(0)
-    # One bag per token: y[t] = Σ_{i in S_t} x[t, i] · Wᵀ[i, :]. Empty bags give zeros.
-    y = F.embedding_bag(cols.int(), weight_t, offsets, mode="sum", per_sample_weights=x2[rows, cols],
-                        include_last_offset=True)
+    y = _sum_active_rows(cols, x2[rows, cols], weight_t, rows=rows, counts=m.sum(1))
     if has_lr:
         y.addmm_(F.linear(x2.masked_fill(m, 0), down), up.t())
     if bias is not None:
@@ -73,12 +62,7 @@ def _gemv1(x: torch.Tensor, m: torch.Tensor, weight_t, down, up, bias, has_lr: b
     """One token (x, m: [in]): the decode case, with the fewest small ops (each costs microseconds
     that matter at SmolLM2 sizes)."""
     idx = m.nonzero().view(-1)
-    if x.dtype == torch.float32 and weight_t.numel() >= COO_MIN_NUMEL:
-        y = _sparse_mm(torch.zeros_like(idx), idx, x.index_select(0, idx), 1, weight_t)
-    else:
-        offsets = torch.tensor([0, idx.numel()], dtype=torch.int32)
-        y = F.embedding_bag(idx.int(), weight_t, offsets, mode="sum", per_sample_weights=x.index_select(0, idx),
-                            include_last_offset=True)
+    y = _sum_active_rows(idx, x.index_select(0, idx), weight_t)
     if has_lr:
         y.view(-1).addmv_(up, torch.mv(down, x.masked_fill(m, 0)))
     if bias is not None:
@@ -86,12 +70,24 @@ def _gemv1(x: torch.Tensor, m: torch.Tensor, weight_t, down, up, bias, has_lr: b
     return y
 
 
-def _sparse_mm(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_tokens: int,
-               weight_t: torch.Tensor) -> torch.Tensor:
-    """[n_tokens, out] = X_S @ Wᵀ with X_S the COO matrix (rows, cols, vals) of shape [n_tokens, in].
+def _sum_active_rows(cols: torch.Tensor, vals: torch.Tensor, weight_t: torch.Tensor,
+                     rows: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """y[t] = Σ_k vals[k] · Wᵀ[cols[k], :] over the entries k of token t -> [tokens, out].
 
-    `nonzero()` yields row-major, unique indices: the matrix is coalesced by construction, so the
-    (costly) coalesce and invariant checks are skipped."""
-    sp = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n_tokens, weight_t.size(0)),
-                                 is_coalesced=True, check_invariants=False)
-    return torch.sparse.mm(sp, weight_t)
+    rows/counts: each entry's token and the entries per token, row-major as `nonzero()` gives them
+    (so the COO matrix is coalesced by construction); None = one token. The op is chosen by dtype
+    and size as the module docstring measures."""
+    n_tokens = 1 if counts is None else counts.numel()
+    if vals.dtype == torch.float32 and weight_t.numel() >= COO_MIN_NUMEL:
+        rows = torch.zeros_like(cols) if rows is None else rows
+        sp = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n_tokens, weight_t.size(0)),
+                                     is_coalesced=True, check_invariants=False)
+        return torch.sparse.mm(sp, weight_t)
+    if counts is None:
+        offsets = torch.tensor([0, cols.numel()], dtype=torch.int32)
+    else:
+        offsets = torch.zeros(n_tokens + 1, dtype=torch.int32)
+        offsets[1:] = counts.cumsum(0)
+    # One bag per token; empty bags give zeros.
+    return F.embedding_bag(cols.int(), weight_t, offsets, mode="sum", per_sample_weights=vals,
+                           include_last_offset=True)
