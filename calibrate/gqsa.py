@@ -20,8 +20,9 @@ from accel.kernels.gqsa_linear.format import GQSAWeight, group_scores, select_gr
 from accel.patches import compat
 from accel.patches.targets import iter_linears
 
+from .gqsa_obs import obs_group_prune_quant
 from .gqsa_opt import FakeQuantLinear, _swap, bqpo_block, e2e_oqp
-from .runner import LayerData, run_layerwise
+from .runner import CalibrationError, LayerData, run_layerwise
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def target_linears(model, cfg: GQSAConfig) -> dict[str, nn.Linear]:
 
 
 class GQSALayerMethod:
-    """Runner method: per decoder layer, Wanda group scores -> mask -> RTN -> BQPO -> pack."""
+    """Runner method: per decoder layer, mask + grid (OBS/GPTQ, or Wanda scores + RTN) -> BQPO -> pack."""
 
     def __init__(self, model, cfg: GQSAConfig, seed: int = 0):
         self.cfg, self.seed = cfg, seed
@@ -53,25 +54,15 @@ class GQSALayerMethod:
         cfg, names = self.cfg, self._names(i)
         if not names:
             return {}
-        sq = {}
-
-        def make(rel):
-            def hook(mod, inputs, output):
-                x = inputs[0].reshape(-1, inputs[0].size(-1)).float()
-                sq[rel] = sq.get(rel, 0) + x.pow(2).sum(0)
-            return hook
-        # One pass gives both the dense block outputs (BQPO targets) and each linear's ||X_j||.
-        targets = data.forward(layer, i, hooks={layer.get_submodule(r): make(r) for r in names.values()})
-        fq = {}
-        for full, rel in names.items():
-            lin = layer.get_submodule(rel)
-            scores = group_scores(lin.weight, sq[rel].sqrt(), cfg.group_size)
-            cols = select_groups(scores, cfg.sparsity, cfg.tile_rows)
-            fq[rel] = FakeQuantLinear(lin, cols, cfg.group_size, cfg.bits)
+        inputs = data.hidden
+        if cfg.init == "obs":
+            targets, fq = self._init_obs(i, layer, data, names)
+        else:
+            targets, fq = self._init_rtn(i, layer, data, names)
         olds = {rel: _swap(layer, rel, m) for rel, m in fq.items()}
         try:
             if cfg.bqpo_steps > 0:
-                inputs, tgt = torch.cat(data.hidden), torch.cat(targets)
+                inputs, tgt = torch.cat(inputs), torch.cat(targets)
                 device = next(layer.parameters()).device
                 self.mse[i] = bqpo_block(layer, fq, inputs, tgt, lambda b: data.kwargs_for(i, b, device),
                                          cfg.bqpo_steps, cfg.bqpo_lr, cfg.bqpo_batch, self.seed + i, f"layer {i}")
@@ -85,6 +76,51 @@ class GQSALayerMethod:
             self.packed[full] = packed[rel]
             out.update(packed[rel].to_tensors(rel))
         return out
+
+    def _init_rtn(self, i, layer, data: LayerData, names):
+        """Wanda group scores on the dense block's inputs, min/max grid (version-1 behaviour)."""
+        cfg, sq = self.cfg, {}
+
+        def make(rel):
+            def hook(mod, inputs, output):
+                x = inputs[0].reshape(-1, inputs[0].size(-1)).float()
+                sq[rel] = sq.get(rel, 0) + x.pow(2).sum(0)
+            return hook
+        # One pass gives both the dense block outputs (BQPO targets) and each linear's ||X_j||.
+        targets = data.forward(layer, i, hooks={layer.get_submodule(r): make(r) for r in names.values()})
+        fq = {}
+        for rel in names.values():
+            lin = layer.get_submodule(rel)
+            cols = select_groups(group_scores(lin.weight, sq[rel].sqrt(), cfg.group_size), cfg.sparsity, cfg.tile_rows)
+            fq[rel] = FakeQuantLinear(lin, cols, cfg.group_size, cfg.bits)
+        return targets, fq
+
+    def _init_obs(self, i, layer, data: LayerData, names):
+        """OBS group pruning + GPTQ rounding, sequential inside the block: each linear's Gram matrix
+        comes from inputs that already pass through the earlier, compressed linears of the block."""
+        cfg, fq, last = self.cfg, {}, [None, None]
+        targets = data.forward(layer, i)
+
+        def make(rel):
+            def pre_hook(mod, args):
+                x = args[0]
+                # q/k/v (gate/up) share one input tensor: one Gram matrix for all of them.
+                if last[0] is not x:
+                    xf = x.reshape(-1, x.size(-1)).float()
+                    last[0], last[1] = x, xf.T @ xf
+                wq, cols, s, z = obs_group_prune_quant(mod.weight, last[1], cfg.group_size, cfg.bits,
+                                                       cfg.sparsity, cfg.tile_rows)
+                fq[rel] = FakeQuantLinear(mod, cols, cfg.group_size, cfg.bits, scale=s, zero=z, init_weight=wq)
+                mod.weight.copy_(wq.to(mod.weight.dtype))
+            return pre_hook
+        inputs = data.hidden
+        data.forward_joined(layer, i, {layer.get_submodule(r): make(r) for r in names.values()})
+        missing = sorted(set(names.values()) - set(fq))
+        if missing:
+            raise CalibrationError(f"layer {i}: {missing[0]} never ran in the layer's forward; cannot compress it")
+        # BQPO and packing change the weights again: let the runner recompute this layer's outputs.
+        data.hidden, data.advanced = inputs, None
+        return targets, fq
 
     def restore_layer(self, i: int, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         for full, rel in self._names(i).items():

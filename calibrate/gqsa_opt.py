@@ -37,19 +37,22 @@ class FakeQuantLinear(nn.Module):
     """Trainable stand-in for one target linear during BQPO / E2E-OQP. x: [..., in] -> [..., out].
 
     With `codes` given, the integer codes are frozen (stage 2) and only scale/zero train.
+    Without codes, `init_weight` ([out, in], default linear.weight) and scale/zero (default min/max
+    of each kept group) give the starting point of the trainable weights and grid.
     """
 
     def __init__(self, linear: nn.Linear, cols: torch.Tensor, group_size: int, bits: int,
                  codes: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                 zero: torch.Tensor | None = None):
+                 zero: torch.Tensor | None = None, init_weight: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group_size, self.bits, self.qmax = group_size, bits, 2 ** bits - 1
         self.register_buffer("cols", cols.long())
         self.bias = None if linear.bias is None else linear.bias.detach()
         if codes is None:
-            wg = gather_groups(linear.weight.detach().float(), self.cols, group_size)
-            s, z = minmax_params(wg, bits)
+            w0 = linear.weight if init_weight is None else init_weight
+            wg = gather_groups(w0.detach().float(), self.cols, group_size)
+            s, z = minmax_params(wg, bits) if scale is None else (scale.float(), zero.float())
             self.weight = nn.Parameter(wg.clone())
             self.codes = None
         else:

@@ -7,21 +7,28 @@ from typing import ClassVar
 from .base import ConfigError, MethodConfig, register_config
 
 
+INITS = ("obs", "rtn")
+
+
 @register_config
 @dataclass
 class GQSAConfig(MethodConfig):
     """bits: code width (2/3/4/8); sparsity: fraction of groups pruned per row, in [0, 1);
     group_size: consecutive input channels per group (must divide each target's in_features);
     tile_rows: rows sharing one set of kept groups (1 = per row; >1 lets the CPU path compact
-    pruned groups away). bqpo_*: stage-1 block optimisation; e2e_*: stage-2 scale/zero tuning."""
+    pruned groups away). init: how stage 1 starts — "obs" (second-order group pruning with joint
+    GPTQ rounding, errors folded into later columns through H^-1) or "rtn" (Wanda group scores,
+    round to nearest; version-1 behaviour). bqpo_*: stage-1 block optimisation; e2e_*: stage-2
+    scale/zero tuning."""
 
     method: ClassVar[str] = "gqsa"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
 
     bits: int = 4
     sparsity: float = 0.5
     group_size: int = 16
     tile_rows: int = 1
+    init: str = "obs"
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
     bqpo_steps: int = 8
@@ -31,7 +38,16 @@ class GQSAConfig(MethodConfig):
     e2e_lr: float = 2e-5
     e2e_batch: int = 2
 
+    @classmethod
+    def upgrade_params(cls, version, params):
+        # Version 1 had no `init`: its artifacts were made with Wanda scores + round to nearest.
+        if version == 1:
+            return {**params, "init": "rtn"}
+        return super().upgrade_params(version, params)
+
     def validate(self) -> None:
+        if self.init not in INITS:
+            raise ConfigError(f"gqsa: init={self.init!r} is not supported; choose one of {', '.join(INITS)}")
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"gqsa: bits={self.bits} is not supported; choose 2, 3, 4 or 8")
         if not isinstance(self.sparsity, (int, float)) or not (0.0 <= self.sparsity < 1.0):
