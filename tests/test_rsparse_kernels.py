@@ -19,6 +19,35 @@ def _case(out_f, in_f, r, tokens, dtype=torch.float32, seed=42):
     return c(x), c(w), scale.float(), c(down), c(up), c(bias)
 
 
+def _require_cpp():
+    import shutil
+
+    from accel.kernels.rsparse_linear import cpp_ext
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine: the C++ decode kernel falls back to COO")
+    assert cpp_ext.available(), "a C++ compiler is present but the R-Sparse kernel did not build"
+
+
+@pytest.mark.parametrize("shape", [(1000, 63, 500), (63, 1000, 31), (257, 4099, 0), (5, 3, 5)],
+                         ids=["1000x63_k500", "63x1000_k31", "257x4099_k0", "5x3_k5"])
+def test_cpp_sum_rows_matches_gather(shape):
+    from accel.kernels.rsparse_linear import cpp_ext
+
+    _require_cpp()
+    n_in, n_out, k = shape
+    g = torch.Generator().manual_seed(42)
+    wt = torch.randn(n_in, n_out, generator=g)
+    idx = torch.randperm(n_in, generator=g)[:k].sort().values
+    vals = torch.randn(k, generator=g)
+    ref = (vals.double() @ wt.double()[idx]).float()[None]
+    got = cpp_ext.sum_rows_f32(idx, vals, wt)
+    assert got.shape == (1, n_out)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpp_ext.sum_rows_f32(torch.tensor([n_in]), torch.ones(1), wt)
+
+
 def test_full_rank_all_lowrank_equals_dense():
     # threshold = +inf routes every channel low-rank; at full rank U Σ Vᵀ x = W x.
     x, w, scale, down, up, bias = _case(37, 53, 37, 5, torch.float64)
@@ -44,13 +73,19 @@ def test_lowrank_term_is_used():
     assert err_rs < 0.9 * err_sparse
 
 
-@pytest.mark.parametrize("fp32_path", ["embedding_bag", "sparse_mm"])
+@pytest.mark.parametrize("fp32_path", ["cpp", "embedding_bag", "sparse_mm"])
 @pytest.mark.parametrize("tokens", [1, 3, 8, 63], ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("r", [0, 5], ids=lambda r: f"r{r}")
 def test_cpu_matches_reference(tokens, r, fp32_path, monkeypatch):
     import accel.kernels.rsparse_linear.cpu as rs_cpu
+    from accel.kernels.rsparse_linear import cpp_ext
 
-    # fp32 weights this small take the embedding bag; force the COO path for large weights too.
+    if fp32_path == "cpp":
+        _require_cpp()
+    else:
+        # The fallbacks when the C++ kernel cannot build; small fp32 weights take the embedding
+        # bag, so force the COO path for large weights too.
+        monkeypatch.setattr(cpp_ext, "available", lambda: False)
     if fp32_path == "sparse_mm":
         monkeypatch.setattr(rs_cpu, "COO_MIN_NUMEL", 0)
     x, w, scale, down, up, bias = _case(1000, 63, r, tokens)
