@@ -65,6 +65,31 @@ torch::Tensor sum_rows_f32(torch::Tensor idx, torch::Tensor vals, torch::Tensor 
   });
   return y;
 }
+
+// One decode token, fused: y = W[:, S] x_S + up (down x_{not S}) + bias, S = {i : |x_i| > thr_i}.
+// x, thr: fp32 [in]; wt: [in, out]; down: [r, in] and up: [out, r] (r may be 0); bias: [out] or empty.
+torch::Tensor rsparse_gemv_f32(torch::Tensor x, torch::Tensor thr, torch::Tensor wt, torch::Tensor down,
+                               torch::Tensor up, torch::Tensor bias) {
+  TORCH_CHECK(x.is_contiguous() && thr.is_contiguous() && x.scalar_type() == torch::kFloat, "x, thr: fp32 contiguous");
+  const int64_t n_in = wt.size(0), n = wt.size(1), r = down.numel() ? down.size(0) : 0;
+  TORCH_CHECK(x.numel() == n_in && thr.numel() == n_in, "x / thr do not match wt");
+  const float* xp = x.data_ptr<float>();
+  const float* tp = thr.data_ptr<float>();
+  auto idx = torch::empty({n_in}, torch::dtype(torch::kLong));
+  auto vals = torch::empty({n_in}, torch::dtype(torch::kFloat));
+  auto rest = torch::zeros({n_in}, torch::dtype(torch::kFloat));
+  int64_t* ip = idx.data_ptr<int64_t>();
+  float* vp = vals.data_ptr<float>();
+  float* rp = rest.data_ptr<float>();
+  int64_t k = 0;
+  for (int64_t i = 0; i < n_in; ++i) {
+    if (std::abs(xp[i]) > tp[i]) { ip[k] = i; vp[k] = xp[i]; ++k; } else { rp[i] = xp[i]; }
+  }
+  auto y = sum_rows_f32(idx.narrow(0, 0, k), vals.narrow(0, 0, k), wt);
+  if (r) y.addmv_(up, torch::mv(down, rest));
+  if (bias.numel()) y.add_(bias);
+  return y;
+}
 """
 
 _lock = threading.Lock()
@@ -75,7 +100,7 @@ _tried = False
 def _build():
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline(name="accel_rsparse_cpu_v1", cpp_sources=[_SRC], functions=["sum_rows_f32"],
+    return load_inline(name="accel_rsparse_cpu_v2", cpp_sources=[_SRC], functions=["sum_rows_f32", "rsparse_gemv_f32"],
                        extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
 
 
@@ -100,6 +125,15 @@ def available() -> bool:
                             str(e).splitlines()[0] if str(e) else type(e).__name__)
         _tried = True
     return _mod is not None
+
+
+def rsparse_gemv_f32(x: torch.Tensor, thr: torch.Tensor, weight_t: torch.Tensor, down: torch.Tensor | None,
+                     up: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """One fp32 decode token, fused (mask, active-row sum, low-rank term, bias). x, thr: [in]
+    (thr = per-channel threshold on |x|); weight_t: [in, out]; down: [r, in]; up: [out, r] -> [out]."""
+    e = x.new_empty(0)
+    return _mod.rsparse_gemv_f32(x.contiguous(), thr.contiguous(), weight_t, e if down is None else down,
+                                 e if up is None else up, e if bias is None else bias)
 
 
 def sum_rows_f32(idx: torch.Tensor, vals: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:

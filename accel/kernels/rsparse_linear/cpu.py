@@ -42,8 +42,13 @@ def rsparse_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     x2 = x.reshape(-1, n_in)
     if thr_vec is None:
         thr_vec = channel_thresholds(scale, threshold)
-    m = (x2.abs() if x2.dtype == torch.float32 else x2.float().abs()) > thr_vec
     has_lr = down is not None and down.numel() > 0
+    if (x2.size(0) == 1 and weight_t is not None and x2.dtype == torch.float32
+            and weight_t.dtype == torch.float32 and cpp_ext.available()):
+        # Decode: one native call (each torch op costs microseconds at SmolLM2's sizes).
+        return cpp_ext.rsparse_gemv_f32(x2[0], thr_vec, weight_t, down if has_lr else None,
+                                        up if has_lr else None, bias).view(*lead, -1)
+    m = (x2.abs() if x2.dtype == torch.float32 else x2.float().abs()) > thr_vec
     if weight_t is None or x2.size(0) > GATHER_MAX_TOKENS:
         xs = x2 * m
         y = F.linear(xs, weight, bias)
