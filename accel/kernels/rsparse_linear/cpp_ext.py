@@ -97,10 +97,26 @@ _mod = None
 _tried = False
 
 
+def _cpu_tag() -> str:
+    """A short hash of this CPU's feature flags: the build uses -march=native, and torch's extension
+    cache (shared home directories, containers moved between hosts) must not hand the binary to a
+    CPU that lacks those instructions."""
+    import hashlib
+    import platform
+
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
 def _build():
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline(name="accel_rsparse_cpu_v2", cpp_sources=[_SRC], functions=["sum_rows_f32", "rsparse_gemv_f32"],
+    return load_inline(name=f"accel_rsparse_cpu_v2_{_cpu_tag()}", cpp_sources=[_SRC], functions=["sum_rows_f32", "rsparse_gemv_f32"],
                        extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
 
 
