@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -22,6 +23,7 @@ from accel.patches.targets import iter_linears
 
 from .gqsa_obs import obs_group_prune_quant
 from .gqsa_opt import FakeQuantLinear, _swap, bqpo_block, e2e_oqp
+from .owl import outlier_ratios, owl_sparsities
 from .runner import CalibrationError, LayerData, run_layerwise
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,10 @@ def target_linears(model, cfg: GQSAConfig) -> dict[str, nn.Linear]:
 class GQSALayerMethod:
     """Runner method: per decoder layer, mask + grid (OBS/GPTQ, or Wanda scores + RTN) -> BQPO -> pack."""
 
-    def __init__(self, model, cfg: GQSAConfig, seed: int = 0):
+    def __init__(self, model, cfg: GQSAConfig, seed: int = 0, layer_sparsity: dict[int, float] | None = None):
         self.cfg, self.seed = cfg, seed
+        # Per-layer sparsity (OWL allocation); layers not listed use cfg.sparsity.
+        self.layer_sparsity = dict(layer_sparsity or {})
         self.prefix = compat.SUPPORTED_MODEL_TYPES[compat.text_config(model.config).model_type]
         self.lins = target_linears(model, cfg)
         self.packed: dict[str, GQSAWeight] = {}
@@ -55,10 +59,12 @@ class GQSALayerMethod:
         if not names:
             return {}
         inputs = data.hidden
+        if i in self.layer_sparsity:
+            cfg = dataclasses.replace(cfg, sparsity=self.layer_sparsity[i])
         if cfg.init == "obs":
-            targets, fq = self._init_obs(i, layer, data, names)
+            targets, fq = self._init_obs(cfg, i, layer, data, names)
         else:
-            targets, fq = self._init_rtn(i, layer, data, names)
+            targets, fq = self._init_rtn(cfg, i, layer, data, names)
         olds = {rel: _swap(layer, rel, m) for rel, m in fq.items()}
         try:
             if cfg.bqpo_steps > 0:
@@ -77,9 +83,9 @@ class GQSALayerMethod:
             out.update(packed[rel].to_tensors(rel))
         return out
 
-    def _init_rtn(self, i, layer, data: LayerData, names):
+    def _init_rtn(self, cfg, i, layer, data: LayerData, names):
         """Wanda group scores on the dense block's inputs, min/max grid (version-1 behaviour)."""
-        cfg, sq = self.cfg, {}
+        sq = {}
 
         def make(rel):
             def hook(mod, inputs, output):
@@ -95,10 +101,10 @@ class GQSALayerMethod:
             fq[rel] = FakeQuantLinear(lin, cols, cfg.group_size, cfg.bits)
         return targets, fq
 
-    def _init_obs(self, i, layer, data: LayerData, names):
+    def _init_obs(self, cfg, i, layer, data: LayerData, names):
         """OBS group pruning + GPTQ rounding, sequential inside the block: each linear's Gram matrix
         comes from inputs that already pass through the earlier, compressed linears of the block."""
-        cfg, fq, last = self.cfg, {}, [None, None]
+        fq, last = {}, [None, None]
         targets = data.forward(layer, i)
 
         def make(rel):
@@ -134,6 +140,13 @@ class GQSALayerMethod:
             lin.weight.copy_(w.dequantize().to(lin.weight.dtype))
 
 
+def _model_sparsity(packed: dict[str, GQSAWeight]) -> float:
+    """Fraction of pruned weights over all packed linears (what the allocation achieved)."""
+    kept = sum(w.out_features * w.n_keep * w.group_size for w in packed.values())
+    total = sum(w.out_features * w.in_features for w in packed.values())
+    return 1.0 - kept / max(total, 1)
+
+
 def calibrate_gqsa(model, tok, cfg: GQSAConfig, spec: CalibrationSpec | None = None, *,
                    checkpoint_dir=None, progress: bool = True, samples: torch.Tensor | None = None) -> Artifact:
     """Stage 1 (+ stage 2 when cfg.e2e_steps > 0) on `model` in place; returns the artifact.
@@ -145,9 +158,16 @@ def calibrate_gqsa(model, tok, cfg: GQSAConfig, spec: CalibrationSpec | None = N
     t0 = time.perf_counter()
     if samples is None:
         samples = calibration_samples(tok, spec)
-    method = GQSALayerMethod(model, cfg, seed=spec.seed)
-    if not method.lins:
+    lins = target_linears(model, cfg)
+    if not lins:
         raise ConfigError("gqsa: no target linears selected")
+    layer_sparsity = None
+    if cfg.allocation == "owl" and cfg.sparsity > 0:
+        prefix = compat.SUPPORTED_MODEL_TYPES[compat.text_config(model.config).model_type]
+        ratios = outlier_ratios(model, samples, lins, prefix, cfg.owl_m, progress=progress)
+        layer_sparsity = owl_sparsities(ratios, cfg.sparsity, cfg.owl_lambda)
+        log.info("OWL layer sparsities: %s", ", ".join(f"{i}:{v:.3f}" for i, v in layer_sparsity.items()))
+    method = GQSALayerMethod(model, cfg, seed=spec.seed, layer_sparsity=layer_sparsity)
     run_key = {"method": "gqsa", "config": cfg.to_dict(), "calibration": spec.to_dict()}
     stats = run_layerwise(model, samples, method, checkpoint_dir=checkpoint_dir, run_key=run_key,
                           progress=progress, desc="GQSA stage 1 (BQPO)")
@@ -159,5 +179,7 @@ def calibrate_gqsa(model, tok, cfg: GQSAConfig, spec: CalibrationSpec | None = N
         tensors.update({f"gqsa/{k}": v for k, v in w.to_tensors(name).items()})
     calib = {**spec.to_dict(), "stage1_seconds": round(t1 - t0, 1),
              "stage2_seconds": round(time.perf_counter() - t1, 1), "resumed_layers": stats.resumed_layers,
-             "bqpo_mse": {str(k): list(v) for k, v in method.mse.items()}}
+             "bqpo_mse": {str(k): list(v) for k, v in method.mse.items()},
+             "layer_sparsity": {str(k): round(v, 4) for k, v in (layer_sparsity or {}).items()},
+             "model_sparsity": round(_model_sparsity(packed), 4)}
     return Artifact.for_model(model, [cfg], tensors, calibration=calib)

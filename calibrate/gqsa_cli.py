@@ -15,7 +15,8 @@ def _cmd(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = GQSAConfig(bits=args.bits, sparsity=args.sparsity, group_size=args.group_size,
-                     tile_rows=args.tile_rows, init=args.init, bqpo_steps=args.bqpo_steps, bqpo_lr=args.bqpo_lr,
+                     tile_rows=args.tile_rows, init=args.init, allocation=args.allocation,
+                     owl_lambda=args.owl_lambda, bqpo_steps=args.bqpo_steps, bqpo_lr=args.bqpo_lr,
                      bqpo_batch=args.bqpo_batch, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr)
     spec = CalibrationSpec(source=args.source, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     model, tok = accel.models.load(args.model)
@@ -37,6 +38,9 @@ def register(cli) -> None:
                    help="rows sharing kept groups (1 = per row; e.g. 192 lets the CPU path compact)")
     p.add_argument("--init", default="obs", choices=["obs", "rtn"],
                    help="stage-1 start: obs = second-order group pruning + GPTQ rounding; rtn = Wanda scores + RTN")
+    p.add_argument("--allocation", default="owl", choices=["owl", "uniform"],
+                   help="layer sparsities: owl = spread by outlier ratio (same mean); uniform = all at --sparsity")
+    p.add_argument("--owl-lambda", type=float, default=0.25, help="OWL spread: layer sparsity within ±lambda")
     p.add_argument("--bqpo-steps", type=int, default=8, help="stage-1 Adam steps per decoder block")
     p.add_argument("--bqpo-lr", type=float, default=3e-4)
     p.add_argument("--bqpo-batch", type=int, default=2, help="calibration samples per BQPO step")

@@ -16,7 +16,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ROWS = ("dense", "rtn-w4-g64", "rtn-w2-g16", "wanda-2:4", "gqsa-w4s50-g16-rtn", "gqsa-w4s50-g16", "gqsa-w4s50-g16+e2e",
+ROWS = ("dense", "rtn-w4-g64", "rtn-w2-g16", "wanda-2:4", "gqsa-w4s50-g16-rtn", "gqsa-w4s50-g16-uniform", "gqsa-w4s50-g16",
+        "gqsa-w4s50-g16+e2e",
         "gqsa-w3s50-g16", "gqsa-w4s50-g24", "gqsa-w4s50-g32", "gqsa-w4s50-g32-tile192")
 
 
@@ -75,16 +76,20 @@ def _row(name: str, base, tok, spec, samples, opts: dict, cache: dict):
         return model, "fp32 weights, 2:4 (inline Wanda)", time.perf_counter() - t0
     if name.startswith("gqsa"):
         base_name = name.split("+")[0]
-        m = re.fullmatch(r"gqsa-w(\d)s50-g(\d+)(?:-tile(\d+))?(-rtn)?", base_name)
+        m = re.fullmatch(r"gqsa-w(\d)s50-g(\d+)(?:-tile(\d+))?(-rtn|-uniform)?", base_name)
         if m is None:
             raise ValueError(f"unknown sweep row {name!r}; known: {', '.join(ROWS)}")
         bits, g, tile = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
-        init = "rtn" if m.group(4) else "obs"
-        cfg = GQSAConfig(bits=bits, sparsity=0.5, group_size=g, tile_rows=tile, init=init, bqpo_steps=opts["bqpo_steps"],
+        # "-rtn": the version-1 recipe (Wanda scores + RTN, uniform); "-uniform": OBS start, no OWL.
+        init = "rtn" if m.group(4) == "-rtn" else "obs"
+        alloc = "uniform" if m.group(4) else "owl"
+        cfg = GQSAConfig(bits=bits, sparsity=0.5, group_size=g, tile_rows=tile, init=init, allocation=alloc,
+                         bqpo_steps=opts["bqpo_steps"],
                          bqpo_batch=opts["bqpo_batch"], bqpo_lr=opts["bqpo_lr"])
         grid = f"int{bits} asym, g={g}{' (Q4_1-aligned)' if g % 32 == 0 or 32 % g == 0 else ' (not aligned)'}, " \
                f"50% groups pruned per {'row' if tile == 1 else f'{tile}-row tile'}, " \
-               f"{'Wanda group scores + RTN start' if init == 'rtn' else 'OBS/GPTQ start'}"
+               f"{'Wanda group scores + RTN start' if init == 'rtn' else 'OBS/GPTQ start'}, " \
+               f"{'uniform over layers' if alloc == 'uniform' else f'OWL layer allocation (lambda {cfg.owl_lambda})'}"
         if name.endswith("+e2e") and base_name in cache:
             model, packed = cache[base_name]
             model = copy.deepcopy(model)

@@ -114,3 +114,42 @@ def test_sweep_rows_name_their_stage1_start(row, start):
     assert start in grid and model is not base
     with pytest.raises(ValueError, match="unknown sweep row"):
         _row("gqsa-w4s50-gx", base, None, None, x, opts, {})
+
+
+def test_owl_sparsities_keep_the_mean_and_favour_outlier_layers():
+    from accel.calibrate.owl import owl_sparsities
+
+    ratios = {0: 0.012, 1: 0.004, 2: 0.005, 3: 0.009}
+    s = owl_sparsities(ratios, 0.5, 0.2)
+    assert abs(sum(s.values()) / 4 - 0.5) < 1e-9
+    assert s[0] == min(s.values()) and s[1] == max(s.values())
+    assert abs((s[1] - s[0]) - 0.4) < 1e-9  # the spread is 2·lambda
+    # lambda is capped so every layer stays in [0, 1); equal ratios give the uniform allocation.
+    hi = owl_sparsities(ratios, 0.9, 0.5)
+    assert all(0.0 <= v < 1.0 for v in hi.values()) and abs(sum(hi.values()) / 4 - 0.9) < 1e-9
+    assert owl_sparsities({0: 0.1, 1: 0.1}, 0.5, 0.2) == {0: 0.5, 1: 0.5}
+
+
+def test_calibrate_with_owl_allocation_varies_layers_and_keeps_the_mean():
+    from accel.calibrate.gqsa import calibrate_gqsa
+
+    model = accel.models.tiny("llama")
+    x = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(42))
+    cfg = GQSAConfig(bits=4, sparsity=0.5, group_size=8, allocation="owl", owl_lambda=0.2, bqpo_steps=0)
+    art = calibrate_gqsa(model, None, cfg, samples=x, progress=False)
+    ls = art.calibration["layer_sparsity"]
+    assert len(ls) == len(compat.decoder_layers(model)) and len(set(ls.values())) > 1
+    assert abs(sum(ls.values()) / len(ls) - 0.5) < 1e-3
+    assert abs(art.calibration["model_sparsity"] - 0.5) < 0.05
+    uni = calibrate_gqsa(accel.models.tiny("llama"), None, GQSAConfig(bits=4, sparsity=0.5, group_size=8,
+                         allocation="uniform", bqpo_steps=0), samples=x, progress=False)
+    assert uni.calibration["layer_sparsity"] == {} and abs(uni.calibration["model_sparsity"] - 0.5) < 1e-9
+
+
+def test_config_allocation_checks():
+    with pytest.raises(ConfigError, match="allocation='owl2'"):
+        GQSAConfig(allocation="owl2")
+    with pytest.raises(ConfigError, match="owl_lambda"):
+        GQSAConfig(owl_lambda=1.5)
+    old = config_from_dict({"method": "gqsa", "version": 1, "params": {"bits": 4}})
+    assert old.allocation == "uniform"

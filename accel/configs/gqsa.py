@@ -8,6 +8,7 @@ from .base import ConfigError, MethodConfig, register_config
 
 
 INITS = ("obs", "rtn")
+ALLOCATIONS = ("owl", "uniform")
 
 
 @register_config
@@ -18,7 +19,9 @@ class GQSAConfig(MethodConfig):
     tile_rows: rows sharing one set of kept groups (1 = per row; >1 lets the CPU path compact
     pruned groups away). init: how stage 1 starts — "obs" (second-order group pruning with joint
     GPTQ rounding, errors folded into later columns through H^-1) or "rtn" (Wanda group scores,
-    round to nearest; version-1 behaviour). bqpo_*: stage-1 block optimisation; e2e_*: stage-2
+    round to nearest; version-1 behaviour). allocation: "uniform" (every layer at `sparsity`) or
+    "owl" (layer sparsities spread over ±owl_lambda by each layer's share of Wanda-score outliers
+    above owl_m × its mean, same mean; see calibrate/owl.py). bqpo_*: stage-1 block optimisation; e2e_*: stage-2
     scale/zero tuning."""
 
     method: ClassVar[str] = "gqsa"
@@ -29,6 +32,9 @@ class GQSAConfig(MethodConfig):
     group_size: int = 16
     tile_rows: int = 1
     init: str = "obs"
+    allocation: str = "owl"
+    owl_lambda: float = 0.25
+    owl_m: float = 5.0
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
     bqpo_steps: int = 8
@@ -42,12 +48,17 @@ class GQSAConfig(MethodConfig):
     def upgrade_params(cls, version, params):
         # Version 1 had no `init`: its artifacts were made with Wanda scores + round to nearest.
         if version == 1:
-            return {**params, "init": "rtn"}
+            return {**params, "init": "rtn", "allocation": "uniform"}
         return super().upgrade_params(version, params)
 
     def validate(self) -> None:
         if self.init not in INITS:
             raise ConfigError(f"gqsa: init={self.init!r} is not supported; choose one of {', '.join(INITS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"gqsa: allocation={self.allocation!r} is not supported; choose one of "
+                              f"{', '.join(ALLOCATIONS)}")
+        if not (0.0 <= self.owl_lambda < 1.0) or self.owl_m <= 0:
+            raise ConfigError(f"gqsa: owl_lambda={self.owl_lambda} must be in [0, 1) and owl_m={self.owl_m} > 0")
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"gqsa: bits={self.bits} is not supported; choose 2, 3, 4 or 8")
         if not isinstance(self.sparsity, (int, float)) or not (0.0 <= self.sparsity < 1.0):
