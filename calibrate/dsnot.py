@@ -93,8 +93,10 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
     pruned0 = ~keep
     eps = (c.double() * pruned0).sum(dim=1)
     eps0 = eps.clone()
-    rows = torch.arange(out)
-    inf = torch.tensor(float("inf"))
+    # Every tensor below lives on the weight's device (the runner may calibrate on an accelerator).
+    dev = w.device
+    rows = torch.arange(out, device=dev)
+    inf = torch.tensor(float("inf"), device=dev)
     if objective == "mse-diag":
         # Per-token units: the mean error is eps / L; Var term d_i = sum_{j pruned} W_ij^2 Var_j.
         wv = w.double().pow(2) * var.double().clamp_min(0).unsqueeze(0)
@@ -115,8 +117,8 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
     g = torch.where(pruned0, c / var.float().clamp_min(1e-12).pow(pow_var).unsqueeze(0), torch.zeros(()))
     g_hi = g.topk(k, dim=1, largest=True).indices
     g_lo = g.topk(k, dim=1, largest=False).indices
-    top = torch.zeros(out, dtype=torch.long)
-    bot = torch.zeros(out, dtype=torch.long)
+    top = torch.zeros(out, dtype=torch.long, device=dev)
+    bot = torch.zeros(out, dtype=torch.long, device=dev)
 
     if nm is None:
         # Pruning candidates: kept weights of each sign, lowest Wanda score first.
@@ -124,15 +126,15 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
         key_pos = torch.where(keep & (c > 0), wscore, inf)
         neg_order = key_neg.topk(k, dim=1, largest=False).indices
         pos_order = key_pos.topk(k, dim=1, largest=False).indices
-        pn = torch.zeros(out, dtype=torch.long)
-        pp = torch.zeros(out, dtype=torch.long)
+        pn = torch.zeros(out, dtype=torch.long, device=dev)
+        pp = torch.zeros(out, dtype=torch.long, device=dev)
     else:
         m = nm[1]
         # Kept weights that may still be pruned; a grown weight is never pruned again.
         key_nm = torch.where(keep, wscore, inf)
 
-    swaps = torch.zeros(out, dtype=torch.long)
-    active = torch.ones(out, dtype=torch.bool)
+    swaps = torch.zeros(out, dtype=torch.long, device=dev)
+    active = torch.ones(out, dtype=torch.bool, device=dev)
     cycles = 0
     for cycles in range(1, max_cycles + 1):
         active &= eps.abs() > threshold

@@ -113,12 +113,14 @@ def bqpo_block(layer: nn.Module, fq: dict[str, FakeQuantLinear], inputs: torch.T
     for p in params_w + params_q:
         p.requires_grad_(True)
     g = torch.Generator().manual_seed(seed)
+    # The runner keeps activations on the CPU; the layer may live on an accelerator.
+    device = next(layer.parameters()).device
     first = last = float("nan")
     for step in range(steps):
         idx = torch.randperm(inputs.size(0), generator=g)[:batch]
         with torch.enable_grad():
-            y = _layer_out(layer, inputs[idx], kwargs_fn(len(idx)))
-            loss = F.mse_loss(y.float(), targets[idx].float())
+            y = _layer_out(layer, inputs[idx].to(device), kwargs_fn(len(idx)))
+            loss = F.mse_loss(y.float(), targets[idx].to(device).float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -139,6 +141,7 @@ def e2e_oqp(model: nn.Module, packed: dict[str, GQSAWeight], samples: torch.Tens
     if steps <= 0:
         return packed
     fqs, olds = {}, {}
+    device = next(model.parameters()).device
     req = {n: p.requires_grad for n, p in model.named_parameters()}
     for name, w in packed.items():
         lin = model.get_submodule(name)
@@ -156,7 +159,7 @@ def e2e_oqp(model: nn.Module, packed: dict[str, GQSAWeight], samples: torch.Tens
         g = torch.Generator().manual_seed(seed)
         bar = tqdm(range(steps), desc="E2E-OQP", disable=not progress)
         for step in bar:
-            ids = samples[torch.randperm(samples.size(0), generator=g)[:batch]]
+            ids = samples[torch.randperm(samples.size(0), generator=g)[:batch]].to(device)
             with torch.enable_grad():
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 opt.zero_grad(set_to_none=True)

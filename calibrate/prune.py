@@ -54,9 +54,10 @@ class InputStats:
         self.count += x.size(0)
 
     @classmethod
-    def zeros(cls, n_in: int, gram: bool = False) -> "InputStats":
-        """Empty accumulators for a linear with `n_in` inputs; gram: also accumulate X^T X."""
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    def zeros(cls, n_in: int, gram: bool = False, device=None) -> "InputStats":
+        """Empty accumulators for a linear with `n_in` inputs on `device` (the linear's: its inputs
+        arrive there); gram: also accumulate X^T X."""
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         return cls(z(n_in), z(n_in), xtx=z(n_in, n_in) if gram else None)
 
     @property
@@ -136,7 +137,7 @@ class _LayerPruner:
         if self.joined:
             self._joined_pass(i, layer, data, lins, out)
             return out
-        stats = {n: InputStats.zeros(m.in_features, self.cfg.needs_gram) for n, m in lins.items()}
+        stats = {n: InputStats.zeros(m.in_features, self.cfg.needs_gram, m.weight.device) for n, m in lins.items()}
         # early_exit: the stats pass need not compute what comes after the last targeted input.
         linear_input_stats(layer, data, i, lins, lambda n, x: stats[n].add(x), early_exit=True)
         for name, lin in lins.items():
@@ -152,7 +153,7 @@ class _LayerPruner:
             def pre_hook(mod, args):
                 x = args[0]
                 if last[0] is not x:
-                    st = InputStats.zeros(mod.in_features, self.cfg.needs_gram)
+                    st = InputStats.zeros(mod.in_features, self.cfg.needs_gram, mod.weight.device)
                     st.add(x.reshape(-1, x.size(-1)).float())
                     last[0], last[1] = x, st
                 self._prune(name, mod, last[1], out)

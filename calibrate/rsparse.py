@@ -109,7 +109,8 @@ class _StatsMethod:
         linear_input_stats(layer, data, i, mods, lambda n, x: xs[n].append(x))
         out = {}
         for n in names:
-            x = torch.cat(xs.pop(n)).abs()
+            # Statistics live on the CPU (checkpoints, the search) whatever device the layer runs on.
+            x = torch.cat(xs.pop(n)).abs().cpu()
             if not torch.isfinite(x).all():
                 raise CalibrationError(f"non-finite activations at the input of {n}")
             flat_idx = None

@@ -49,7 +49,7 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         if bad.any():
             rows = bad.nonzero().squeeze(1)
             idx = torch.sort(scores[rows], dim=1, stable=True).indices[:, :k]
-            sub = torch.ones(len(rows), n_in, dtype=torch.bool)
+            sub = torch.ones(len(rows), n_in, dtype=torch.bool, device=scores.device)
             sub.scatter_(1, idx, False)
             keep[rows] = sub
     return keep
@@ -108,7 +108,7 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, nm: tuple[int, int] | 
         return nm_mask(scores, *nm)
     check_sparsity(sparsity)
     k = int(sparsity * scores.numel())
-    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if k:
         idx = torch.sort(scores.flatten(), stable=True).indices[:k]
         keep[idx] = False
