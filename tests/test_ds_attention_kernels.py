@@ -83,11 +83,55 @@ def test_selection_matches_reference(path, shape):
     assert set(range(SINK)) <= sel and set(range(T - RECENT, T)) <= sel
 
 
-ATTENDERS = {"cpu": ds_cpu.ds_attend_cpu, "triton": ds_triton.ds_attend_triton}
+def _attend_cpu_torch(*args, **kwargs):
+    """The CPU path without its optional C++ kernel (what runs where no compiler is present)."""
+    from unittest import mock
+
+    with mock.patch.object(ds_cpu.cpp_ext, "load", lambda: None):
+        return ds_cpu.ds_attend_cpu(*args, **kwargs)
+
+
+ATTENDERS = {"cpu": ds_cpu.ds_attend_cpu, "cpu-torch": _attend_cpu_torch, "triton": ds_triton.ds_attend_triton}
+
+
+def test_cpp_attend_kernel_builds_and_checks_rows():
+    import shutil
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine: the CPU path uses its torch gather")
+    mod = ds_cpu.cpp_ext.load()
+    assert mod is not None, "a C++ compiler is present but the DS attention kernel did not build"
+    q, k, v, labels, channels = make_inputs(63, 3, 64)
+    idx = torch.full((1, KVH, 5), 63 * KVH)  # one past the last flat row
+    kflat, vflat = k.reshape(-1, 64), v.reshape(-1, 64)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ds_cpu.cpp_ext.ds_attend_f32(mod, q, kflat, vflat, idx, idx, 3, 0.125)
+
+
+@pytest.mark.parametrize("T,k", [(63, 8), (1000, 62), (4097, 256), (7, 7), (10, 0)], ids=lambda v: str(v))
+def test_cpp_topk_selects_the_largest_values(T, k):
+    import shutil
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine: the CPU path uses torch.topk")
+    mod = ds_cpu.cpp_ext.load()
+    g = torch.Generator().manual_seed(42)
+    s = torch.randn(5, T, generator=g)
+    s[0, :4] = float("inf")                               # forced sink tokens
+    s[1, -3:] = torch.finfo(torch.float32).max            # forced recent tokens
+    s[2] = 0.25                                           # all tied: any k of them
+    s[3, : T // 2] = float("-inf")                        # masked (padding) tokens
+    s[4] = torch.randint(0, 3, (T,), generator=g).float()  # heavy ties at the k-th value
+    got = ds_cpu.cpp_ext.topk_rows_f32(mod, s, k)
+    assert got.shape == (5, k)
+    want = torch.topk(s, k, dim=-1).values
+    for i in range(5):
+        assert len(set(got[i].tolist())) == k
+        assert torch.equal(s[i, got[i]].sort().values, want[i].sort().values)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("path", ["cpu", "triton"])
+@pytest.mark.parametrize("path", ["cpu", "cpu-torch", "triton"])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_attend_error_within_2x_torch(path, shape, dtype):
     T, G, D = shape

@@ -5,20 +5,15 @@ stream, and reads the active half of a 4096² fp32 weight at ~13 GB/s while the 
 at ~19 GB/s (1 thread, this VM). Summing four active rows per pass keeps four streams in flight
 and the output chunk in L1. Output columns are split over torch's intra-op threads.
 
-Built with `torch.utils.cpp_extension.load_inline` (needs a C++ compiler and ninja) into torch's
-extension cache, once per machine (~30–60 s). If the build fails, or ACCEL_CPP=0, `available()` is
-False and callers keep the COO path: the result is the same up to fp32 summation order.
+Built through `accel/kernels/_cpp.py` (needs a C++ compiler and ninja), once per machine. If the
+build fails, or ACCEL_CPP=0, `available()` is False and callers keep the COO path: the result is
+the same up to fp32 summation order.
 """
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import threading
-
 import torch
 
-log = logging.getLogger(__name__)
+from .. import _cpp
 
 _SRC = r"""
 #include <torch/extension.h>
@@ -92,54 +87,14 @@ torch::Tensor rsparse_gemv_f32(torch::Tensor x, torch::Tensor thr, torch::Tensor
 }
 """
 
-_lock = threading.Lock()
 _mod = None
-_tried = False
-
-
-def _cpu_tag() -> str:
-    """A short hash of this CPU's feature flags: the build uses -march=native, and torch's extension
-    cache (shared home directories, containers moved between hosts) must not hand the binary to a
-    CPU that lacks those instructions."""
-    import hashlib
-    import platform
-
-    flags = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags += next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
-
-
-def _build():
-    from torch.utils.cpp_extension import load_inline
-
-    return load_inline(name=f"accel_rsparse_cpu_v2_{_cpu_tag()}", cpp_sources=[_SRC], functions=["sum_rows_f32", "rsparse_gemv_f32"],
-                       extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
 
 
 def available() -> bool:
-    """Build (once per process; torch caches the binary across processes) and report success."""
-    global _mod, _tried
-    if _tried:
-        return _mod is not None
-    with _lock:
-        if _tried:
-            return _mod is not None
-        if os.environ.get("ACCEL_CPP", "1") == "0":
-            log.info("R-Sparse C++ decode kernel disabled by ACCEL_CPP=0; using the COO path")
-        elif shutil.which(os.environ.get("CXX", "c++")) is None:
-            log.info("no C++ compiler found: R-Sparse fp32 decode uses the COO path")
-        else:
-            try:
-                log.info("building the R-Sparse C++ decode kernel (once per machine)")
-                _mod = _build()
-            except Exception as e:  # any build failure leaves the exact COO fallback in place
-                log.warning("R-Sparse C++ decode kernel failed to build (%s); using the COO path",
-                            str(e).splitlines()[0] if str(e) else type(e).__name__)
-        _tried = True
+    """Build (once per process) and report success; False keeps the COO path."""
+    global _mod
+    _mod = _cpp.load("rsparse_cpu_v2", _SRC, ["sum_rows_f32", "rsparse_gemv_f32"],
+                     "R-Sparse fp32 decode uses the COO path")
     return _mod is not None
 
 

@@ -1,0 +1,180 @@
+"""Optional C++ kernels for the DS CPU path, built on first use: attention over the selected tokens
+(fp32, no padding mask) and an unordered top-k (radix select).
+
+Why native code: the torch path gathers the selected K and V rows into buffers (`index_select`:
+read + write) and then reads the copies again in two matmuls; at 32K tokens and 1/16 that gather
+is the largest cost of a DS decode step. This kernel reads each selected K row and V row once,
+straight from the cache: per (batch, KV head), logits of the G query heads, softmax, and the
+weighted V sum, with (batch, KV head) pairs split over torch's intra-op threads.
+
+Same math as `cpu.ds_attend_cpu` (fp32 accumulation; results differ only in summation order).
+Without a compiler, or with ACCEL_CPP=0, `load()` gives None and the torch path runs.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _cpp
+
+_SRC = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+static constexpr int64_t PF = 16;
+
+static inline void prefetch_row(const float* row, int64_t D) {
+  for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(row + d, 0, 3);
+}
+
+// q: [B*H, D] fp32; kflat/vflat: row-major [rows, D] fp32 views of the caches (row stride D);
+// krows/vrows: [B*KVH, n] int64 flat rows of the selected tokens. Returns [B*H, D].
+torch::Tensor ds_attend_f32(torch::Tensor q, torch::Tensor kflat, torch::Tensor vflat, torch::Tensor krows,
+                            torch::Tensor vrows, int64_t G, double scaling) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && kflat.scalar_type() == torch::kFloat &&
+              vflat.scalar_type() == torch::kFloat, "fp32 only");
+  TORCH_CHECK(q.is_contiguous() && krows.is_contiguous() && vrows.is_contiguous(), "contiguous q / rows");
+  const int64_t D = q.size(1), BK = krows.size(0), n = krows.size(1);
+  TORCH_CHECK(kflat.stride(0) == D && kflat.stride(1) == 1 && vflat.stride(0) == D && vflat.stride(1) == 1,
+              "K/V views must have row stride D");
+  TORCH_CHECK(q.size(0) == BK * G && vrows.size(0) == BK && vrows.size(1) == n, "shape mismatch");
+  const int64_t krow_max = kflat.size(0), vrow_max = vflat.size(0);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = kflat.data_ptr<float>();
+  const float* vp = vflat.data_ptr<float>();
+  const int64_t* kr = krows.data_ptr<int64_t>();
+  const int64_t* vr = vrows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < BK * n; ++i)
+    TORCH_CHECK(kr[i] >= 0 && kr[i] < krow_max && vr[i] >= 0 && vr[i] < vrow_max, "selected row out of range");
+  auto out = torch::zeros({BK * G, D}, q.options());
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scaling);
+  at::parallel_for(0, BK, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> logit(G * n);
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* qg = qp + p * G * D;
+      const int64_t* rk = kr + p * n;
+      const int64_t* rv = vr + p * n;
+      for (int64_t j = 0; j < PF && j < n; ++j) prefetch_row(kp + rk[j] * D, D);
+      for (int64_t j = 0; j < n; ++j) {
+        // Selected rows are scattered over the cache: prefetch PF rows ahead so that many
+        // cache misses are in flight (a plain loop waits on one row at a time).
+        if (j + PF < n) prefetch_row(kp + rk[j + PF] * D, D);
+        const float* __restrict__ krow = kp + rk[j] * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* __restrict__ qq = qg + g * D;
+          float acc = 0.f;
+          #pragma omp simd reduction(+:acc)
+          for (int64_t d = 0; d < D; ++d) acc += qq[d] * krow[d];
+          logit[g * n + j] = acc * sc;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* l = logit.data() + g * n;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, l[j]);
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) { l[j] = std::exp(l[j] - mx); sum += l[j]; }
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < n; ++j) l[j] *= inv;
+      }
+      float* og = op + p * G * D;
+      for (int64_t j = 0; j < PF && j < n; ++j) prefetch_row(vp + rv[j] * D, D);
+      for (int64_t j = 0; j < n; ++j) {
+        if (j + PF < n) prefetch_row(vp + rv[j + PF] * D, D);
+        const float* __restrict__ vrow = vp + rv[j] * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = logit[g * n + j];
+          float* __restrict__ o = og + g * D;
+          #pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] += w * vrow[d];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Order-preserving map of a float to uint32 (larger float -> larger key; -inf lowest, +inf highest).
+static inline uint32_t fkey(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Indices of the k largest entries of each row of s: [R, T] fp32 -> [R, k] int64, unordered.
+// Radix select on the order-preserving keys: 11/11/10-bit histograms, each later pass only over the
+// bucket that holds the k-th value, so a row costs about two passes over T (torch.topk sorts a heap).
+torch::Tensor topk_rows_f32(torch::Tensor s, int64_t k) {
+  TORCH_CHECK(s.dim() == 2 && s.scalar_type() == torch::kFloat && s.is_contiguous(), "s: fp32 [R, T] contiguous");
+  const int64_t R = s.size(0), T = s.size(1);
+  TORCH_CHECK(k >= 0 && k <= T, "k out of range");
+  auto out = torch::empty({R, k}, torch::dtype(torch::kLong));
+  const float* sp = s.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<uint32_t> keys(T);
+    std::vector<int64_t> cand, next;
+    std::vector<int64_t> hist(2048);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = sp + r * T;
+      int64_t* o = op + r * k;
+      int64_t n_out = 0, need = k;
+      if (need == 0) continue;
+      for (int64_t t = 0; t < T; ++t) keys[t] = fkey(row[t]);
+      cand.resize(T);
+      for (int64_t t = 0; t < T; ++t) cand[t] = t;
+      const int shifts[3] = {21, 10, 0};
+      const uint32_t masks[3] = {0x7FFu, 0x7FFu, 0x3FFu};
+      for (int pass = 0; pass < 3 && need > 0; ++pass) {
+        const int sh = shifts[pass];
+        const uint32_t m = masks[pass];
+        std::fill(hist.begin(), hist.end(), 0);
+        for (int64_t c : cand) hist[(keys[c] >> sh) & m]++;
+        int64_t b = static_cast<int64_t>(m), above = 0;
+        while (above + hist[b] < need) { above += hist[b]; --b; }
+        next.clear();
+        for (int64_t c : cand) {
+          const int64_t kb = (keys[c] >> sh) & m;
+          if (kb > b) o[n_out++] = c;
+          else if (kb == b) next.push_back(c);
+        }
+        need -= above;
+        if (static_cast<int64_t>(next.size()) == need || pass == 2) {
+          // The whole bucket fits, or the keys are equal in every bit: take any `need` of them.
+          for (int64_t j = 0; j < need; ++j) o[n_out++] = next[j];
+          need = 0;
+        }
+        cand.swap(next);
+      }
+    }
+  });
+  return out;
+}
+"""
+
+
+def load():
+    """The built extension, or None (the caller keeps the torch path)."""
+    return _cpp.load("ds_attend_v3", _SRC, ["ds_attend_f32", "topk_rows_f32"],
+                     "DS decode uses torch's gather and topk")
+
+
+def topk_rows_f32(mod, s: torch.Tensor, k: int) -> torch.Tensor:
+    """s: [..., T] fp32 -> [..., k] int64 indices of the k largest (unordered; ties broken arbitrarily)."""
+    lead = s.shape[:-1]
+    return mod.topk_rows_f32(s.reshape(-1, s.shape[-1]).contiguous(), int(k)).view(*lead, int(k))
+
+
+def ds_attend_f32(mod, q: torch.Tensor, kflat: torch.Tensor, vflat: torch.Tensor, krows: torch.Tensor,
+                  vrows: torch.Tensor, G: int, scaling: float) -> torch.Tensor:
+    """q: [B, H, 1, D] fp32; kflat/vflat: [rows, D]; krows/vrows: [B, KVH, n] flat rows -> [B, H, 1, D]."""
+    B, H, _, D = q.shape
+    BK = krows.shape[0] * krows.shape[1]
+    out = mod.ds_attend_f32(q.reshape(B * H, D).contiguous(), kflat, vflat, krows.reshape(BK, -1).contiguous(),
+                            vrows.reshape(BK, -1).contiguous(), G, float(scaling))
+    return out.view(B, H, 1, D)
