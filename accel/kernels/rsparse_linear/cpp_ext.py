@@ -108,5 +108,6 @@ def rsparse_gemv_f32(x: torch.Tensor, thr: torch.Tensor, weight_t: torch.Tensor,
 
 
 def sum_rows_f32(idx: torch.Tensor, vals: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """idx: int64 [K] rows of weight_t: fp32 [in, out]; vals: fp32 [K] -> [1, out] = vals @ weight_t[idx]."""
+    """idx: int64 [K] rows of weight_t: fp32 [in, out]; vals: fp32 [K] -> [1, out] = vals @ weight_t[idx].
+    The active-row sum inside `rsparse_gemv_f32`, exposed for its own test."""
     return _mod.sum_rows_f32(idx, vals, weight_t).view(1, -1)

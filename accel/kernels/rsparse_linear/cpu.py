@@ -86,8 +86,6 @@ def _sum_active_rows(cols: torch.Tensor, vals: torch.Tensor, weight_t: torch.Ten
     (so the COO matrix is coalesced by construction); None = one token. The op is chosen by dtype
     and size as the module docstring measures."""
     n_tokens = 1 if counts is None else counts.numel()
-    if counts is None and vals.dtype == torch.float32 and cpp_ext.available():
-        return cpp_ext.sum_rows_f32(cols, vals, weight_t)
     if vals.dtype == torch.float32 and weight_t.numel() >= COO_MIN_NUMEL:
         rows = torch.zeros_like(cols) if rows is None else rows
         sp = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n_tokens, weight_t.size(0)),
