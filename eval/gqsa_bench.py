@@ -34,9 +34,10 @@ def _interleaved(fns: dict, rounds: int, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def bench_gemv(shapes=SHAPES, batches=(1, 8), group_size: int = 32, tile_rows: int = 192,
+def bench_gemv(shapes=SHAPES, batches=(1, 8), group_size: int = 16, tile_rows: int = 1,
                sparsity: float = 0.5, rounds: int = 7, seed: int = 42) -> list[dict]:
-    """ms per call of dense bf16 F.linear, dense int4 (aten, same group size) and GQSA W4S50."""
+    """ms per call of dense bf16 F.linear, dense int4 (aten; g = 32, the finest group it takes, or
+    the GQSA group size when that is a multiple of 32) and GQSA W4S50."""
     from accel.kernels.gqsa_linear.cpu import CPUGQSA
     from accel.kernels.gqsa_linear.format import pack_weight
 
@@ -45,7 +46,8 @@ def bench_gemv(shapes=SHAPES, batches=(1, 8), group_size: int = 32, tile_rows: i
     for k, n in shapes:
         W = torch.randn(n, k, generator=g) * 0.02
         wb = W.bfloat16()
-        dense4 = CPUGQSA(pack_weight(W, sparsity=0.0, group_size=group_size, tile_rows=n))
+        g4 = group_size if group_size % 32 == 0 else 32
+        dense4 = CPUGQSA(pack_weight(W, sparsity=0.0, group_size=g4, tile_rows=n), native=False)
         packed = pack_weight(W, sparsity=sparsity, group_size=group_size, tile_rows=tile_rows)
         gq = CPUGQSA(packed)
         for b in batches:
@@ -53,26 +55,30 @@ def bench_gemv(shapes=SHAPES, batches=(1, 8), group_size: int = 32, tile_rows: i
             reps = max(3, int(2e8 / (n * k * 2)))
             t = _interleaved({"bf16": lambda: F.linear(x, wb), "int4": lambda: dense4(x), "gqsa": lambda: gq(x)},
                              rounds, reps)
-            rows.append({"in": k, "out": n, "batch": b, "ms_bf16": t["bf16"], "ms_int4": t["int4"],
+            rows.append({"in": k, "out": n, "batch": b, "int4_group": g4, "ms_bf16": t["bf16"], "ms_int4": t["int4"],
                          "ms_gqsa": t["gqsa"], "speedup_vs_bf16": t["bf16"] / t["gqsa"],
                          "speedup_vs_int4": t["int4"] / t["gqsa"], "path": gq.path,
                          "bytes_ratio": packed.nbytes() / (n * k * 2),
                          "runtime_bytes_ratio": gq.nbytes() / (n * k * 2)})
             log.info("gemv %dx%d B=%d: %s", k, n, b, rows[-1])
         if n >= 1024:
-            # Tile size trade-off: fewer, larger compacted matrices run faster (fewer aten calls),
-            # but constrain the kept groups more (see the sweep's tile row for the accuracy cost).
+            # Layouts at batch 1 against dense int4: the per-row layouts need the native kernel; the
+            # tile layout also runs on torch's int4 kernel, compacted per tile (cpu-int4-compact).
             x = torch.randn(1, k, generator=g).bfloat16()
-            variants = {f"tile{t}": CPUGQSA(pack_weight(W, sparsity=sparsity, group_size=group_size, tile_rows=t))
-                        for t in (192, 512, 1024, n)}
+            variants = {"g16 per-row": CPUGQSA(pack_weight(W, sparsity=sparsity, group_size=16)),
+                        "g32 per-row": CPUGQSA(pack_weight(W, sparsity=sparsity, group_size=32)),
+                        "g32 tile192": CPUGQSA(pack_weight(W, sparsity=sparsity, group_size=32, tile_rows=192)),
+                        "g32 tile192 torch-int4": CPUGQSA(pack_weight(W, sparsity=sparsity, group_size=32,
+                                                                      tile_rows=192), native=False)}
             t = _interleaved({"int4": lambda: dense4(x), **{kk: (lambda v=v: v(x)) for kk, v in variants.items()}},
                              rounds, max(3, int(2e8 / (n * k * 2))))
-            rows[-len(batches)]["tiles_vs_int4_b1"] = {kk: t["int4"] / t[kk] for kk in variants}
+            rows[-len(batches)]["layouts_vs_int4_b1"] = {f"{kk} ({v.path})": t["int4"] / t[kk]
+                                                          for kk, v in variants.items()}
     return rows
 
 
-def bench_decode(model_name: str = "smollm2-135m", new_tokens: int = 32, group_size: int = 32,
-                 tile_rows: int = 192, sparsity: float = 0.5, rounds: int = 3) -> dict:
+def bench_decode(model_name: str = "smollm2-135m", new_tokens: int = 32, group_size: int = 16,
+                 tile_rows: int = 1, sparsity: float = 0.5, rounds: int = 3) -> dict:
     """Greedy decode tokens/s of the bf16 model, dense vs GQSA W4S50 (RTN weights: speed only)."""
     import accel
     from accel.artifact import Artifact

@@ -40,11 +40,11 @@ def _cmd_bench(args) -> int:
               f"gqsa {r['ms_gqsa']:.3f} ms  x{r['speedup_vs_bf16']:.2f} vs bf16  x{r['speedup_vs_int4']:.2f} vs int4  "
               f"bytes {r['bytes_ratio']:.3f}x bf16  ({r['path']})", flush=True)
     for r in rows:
-        if "tiles_vs_int4_b1" in r:
-            print(f"  {r['in']}->{r['out']} B=1 speed vs dense int4 by tile rows: "
-                  + ", ".join(f"{k} x{v:.2f}" for k, v in r["tiles_vs_int4_b1"].items()), flush=True)
+        if "layouts_vs_int4_b1" in r:
+            print(f"  {r['in']}->{r['out']} B=1 speed vs dense int4 by layout: "
+                  + ", ".join(f"{k} x{v:.2f}" for k, v in r["layouts_vs_int4_b1"].items()), flush=True)
     head = next(r for r in rows if r["in"] == 4096 and r["batch"] == 1)
-    res = {"threads": 1, "group_size": args.group_size, "tile_rows": args.tile_rows, "rows": rows,
+    res = {"threads": 1, "group_size": args.group_size, "tile_rows": args.tile_rows, "path": head["path"], "rows": rows,
            "speedup_vs_bf16": head["speedup_vs_bf16"], "speedup_vs_int4": head["speedup_vs_int4"],
            "bytes_ratio": head["bytes_ratio"]}
     if not args.no_decode:
@@ -78,8 +78,9 @@ def register(cli) -> None:
     p.set_defaults(func=_cmd_sweep)
 
     b = cli.add("bench", "gqsa-gemv", "GQSA W4S50 CPU GEMV vs dense bf16 and dense int4; decode tok/s")
-    b.add_argument("--group-size", type=int, default=32, help="the int4 CPU kernel needs a multiple of 32")
-    b.add_argument("--tile-rows", type=int, default=192)
+    b.add_argument("--group-size", type=int, default=16,
+                   help="the native kernel takes 16 or a multiple of 32; torch's int4 kernel a multiple of 32")
+    b.add_argument("--tile-rows", type=int, default=1, help="1: per-row layout (the calibration default)")
     b.add_argument("--rounds", type=int, default=7)
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--no-decode", action="store_true")

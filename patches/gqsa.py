@@ -29,15 +29,22 @@ class GQSALinear(AccelLinear):
         super().__init__(w.in_features, w.out_features)
         self.group_size, self.bits, self.tile_rows = w.group_size, w.bits, w.tile_rows
         self.register_buffer("qweight", w.qweight)
-        self.register_buffer("cols", w.cols)
+        self.register_buffer("colmask", w.colmask)
         self.register_buffer("scales", w.scales)
         self.register_buffer("zeros", w.zeros)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._cpu = None
+        self._packed = None
 
     def packed(self) -> GQSAWeight:
-        return GQSAWeight(self.qweight, self.cols, self.scales, self.zeros, self.in_features,
-                          self.group_size, self.bits, self.tile_rows)
+        """The buffers as a GQSAWeight, kept while they are the same tensors (so the decoded column
+        indices that the Triton and reference paths use are built once per device)."""
+        w = self._packed
+        if w is None or any(a is not b for a, b in zip((w.qweight, w.colmask, w.scales, w.zeros),
+                                                       (self.qweight, self.colmask, self.scales, self.zeros))):
+            w = self._packed = GQSAWeight(self.qweight, self.colmask, self.scales, self.zeros, self.in_features,
+                                          self.group_size, self.bits, self.tile_rows)
+        return w
 
     def _cpu_kernel(self):
         if self._cpu is None:
@@ -65,7 +72,7 @@ class GQSALinear(AccelLinear):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, n_keep={self.cols.size(1)}, tile_rows={self.tile_rows}")
+                f"group_size={self.group_size}, n_keep={self.scales.size(1)}, tile_rows={self.tile_rows}")
 
 
 @register_method("gqsa")

@@ -82,7 +82,11 @@ SHAPES = [(40, 96, 16, 1), (48, 96, 32, 16), (64, 160, 32, 64), (48, 96, 24, 1)]
 
 @pytest.mark.parametrize("out,inp,g,tile", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("batch", [1, 3, 8], ids=lambda b: f"B{b}")
-def test_cpu_path_matches_reference(out, inp, g, tile, batch):
+def test_cpu_torch_paths_match_reference(monkeypatch, out, inp, g, tile, batch):
+    """The torch CPU paths, which run where the native kernel cannot (ACCEL_CPP=0, no AVX-512)."""
+    from accel.kernels.gqsa_linear import cpp_ext
+
+    monkeypatch.setattr(cpp_ext, "available", lambda: False)
     torch.manual_seed(42)
     w = pack_weight(torch.randn(out, inp) * 0.05, sparsity=0.5, group_size=g, tile_rows=tile)
     x = torch.randn(batch, inp)

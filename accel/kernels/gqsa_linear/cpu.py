@@ -1,4 +1,9 @@
-"""Fast CPU path for GQSA linears, built on torch's int4 CPU kernel.
+"""Fast CPU paths for GQSA linears.
+
+- "cpu-avx512" (first choice): the native kernel in `cpp_ext.py` for int4 with g = 16 or a
+  multiple of 32, any layout (per-row or tiled). It reads the stored tensors in place (no second
+  copy of the weight) and handles any batch: 1-8 rows per weight pass, larger batches in chunks.
+  Needs a C++ compiler and a CPU with AVX512-BF16/VBMI; otherwise the paths below run.
 
 `torch.ops.aten._weight_int4pack_mm_for_cpu` (bf16 activations) computes
 `x @ ((q - 8) * s + z')^T` with per-(K-group, N) scale/zero, K-group in {32, 64, 128, 256}.
@@ -19,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpp_ext
 from .format import GQSAWeight
 
 _int4mm = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -55,11 +61,34 @@ def _scale_zeros(s: torch.Tensor, z: torch.Tensor, reps: int) -> torch.Tensor:
     return sz.transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
+# Batches of this many rows or more (prefill) dequantize blocks of BLOCK_ROWS output rows and run
+# dense GEMMs: measured here (1 thread, SmolLM2 shapes and 4096x4096) the 8-row kernel passes win
+# below 64 rows and lose above.
+PREFILL_ROWS = 64
+BLOCK_ROWS = 256
+_scratch_bufs: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A process-wide reused buffer (grown as needed; a few MiB), so prefill touches no new pages."""
+    b = _scratch_bufs.get(dtype)
+    if b is None or b.numel() < numel:
+        b = _scratch_bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return b
+
+
 class CPUGQSA:
     """Prepared CPU form of one GQSAWeight. x: [M, in] (any float dtype) -> [M, out] in x's dtype."""
 
-    def __init__(self, w: GQSAWeight):
+    def __init__(self, w: GQSAWeight, native: bool = True):
         self.out_features, self.in_features = w.out_features, w.in_features
+        # native=False keeps the torch paths (benchmarks compare them with the native kernel).
+        if native and cpp_ext.supports(w.group_size, w.bits) and cpp_ext.available():
+            self.path = "cpu-avx512"
+            self.w = w
+            # The module's own buffers, read in place: no second copy of the weight.
+            self.tensors = [w.qweight, w.colmask, w.scales, w.zeros]
+            return
         ga = aten_group(w.group_size) if w.bits <= 4 and w.out_features % 16 == 0 else None
         tiles = _tiles(w) if ga else None
         self.tensors: list[torch.Tensor] = []
@@ -98,13 +127,34 @@ class CPUGQSA:
             self.sz = _scale_zeros(sf, zf, reps)
             self.tensors = [self.packed, self.sz]
 
+    def _avx512(self, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        w = self.w
+        if x2.size(0) < PREFILL_ROWS:
+            return cpp_ext.gqsa_mm(x2, w.qweight, w.colmask, w.scales, w.zeros, w.group_size).to(dtype)
+        # Prefill: dequantize blocks of rows into a reused buffer and run a dense GEMM on each. A
+        # fresh full-size weight would cost more in page faults than the GEMM itself.
+        wdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        xw = x2.to(wdt)
+        buf = _scratch(BLOCK_ROWS * self.in_features, wdt)
+        y = torch.empty(x2.size(0), self.out_features, dtype=wdt)
+        for r0 in range(0, self.out_features, BLOCK_ROWS):
+            n = min(BLOCK_ROWS, self.out_features - r0)
+            blk = cpp_ext.dequantize_rows(w.qweight, w.colmask, w.scales, w.zeros, w.group_size, r0,
+                                          buf[:n * self.in_features].view(n, self.in_features))
+            y[:, r0:r0 + n] = F.linear(xw, blk)
+        return y.to(dtype)
+
     def nbytes(self) -> int:
+        """Bytes of the weight as the kernel reads it (cpu-avx512: the stored tensors themselves;
+        the int4 paths: their repacked copy, held beside the stored format)."""
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, shape[-1])
-        if self.path == "cpu-dequant":
+        if self.path == "cpu-avx512":
+            y = self._avx512(x2, dtype)
+        elif self.path == "cpu-dequant":
             y = F.linear(x2, self.w.dequantize().to(dtype))
         else:
             # The aten kernel is fast only with bf16 activations (10-17x slower with fp32).

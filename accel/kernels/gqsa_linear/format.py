@@ -8,10 +8,14 @@ to `bits` with its own scale and (float) zero point:
     w = (q - zero) * scale,   q in [0, 2**bits - 1]
 
 Storage (all tensors, safetensors-friendly):
-    qweight: uint8 [out, nbytes]   codes of the kept groups of each row, in `cols` order; for
+    qweight: uint8 [out, nbytes]   codes of the kept groups of each row, in column order; for
                                    bits <= 4 two codes per byte (element e: byte e // 2, low
                                    nibble when e is even), for bits == 8 one per byte
-    cols:    int16 [out, n_keep]   group column index of each kept group (sorted per row)
+    colmask: uint8 [out, ceil(n_groups / 8)]  the kept groups' column indices as a bitmap (bit j
+                                   of byte b: group 8b + j); `cols` decodes it to int16
+                                   [out, n_keep]. At g = 16 and 50% it is 1/16 of the bytes of
+                                   int16 indices (0.4% of the weight's bf16 bytes, not 3%).
+                                   Artifacts of version 1 stored `cols` and still load.
     scales:  fp16  [out, n_keep]
     zeros:   fp16  [out, n_keep]   float zero point, in code units
 
@@ -21,6 +25,7 @@ then compacts each tile into a smaller dense int4 matrix. Sparsity 0 gives dense
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from dataclasses import dataclass
 
@@ -79,6 +84,35 @@ def select_groups(scores: torch.Tensor, sparsity: float, tile_rows: int = 1) -> 
     return cols.sort(dim=1).values
 
 
+def cols_to_mask(cols: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Kept group indices [out, n_keep] -> bitmap uint8 [out, ceil(n_groups / 8)]: bit j of byte b
+    is group 8b + j (little-endian bits). At g = 16 it takes 1/16 of int16 indices' bytes."""
+    out = cols.size(0)
+    bits = torch.zeros(out, (n_groups + 7) // 8 * 8, dtype=torch.bool, device=cols.device)
+    bits.scatter_(1, cols.long(), True)
+    weights = (1 << torch.arange(8, device=cols.device, dtype=torch.int32))
+    return (bits.view(out, -1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def mask_to_cols(mask: torch.Tensor, n_groups: int, n_keep: int | None = None) -> torch.Tensor:
+    """Inverse of cols_to_mask: int16 [out, n_keep], sorted per row. Every row must keep as many
+    groups as the first (or `n_keep`), and no bit may lie past n_groups (GQSAFormatError)."""
+    out = mask.size(0)
+    if mask.device.type == "meta":  # shape-only tensors: nothing to decode or check
+        return torch.empty(out, n_keep or 0, dtype=torch.int16, device=mask.device)
+    bits = ((mask.to(torch.int32)[:, :, None] >> torch.arange(8, device=mask.device, dtype=torch.int32)) & 1).bool()
+    bits = bits.view(out, -1)
+    if bits[:, n_groups:].any():
+        raise GQSAFormatError("column bitmap marks a group past in_features")
+    counts = bits.sum(1)
+    k = n_keep if n_keep is not None else (int(counts[0]) if out else 0)
+    if out and not bool((counts == k).all()):
+        raise GQSAFormatError(f"column bitmap rows keep different numbers of groups (expected {k} per row)")
+    # Stable sort puts the kept (True) groups first in ascending column order.
+    order = torch.sort((~bits[:, :n_groups]).to(torch.int8), dim=1, stable=True).indices
+    return order[:, :k].to(torch.int16).contiguous()
+
+
 def gather_groups(weight: torch.Tensor, cols: torch.Tensor, group_size: int) -> torch.Tensor:
     """[out, in] -> the kept groups [out, n_keep, g] (in cols order)."""
     wg = weight.view(weight.size(0), -1, group_size)
@@ -126,7 +160,7 @@ class GQSAWeight:
     """One packed linear weight (see module docstring for the layout)."""
 
     qweight: torch.Tensor
-    cols: torch.Tensor
+    colmask: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     in_features: int
@@ -136,16 +170,21 @@ class GQSAWeight:
 
     @property
     def out_features(self) -> int:
-        return self.cols.size(0)
+        return self.colmask.size(0)
+
+    @functools.cached_property
+    def cols(self) -> torch.Tensor:
+        """int16 [out, n_keep]: kept group columns, sorted per row (decoded once from colmask)."""
+        return mask_to_cols(self.colmask, self.in_features // self.group_size, self.n_keep)
 
     def to(self, device) -> "GQSAWeight":
         """The same weight with its tensors on `device`."""
-        return dataclasses.replace(self, qweight=self.qweight.to(device), cols=self.cols.to(device),
+        return dataclasses.replace(self, qweight=self.qweight.to(device), colmask=self.colmask.to(device),
                                    scales=self.scales.to(device), zeros=self.zeros.to(device))
 
     @property
     def n_keep(self) -> int:
-        return self.cols.size(1)
+        return self.scales.size(1)
 
     @property
     def sparsity(self) -> float:
@@ -169,18 +208,26 @@ class GQSAWeight:
         return out.view(self.out_features, self.in_features)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.cols, self.scales, self.zeros))
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.colmask, self.scales, self.zeros))
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         meta = torch.tensor([self.in_features, self.group_size, self.bits, self.tile_rows], dtype=torch.int64)
-        return {f"{prefix}.qweight": self.qweight, f"{prefix}.cols": self.cols,
+        return {f"{prefix}.qweight": self.qweight, f"{prefix}.colmask": self.colmask,
                 f"{prefix}.scales": self.scales, f"{prefix}.zeros": self.zeros, f"{prefix}.meta": meta}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "GQSAWeight":
         try:
             in_f, g, bits, tile = (int(v) for v in tensors[f"{prefix}.meta"].tolist())
-            w = cls(tensors[f"{prefix}.qweight"], tensors[f"{prefix}.cols"], tensors[f"{prefix}.scales"],
+            check_params(in_f, g, bits, 0.0)
+            if f"{prefix}.colmask" in tensors:
+                mask = tensors[f"{prefix}.colmask"]
+            else:  # version-1 artifacts: int16 column indices
+                cols = tensors[f"{prefix}.cols"]
+                if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= in_f // g):
+                    raise GQSAFormatError("group column index out of range")
+                mask = cols_to_mask(cols, in_f // g)
+            w = cls(tensors[f"{prefix}.qweight"], mask, tensors[f"{prefix}.scales"],
                     tensors[f"{prefix}.zeros"], in_f, g, bits, tile)
         except KeyError as e:
             raise GQSAFormatError(f"GQSA tensors for {prefix!r} are incomplete: missing {e}") from None
@@ -189,16 +236,20 @@ class GQSAWeight:
 
     def validate(self) -> None:
         check_params(self.in_features, self.group_size, self.bits, 0.0)
-        out, k = self.cols.shape
+        n_groups = self.in_features // self.group_size
+        out, k = self.scales.shape
+        if self.colmask.dtype != torch.uint8 or self.colmask.shape != (out, (n_groups + 7) // 8):
+            raise GQSAFormatError(f"colmask has shape {tuple(self.colmask.shape)} {self.colmask.dtype}, "
+                                  f"expected ({out}, {(n_groups + 7) // 8}) uint8")
+        if self.cols.shape != (out, k):  # decoding checks the bitmap: k groups in every row
+            raise GQSAFormatError(f"colmask decodes to {tuple(self.cols.shape)}, expected ({out}, {k})")
         n = k * self.group_size
         nbytes = n if self.bits == 8 else (n + 1) // 2
         if self.qweight.shape != (out, nbytes) or self.qweight.dtype != torch.uint8:
             raise GQSAFormatError(f"qweight has shape {tuple(self.qweight.shape)} {self.qweight.dtype}, "
                                   f"expected ({out}, {nbytes}) uint8")
-        if self.scales.shape != (out, k) or self.zeros.shape != (out, k):
-            raise GQSAFormatError("scales/zeros do not match cols' shape")
-        if self.cols.numel() and (int(self.cols.min()) < 0 or int(self.cols.max()) >= self.in_features // self.group_size):
-            raise GQSAFormatError("group column index out of range")
+        if self.zeros.shape != (out, k):
+            raise GQSAFormatError("zeros do not match scales' shape")
         if not (torch.isfinite(self.scales).all() and torch.isfinite(self.zeros).all()):
             raise GQSAFormatError("scales/zeros contain NaN or inf")
 
@@ -207,7 +258,13 @@ def from_codes(q: torch.Tensor, cols: torch.Tensor, scales: torch.Tensor, zeros:
                in_features: int, group_size: int, bits: int, tile_rows: int = 1) -> GQSAWeight:
     """Pack codes q: [out, n_keep, g] with their cols/scales/zeros into a GQSAWeight."""
     out = q.size(0)
-    w = GQSAWeight(pack_codes(q.reshape(out, -1), bits), cols.to(torch.int16).contiguous(),
+    cols = cols.long()
+    if cols.size(1) > 1 and not bool((cols[:, 1:] > cols[:, :-1]).all()):
+        # The stored order is column order (the bitmap holds no other): sort codes and params along.
+        cols, order = cols.sort(dim=1)
+        q = torch.gather(q, 1, order[:, :, None].expand_as(q))
+        scales, zeros = torch.gather(scales, 1, order), torch.gather(zeros, 1, order)
+    w = GQSAWeight(pack_codes(q.reshape(out, -1), bits), cols_to_mask(cols, in_features // group_size),
                    scales.to(torch.float16).contiguous(), zeros.to(torch.float16).contiguous(),
                    in_features, group_size, bits, tile_rows)
     w.validate()

@@ -1,0 +1,93 @@
+"""The native GQSA CPU kernel (accel/kernels/gqsa_linear/cpp_ext.py) against the reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from accel.kernels.gqsa_linear import cpp_ext
+from accel.kernels.gqsa_linear.cpu import CPUGQSA
+from accel.kernels.gqsa_linear.format import GQSAFormatError, GQSAWeight, cols_to_mask, mask_to_cols, pack_weight
+
+pytestmark = pytest.mark.skipif(not cpp_ext.available(), reason="needs a C++ compiler and AVX512-BF16/VBMI")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _rel_err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+# (out, in, g, sparsity, tile_rows): odd row counts, odd kept-group counts (a lone last group),
+# one kept group per row, dense int4, a tiled layout, a block tail (n_keep % 16 != 0).
+CASES = [(63, 1008, 16, 0.5, 1), (1000, 576, 16, 0.5, 1), (33, 160, 32, 0.0, 1), (17, 80, 16, 0.9, 1),
+         (40, 96, 16, 0.3, 1), (64, 1536, 32, 0.5, 16), (63, 1024, 64, 0.25, 1), (48, 4096, 16, 0.5, 1)]
+
+
+@pytest.mark.parametrize("out,inp,g,sparsity,tile", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 13], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_kernel_matches_reference(out, inp, g, sparsity, tile, batch, dtype):
+    gen = torch.Generator().manual_seed(42)
+    w = pack_weight(torch.randn(out, inp, generator=gen) * 0.05, sparsity=sparsity, group_size=g, tile_rows=tile)
+    x = torch.randn(batch, inp, generator=gen).to(dtype)
+    bias = torch.randn(out, generator=gen)
+    wd = w.dequantize().double()
+    exact = F.linear(x.double(), wd, bias.double())
+    k = CPUGQSA(w)
+    assert k.path == "cpu-avx512"
+    y = k(x, bias)
+    assert y.dtype == dtype and y.shape == (batch, out)
+    # Same-dtype torch on the dequantized weight: the bound for the kernel.
+    torch_err = _rel_err(F.linear(x, wd.to(dtype), bias.to(dtype)), exact)
+    if dtype == torch.float32:
+        # fp32 activations run as bf16 hi + lo: ~16 bits per activation, so 1e-4 leaves 10x room.
+        assert _rel_err(y, exact) < 1e-4
+    else:
+        assert _rel_err(y, exact) <= 2 * torch_err
+
+
+def test_kernel_handles_3d_input_and_many_rows():
+    gen = torch.Generator().manual_seed(42)
+    w = pack_weight(torch.randn(96, 256, generator=gen), sparsity=0.5, group_size=16)
+    x = torch.randn(2, 37, 256, generator=gen).bfloat16()
+    y = CPUGQSA(w)(x)
+    ref = F.linear(x.double(), w.dequantize().double())
+    assert y.shape == (2, 37, 96)
+    assert _rel_err(y, ref) <= 2 * _rel_err(F.linear(x, w.dequantize().bfloat16()), ref)
+
+
+def test_bitmap_roundtrip_and_sorted_storage():
+    gen = torch.Generator().manual_seed(42)
+    cols = torch.stack([torch.randperm(37, generator=gen)[:11].sort().values for _ in range(9)])
+    mask = cols_to_mask(cols, 37)
+    assert mask.shape == (9, 5) and mask.dtype == torch.uint8
+    assert torch.equal(mask_to_cols(mask, 37).long(), cols)
+    # Bit j of byte b is group 8b + j.
+    one = cols_to_mask(torch.tensor([[0, 9]]), 16)
+    assert one.tolist() == [[1, 2]]
+
+
+def test_corrupt_bitmap_is_refused():
+    w = pack_weight(torch.randn(8, 64), sparsity=0.5, group_size=16)
+    bad = w.colmask.clone()
+    bad[3, 0] |= 0xF  # row 3 now keeps all four groups, the others two
+    with pytest.raises(GQSAFormatError, match="different numbers of groups"):
+        GQSAWeight(w.qweight, bad, w.scales, w.zeros, 64, 16, 4).validate()
+    # The kernel checks every row it decodes as well (a tensor changed after validation).
+    with pytest.raises(RuntimeError, match="column bitmap of row 3"):
+        cpp_ext.gqsa_mm(torch.randn(1, 64), w.qweight, bad, w.scales, w.zeros, 16)
+    past = torch.zeros(8, 1, dtype=torch.uint8)
+    past[:, 0] = 0b10001  # group 4 of a 4-group row
+    with pytest.raises(GQSAFormatError, match="past in_features"):
+        mask_to_cols(past, 4)
+
+
+def test_unsupported_layouts_keep_the_torch_paths():
+    for g, bits in [(24, 4), (8, 4), (16, 3), (32, 8)]:
+        w = pack_weight(torch.randn(16, 96), sparsity=0.5, group_size=g, bits=bits)
+        assert CPUGQSA(w).path != "cpu-avx512"
