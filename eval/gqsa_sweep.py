@@ -143,9 +143,9 @@ def gqsa_sweep(rows=ROWS, model_name: str = "smollm2-135m", max_tokens: int = 16
 
 
 def demo_step(model, tok, ids: torch.Tensor, seq_len: int = 512) -> dict:
-    """README demo: GQSA W4S50 (g=32, 192-row tiles: the CPU-compactable layout), stage 1 with 2
-    BQPO steps on 16x256 calibration tokens (on a copy; fewer leave OBS's 1536-wide Gram matrices rank-poor), save, patch `model`, print ppl on the first
-    4,096 of `ids` (the int4 CPU path is slow for prefill), unpatch. ~2 min on CPU."""
+    """README demo: GQSA W4S50 in the default layout (g=16, groups chosen per row), stage 1 with 2
+    BQPO steps on 16x256 calibration tokens (on a copy; fewer tokens leave OBS's 1536-wide Gram
+    matrices rank-poor), save, patch `model`, print ppl on `ids`, unpatch. ~2 min on CPU."""
     import tempfile
 
     import accel
@@ -155,7 +155,7 @@ def demo_step(model, tok, ids: torch.Tensor, seq_len: int = 512) -> dict:
 
     from .perplexity import perplexity
 
-    cfg = GQSAConfig(bits=4, sparsity=0.5, group_size=32, tile_rows=192, bqpo_steps=2, bqpo_batch=2)
+    cfg = GQSAConfig(bits=4, sparsity=0.5, group_size=16, bqpo_steps=2, bqpo_batch=2)
     work = copy.deepcopy(model)
     t0 = time.perf_counter()
     art = calibrate_gqsa(work, tok, cfg, CalibrationSpec(n_samples=16, seq_len=256), progress=False)
@@ -165,7 +165,7 @@ def demo_step(model, tok, ids: torch.Tensor, seq_len: int = 512) -> dict:
         art.save(f"{d}/gqsa")
         with accel.patched(model, f"{d}/gqsa"):
             path = accel.report(model).rows[0]["kernel"]
-            r = perplexity(model, ids[:4096], seq_len=seq_len, desc="gqsa ppl")
-    print(f"[gqsa] W4S50 g32 192-row tiles (16x256 calibration tokens, 2 BQPO steps, {secs:.0f}s; CPU path "
+            r = perplexity(model, ids, seq_len=seq_len, desc="gqsa ppl")
+    print(f"[gqsa] W4S50 g16 per-row (16x256 calibration tokens, 2 BQPO steps, {secs:.0f}s; CPU path "
           f"{path}): ppl {r.ppl:.3f} over {r.tokens} tokens")
     return {"gqsa_ppl": r.ppl, "gqsa_calibration_seconds": secs, "gqsa_path": path}

@@ -1,0 +1,361 @@
+// Native GQSA int4 kernels for CPU (AVX-512 BF16 + VBMI). Loaded by cpp_ext.py through
+// accel/kernels/_cpp.py; see cpp_ext.py for the design and the Python entry points.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <cstdint>
+#include <vector>
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define GQSA_SIMD 1
+
+// 16 bytes of codes (element e in byte e/2, low nibble first) -> 32 16-bit lanes; the low 4 bits
+// of lane e are code e (the rest is the next nibble's bits, masked or ignored by the caller).
+static inline __m512i spread32(__m128i bytes) {
+  const __m512i lanes = _mm512_set_epi64(1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i ctrl = _mm512_set_epi64(0x3F3C3F383F343F30LL, 0x3F2C3F283F243F20LL, 0x3F1C3F183F143F10LL, 0x3F0C3F083F043F00LL,
+                                        0x3F3C3F383F343F30LL, 0x3F2C3F283F243F20LL, 0x3F1C3F183F143F10LL, 0x3F0C3F083F043F00LL);
+  return _mm512_multishift_epi64_epi8(ctrl, _mm512_permutexvar_epi64(lanes, _mm512_castsi128_si512(bytes)));
+}
+
+// 32 codes -> 32 bf16 lanes holding the integers 0..15 (vpermw reads the low 5 index bits; the
+// table repeats, so the stray fifth bit is harmless).
+static inline __m512bh codes_bf16(__m128i bytes) {
+  const __m512i table = _mm512_set_epi16(
+      0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0,
+      0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0);
+  return (__m512bh)_mm512_permutexvar_epi16(spread32(bytes), table);
+}
+
+static inline __m512bh load_x2(const uint16_t* a, const uint16_t* b) {
+  return (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
+                                      _mm256_loadu_si256((const __m256i*)b), 1);
+}
+
+// Pair index pattern: lanes 0-7 take element a, lanes 8-15 element b.
+static inline __m512i pair_idx(int a, int b) { return _mm512_inserti64x4(_mm512_set1_epi32(a), _mm256_set1_epi32(b), 1); }
+
+struct Args {
+  const uint16_t *xh, *xl;  // bf16 bits [M, K] (xl: residual of fp32 activations, or == xh)
+  const float* xs;          // fp32 group sums [M, G]
+  int64_t K, G, g, nkeep, N;
+  const uint8_t* q;         // [N, nkeep * g / 2]
+  const uint16_t *sc, *ze;  // fp16 bits [N, nkeep]
+  float* y;                 // [M, N]
+};
+
+// g == 16, 1-2 activation rows or fp32 activations: integer codes, fp32 scales.
+// One block = 16 kept groups (FULL) or the row's last kn < 16; lanes past kn load scale 0, so a
+// padded last pair adds nothing.
+template <int MB, bool LO, bool FULL, int U>
+static inline void block_exact16(const Args& a, const int32_t* cidx, const uint16_t* sr, const uint16_t* zr,
+                                 const uint8_t* qr, const uint16_t* xh, const uint16_t* xl, const float* xs, int64_t k,
+                                 int kn, __m512 (&acc)[MB][U], __m512 (&zacc)[MB]) {
+  const __mmask16 km = FULL ? (__mmask16)0xFFFF : (__mmask16)((1u << kn) - 1);
+  const __m512i c16 = FULL ? _mm512_loadu_si512(cidx + k) : _mm512_maskz_loadu_epi32(km, cidx + k);
+  const __m256i sh = FULL ? _mm256_loadu_si256((const __m256i*)(sr + k)) : _mm256_maskz_loadu_epi16(km, sr + k);
+  const __m256i zh = FULL ? _mm256_loadu_si256((const __m256i*)(zr + k)) : _mm256_maskz_loadu_epi16(km, zr + k);
+  const __m512 s16 = _mm512_cvtph_ps(sh);
+  const __m512 sz16 = _mm512_mul_ps(s16, _mm512_cvtph_ps(zh));
+  for (int m = 0; m < MB; ++m) {
+    const __m512 xg = FULL ? _mm512_i32gather_ps(c16, xs + m * a.G, 4)
+                           : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, c16, xs + m * a.G, 4);
+    zacc[m] = _mm512_fmadd_ps(sz16, xg, zacc[m]);
+  }
+  const int np = FULL ? 8 : (kn + 1) / 2;
+#pragma GCC unroll 8
+  for (int j = 0; j < np; ++j) {
+    const bool two = FULL || 2 * j + 1 < kn;
+    const int64_t ka = k + 2 * j, kb = two ? ka + 1 : ka;
+    const __m128i bytes = two ? _mm_loadu_si128((const __m128i*)(qr + ka * 8)) : _mm_loadl_epi64((const __m128i*)(qr + ka * 8));
+    const __m512bh w = codes_bf16(bytes);
+    const __m512 sv = _mm512_permutexvar_ps(pair_idx(2 * j, 2 * j + 1), s16);
+    const int64_t oa = (int64_t)cidx[ka] * 16, ob = (int64_t)cidx[kb] * 16;
+    for (int m = 0; m < MB; ++m) {
+      __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), w, load_x2(xh + m * a.K + oa, xh + m * a.K + ob));
+      if (LO) d = _mm512_dpbf16_ps(d, w, load_x2(xl + m * a.K + oa, xl + m * a.K + ob));
+      acc[m][j % U] = _mm512_fmadd_ps(d, sv, acc[m][j % U]);
+    }
+  }
+}
+
+template <int MB, bool LO>
+static void rows_exact16(const Args& a, const int32_t* cidx, int64_t r, int64_t m0) {
+  constexpr int U = MB == 1 ? 2 : 1;
+  const int64_t nk = a.nkeep;
+  const uint16_t* sr = a.sc + r * nk;
+  const uint16_t* zr = a.ze + r * nk;
+  const uint8_t* qr = a.q + r * nk * 8;
+  const uint16_t* xh = a.xh + m0 * a.K;
+  const uint16_t* xl = a.xl + m0 * a.K;
+  const float* xs = a.xs + m0 * a.G;
+  __m512 acc[MB][U], zacc[MB];
+  for (int m = 0; m < MB; ++m) { zacc[m] = _mm512_setzero_ps(); for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps(); }
+  int64_t k = 0;
+  for (; k + 16 <= nk; k += 16) block_exact16<MB, LO, true, U>(a, cidx, sr, zr, qr, xh, xl, xs, k, 16, acc, zacc);
+  if (k < nk) block_exact16<MB, LO, false, U>(a, cidx, sr, zr, qr, xh, xl, xs, k, (int)(nk - k), acc, zacc);
+  for (int m = 0; m < MB; ++m) {
+    __m512 t = acc[m][0];
+    for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[m][u]);
+    a.y[(m0 + m) * a.N + r] = _mm512_reduce_add_ps(_mm512_sub_ps(t, zacc[m]));
+  }
+}
+
+// g == 16, 3-8 bf16 activation rows: a bf16 (q - z) * s table per pair of groups, one dot per row.
+template <int MB>
+static void rows_table16(const Args& a, const int32_t* cidx, int64_t r, int64_t m0) {
+  const int64_t nk = a.nkeep;
+  const uint16_t* sr = a.sc + r * nk;
+  const uint16_t* zr = a.ze + r * nk;
+  const uint8_t* qr = a.q + r * nk * 8;
+  const uint16_t* xh = a.xh + m0 * a.K;
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  // +16 on the upper 16 lanes selects table b; the low nibble selects the entry.
+  const __m512i hi16 = _mm512_set_epi64(0x0010001000100010LL, 0x0010001000100010LL, 0x0010001000100010LL,
+                                        0x0010001000100010LL, 0, 0, 0, 0);
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < nk; k += 16) {
+    const int kn = (int)std::min<int64_t>(16, nk - k);
+    const __mmask16 km = (__mmask16)((1u << kn) - 1);
+    const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, sr + k));
+    const __m512 sz16 = _mm512_mul_ps(s16, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, zr + k)));
+    auto pair = [&](int j, bool full) {
+      const int64_t ka = k + 2 * j, kb = full ? ka + 1 : ka;
+      const __m128i bytes = full ? _mm_loadu_si128((const __m128i*)(qr + ka * 8)) : _mm_loadl_epi64((const __m128i*)(qr + ka * 8));
+      const __m512i ia = _mm512_set1_epi32(2 * j), ib = _mm512_set1_epi32(2 * j + 1);
+      const __m512 ta = _mm512_fmsub_ps(iota, _mm512_permutexvar_ps(ia, s16), _mm512_permutexvar_ps(ia, sz16));
+      const __m512 tb = _mm512_fmsub_ps(iota, _mm512_permutexvar_ps(ib, s16), _mm512_permutexvar_ps(ib, sz16));
+      const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(tb, ta);
+      const __m512i idx = _mm512_ternarylogic_epi32(spread32(bytes), _mm512_set1_epi16(0x000F), hi16, 0xEA);
+      const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+      const int64_t oa = (int64_t)cidx[ka] * 16, ob = (int64_t)cidx[kb] * 16;
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], w, load_x2(xh + m * a.K + oa, xh + m * a.K + ob));
+    };
+    if (kn == 16) {
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) pair(j, true);
+    } else {
+      for (int j = 0; 2 * j < kn; ++j) pair(j, 2 * j + 1 < kn);
+    }
+  }
+  for (int m = 0; m < MB; ++m) a.y[(m0 + m) * a.N + r] = _mm512_reduce_add_ps(acc[m]);
+}
+
+// g % 32 == 0: each kept group is g/32 chunks of 32 codes under one scale.
+template <int MB, bool LO>
+static void rows_exact32(const Args& a, const int32_t* cidx, int64_t r, int64_t m0) {
+  const int64_t nk = a.nkeep, g = a.g, nc = g / 32;
+  const uint16_t* sr = a.sc + r * nk;
+  const uint16_t* zr = a.ze + r * nk;
+  const uint8_t* qr = a.q + r * nk * (g / 2);
+  const uint16_t* xh = a.xh + m0 * a.K;
+  const uint16_t* xl = a.xl + m0 * a.K;
+  const float* xs = a.xs + m0 * a.G;
+  __m512 acc[MB], zacc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = zacc[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < nk; k += 16) {
+    const int kn = (int)std::min<int64_t>(16, nk - k);
+    const __mmask16 km = (__mmask16)((1u << kn) - 1);
+    const __m512i c16 = _mm512_maskz_loadu_epi32(km, cidx + k);
+    const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, sr + k));
+    const __m512 sz16 = _mm512_mul_ps(s16, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, zr + k)));
+    for (int m = 0; m < MB; ++m)
+      zacc[m] = _mm512_fmadd_ps(sz16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, c16, xs + m * a.G, 4), zacc[m]);
+    for (int j = 0; j < kn; ++j) {
+      const __m512 sv = _mm512_permutexvar_ps(_mm512_set1_epi32(j), s16);
+      const int64_t o = (int64_t)cidx[k + j] * g;
+      const uint8_t* qg = qr + (k + j) * (g / 2);
+      __m512 d[MB];
+      for (int m = 0; m < MB; ++m) d[m] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < nc; ++t) {
+        const __m512bh w = codes_bf16(_mm_loadu_si128((const __m128i*)(qg + t * 16)));
+        for (int m = 0; m < MB; ++m) {
+          d[m] = _mm512_dpbf16_ps(d[m], w, (__m512bh)_mm512_loadu_si512(xh + m * a.K + o + t * 32));
+          if (LO) d[m] = _mm512_dpbf16_ps(d[m], w, (__m512bh)_mm512_loadu_si512(xl + m * a.K + o + t * 32));
+        }
+      }
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(d[m], sv, acc[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) a.y[(m0 + m) * a.N + r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[m], zacc[m]));
+}
+
+template <int MB>
+static void run_rows(const Args& a, bool lo, const int32_t* cidx, int64_t r, int64_t m0) {
+  if (a.g == 16) {
+    if (lo) rows_exact16<MB, true>(a, cidx, r, m0);
+    else if (MB <= 2) rows_exact16<MB, false>(a, cidx, r, m0);
+    else rows_table16<MB>(a, cidx, r, m0);
+  } else {
+    if (lo) rows_exact32<MB, true>(a, cidx, r, m0);
+    else rows_exact32<MB, false>(a, cidx, r, m0);
+  }
+}
+// Decode one row's bitmap into kept group indices (ascending), 16 groups per step; false if the
+// row does not keep exactly nkeep groups below G. `out` needs nkeep + 16 slots.
+static bool decode_row(const uint8_t* mr, int64_t mw, int64_t nkeep, int64_t G, int32_t* out) {
+  int64_t n = 0;
+  for (int64_t b = 0; b < mw; b += 2) {
+    const unsigned bits = mr[b] | (b + 1 < mw ? (unsigned)mr[b + 1] << 8 : 0u);
+    const int cnt = __builtin_popcount(bits);
+    if (n + cnt > nkeep) return false;
+    const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32((int)(b * 8)),
+                                         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+    _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32((__mmask16)bits, ids));
+    n += cnt;
+  }
+  return n == nkeep && (nkeep == 0 || out[nkeep - 1] < G);
+}
+
+// 16 codes (8 bytes) -> 16 fp32 integers.
+static inline __m512 codes16_f32(const uint8_t* p) {
+  const __m128i ctrl = _mm_set_epi64x(0x3C3834302C282420LL, 0x1C1814100C080400LL);
+  const __m128i b = _mm_and_si128(_mm_multishift_epi64_epi8(ctrl, _mm_set1_epi64x(*(const long long*)p)), _mm_set1_epi8(0x0F));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+}
+#endif
+
+bool simd_available() {
+#ifdef GQSA_SIMD
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x: [M, K] fp32 or bf16; q: uint8 [N, nkeep * g / 2]; colmask: uint8 [N, ceil(G / 8)] (bit j of byte b:
+// group 8b + j kept); scales, zeros: fp16 [N, nkeep]. Returns fp32 [M, N].
+torch::Tensor gqsa_mm(torch::Tensor x, torch::Tensor q, torch::Tensor colmask, torch::Tensor sc, torch::Tensor ze, int64_t g) {
+#ifndef GQSA_SIMD
+  TORCH_CHECK(false, "accel GQSA C++ kernel built without AVX512-BF16/VBMI");
+  return x;
+#else
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && colmask.dim() == 2 && sc.dim() == 2 && ze.dim() == 2, "2-D tensors expected");
+  TORCH_CHECK(q.scalar_type() == torch::kByte && colmask.scalar_type() == torch::kByte, "qweight / colmask must be uint8");
+  TORCH_CHECK(sc.scalar_type() == torch::kHalf && ze.scalar_type() == torch::kHalf, "scales / zeros must be fp16");
+  TORCH_CHECK(q.is_contiguous() && colmask.is_contiguous() && sc.is_contiguous() && ze.is_contiguous(), "contiguous weights");
+  TORCH_CHECK(g == 16 || (g > 0 && g % 32 == 0), "group size must be 16 or a multiple of 32");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), nkeep = sc.size(1);
+  TORCH_CHECK(K % g == 0, "in_features not a multiple of the group size");
+  const int64_t G = K / g, mw = colmask.size(1);
+  TORCH_CHECK(colmask.size(0) == N && mw == (G + 7) / 8, "colmask shape");
+  TORCH_CHECK(sc.size(0) == N && ze.sizes() == sc.sizes() && q.size(1) == nkeep * g / 2, "weight shapes disagree");
+  const bool lo = x.scalar_type() != torch::kBFloat16;
+  // One pass over x: bf16 bits (bf16 input is used in place), the bf16 residual of other dtypes,
+  // and exact fp32 group sums for the zero-point term.
+  auto xc = x.contiguous();
+  auto xs = torch::empty({M, G}, torch::dtype(torch::kFloat));
+  torch::Tensor xh = xc, xl = xc;
+  float* xsp = xs.data_ptr<float>();
+  if (!lo) {
+    const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < M * G; ++i) {
+      float t = 0.f;
+      for (int64_t e = 0; e < g; ++e) t += (float)xp[i * g + e];
+      xsp[i] = t;
+    }
+  } else {
+    auto xf = xc.to(torch::kFloat).contiguous();
+    xh = torch::empty({M, K}, torch::dtype(torch::kBFloat16));
+    xl = torch::empty({M, K}, torch::dtype(torch::kBFloat16));
+    const float* xp = xf.data_ptr<float>();
+    at::BFloat16* hp = xh.data_ptr<at::BFloat16>();
+    at::BFloat16* lp = xl.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < M * G; ++i) {
+      float t = 0.f;
+      for (int64_t e = 0; e < g; ++e) {
+        const float v = xp[i * g + e];
+        const at::BFloat16 h(v);
+        hp[i * g + e] = h;
+        lp[i * g + e] = at::BFloat16(v - (float)h);
+        t += v;
+      }
+      xsp[i] = t;
+    }
+  }
+  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat));
+  Args a{reinterpret_cast<const uint16_t*>(xh.data_ptr<at::BFloat16>()), reinterpret_cast<const uint16_t*>(xl.data_ptr<at::BFloat16>()),
+         xsp, K, G, g, nkeep, N, q.data_ptr<uint8_t>(),
+         reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()), reinterpret_cast<const uint16_t*>(ze.data_ptr<at::Half>()),
+         y.data_ptr<float>()};
+  const uint8_t* cm = colmask.data_ptr<uint8_t>();
+  std::atomic<int64_t> bad_row{-1};
+  auto decode = [&](int64_t r, int32_t* out) { return decode_row(cm + r * mw, mw, nkeep, G, out); };
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    // Two index buffers: row r+1 is decoded before row r runs, so the wide stores have retired by
+    // the time their lanes are read back one by one (a store-forwarding stall otherwise).
+    std::vector<int32_t> buf(2 * (nkeep + 32), 0);
+    int32_t* cur = buf.data();
+    int32_t* nxt = buf.data() + nkeep + 32;
+    if (!decode(r0, cur)) { bad_row = r0; return; }
+    for (int64_t r = r0; r < r1; ++r) {
+      if (r + 1 < r1 && !decode(r + 1, nxt)) { bad_row = r + 1; return; }
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        switch (std::min<int64_t>(8, M - m0)) {
+          case 1: run_rows<1>(a, lo, cur, r, m0); break;
+          case 2: run_rows<2>(a, lo, cur, r, m0); break;
+          case 3: run_rows<3>(a, lo, cur, r, m0); break;
+          case 4: run_rows<4>(a, lo, cur, r, m0); break;
+          case 5: run_rows<5>(a, lo, cur, r, m0); break;
+          case 6: run_rows<6>(a, lo, cur, r, m0); break;
+          case 7: run_rows<7>(a, lo, cur, r, m0); break;
+          default: run_rows<8>(a, lo, cur, r, m0);
+        }
+      }
+      std::swap(cur, nxt);
+    }
+  });
+  TORCH_CHECK(bad_row.load() < 0, "GQSA column bitmap of row ", bad_row.load(), " does not hold ", nkeep, " groups below ", G);
+  return y;
+#endif
+}
+
+// Rows [r0, r0 + out.size(0)) of the dense weight into `out` ([n, K] fp32 or bf16, pruned groups
+// zero), for large batches: a reused block buffer, then a dense GEMM on it. Same rounding as the
+// reference: (q - z) * s in fp32, then out's dtype.
+void gqsa_dequant_rows(torch::Tensor q, torch::Tensor colmask, torch::Tensor sc, torch::Tensor ze, int64_t g,
+                       int64_t r0, torch::Tensor out) {
+#ifndef GQSA_SIMD
+  TORCH_CHECK(false, "accel GQSA C++ kernel built without AVX512-BF16/VBMI");
+#else
+  const int64_t K = out.size(1), n = out.size(0);
+  TORCH_CHECK(g % 16 == 0 && K % g == 0, "group size must be a multiple of 16 dividing in_features");
+  TORCH_CHECK(out.is_contiguous() && (out.scalar_type() == torch::kBFloat16 || out.scalar_type() == torch::kFloat),
+              "out: contiguous fp32 or bf16");
+  TORCH_CHECK(q.is_contiguous() && colmask.is_contiguous() && sc.is_contiguous() && ze.is_contiguous(), "contiguous weights");
+  const int64_t N = q.size(0), nkeep = sc.size(1), G = K / g, mw = colmask.size(1);
+  TORCH_CHECK(mw == (G + 7) / 8 && q.size(1) == nkeep * g / 2, "weight shapes disagree");
+  TORCH_CHECK(r0 >= 0 && r0 + n <= N, "row range out of bounds");
+  const bool bf16 = out.scalar_type() == torch::kBFloat16;
+  at::BFloat16* wb = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
+  float* wf = bf16 ? nullptr : out.data_ptr<float>();
+  const uint8_t* cm = colmask.data_ptr<uint8_t>();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
+  const uint16_t* zp = reinterpret_cast<const uint16_t*>(ze.data_ptr<at::Half>());
+  std::atomic<int64_t> bad_row{-1};
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<int32_t> cidx(nkeep + 32, 0);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = r0 + i;
+      if (!decode_row(cm + r * mw, mw, nkeep, G, cidx.data())) { bad_row = r; return; }
+      if (bf16) std::memset(wb + i * K, 0, K * 2); else std::memset(wf + i * K, 0, K * 4);
+      for (int64_t k = 0; k < nkeep; ++k) {
+        const __m512 s = _mm512_set1_ps(_cvtsh_ss(sp[r * nkeep + k]));
+        const __m512 sz = _mm512_mul_ps(s, _mm512_set1_ps(_cvtsh_ss(zp[r * nkeep + k])));
+        const uint8_t* qg = qp + (r * nkeep + k) * (g / 2);
+        const int64_t o = i * K + (int64_t)cidx[k] * g;
+        for (int64_t t = 0; t < g / 16; ++t) {
+          const __m512 v = _mm512_fmsub_ps(codes16_f32(qg + t * 8), s, sz);
+          if (bf16) _mm256_storeu_si256((__m256i*)(wb + o + t * 16), (__m256i)_mm512_cvtneps_pbh(v));
+          else _mm512_storeu_ps(wf + o + t * 16, v);
+        }
+      }
+    }
+  });
+  TORCH_CHECK(bad_row.load() < 0, "GQSA column bitmap of row ", bad_row.load(), " does not hold ", nkeep, " groups below ", G);
+#endif
+}
