@@ -29,6 +29,15 @@ def tiny_model(request):
 
 
 @pytest.fixture
+def one_thread():
+    """Many tiny ops: on a shared 2-vCPU VM the OpenMP spin-wait makes 2 threads far slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def seed42():
     torch.manual_seed(42)
     return 42

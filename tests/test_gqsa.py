@@ -16,13 +16,7 @@ from accel.kernels.gqsa_linear.reference import gqsa_linear_reference
 from accel.patches import compat
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many tiny ops: on a shared 2-vCPU VM the OpenMP spin-wait makes 2 threads far slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sqnr_db(ref, out):

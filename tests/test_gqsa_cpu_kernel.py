@@ -7,15 +7,8 @@ from accel.kernels.gqsa_linear import cpp_ext
 from accel.kernels.gqsa_linear.cpu import CPUGQSA
 from accel.kernels.gqsa_linear.format import GQSAFormatError, GQSAWeight, cols_to_mask, mask_to_cols, pack_weight
 
-pytestmark = pytest.mark.skipif(not cpp_ext.available(), reason="needs a C++ compiler and AVX512-BF16/VBMI")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.skipif(not cpp_ext.available(), reason="needs a C++ compiler and AVX512-BF16/VBMI"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _rel_err(y, ref):
