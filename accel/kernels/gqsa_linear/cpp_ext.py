@@ -59,5 +59,5 @@ def dequantize_rows(qweight: torch.Tensor, colmask: torch.Tensor, scales: torch.
 
 def gqsa_mm(x: torch.Tensor, qweight: torch.Tensor, colmask: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
             group_size: int) -> torch.Tensor:
-    """x: [M, in] fp32/bf16/fp16 -> fp32 [M, out]. colmask: uint8 [out, ceil(n_groups / 8)] kept-group bits."""
+    """x: [M, in] fp32/bf16/fp16 -> [M, out] in x's dtype (fp32 accumulation). colmask: uint8 [out, ceil(n_groups / 8)] kept-group bits."""
     return _mod.gqsa_mm(x, qweight, colmask, scales, zeros, group_size)

@@ -130,7 +130,7 @@ class CPUGQSA:
     def _avx512(self, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         w = self.w
         if x2.size(0) < PREFILL_ROWS:
-            return cpp_ext.gqsa_mm(x2, w.qweight, w.colmask, w.scales, w.zeros, w.group_size).to(dtype)
+            return cpp_ext.gqsa_mm(x2, w.qweight, w.colmask, w.scales, w.zeros, w.group_size)
         # Prefill: dequantize blocks of rows into a reused buffer and run a dense GEMM on each. A
         # fresh full-size weight would cost more in page faults than the GEMM itself.
         wdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32

@@ -59,10 +59,14 @@ static inline void block_exact16(const Args& a, const int32_t* cidx, const uint1
   const __m256i zh = FULL ? _mm256_loadu_si256((const __m256i*)(zr + k)) : _mm256_maskz_loadu_epi16(km, zr + k);
   const __m512 s16 = _mm512_cvtph_ps(sh);
   const __m512 sz16 = _mm512_mul_ps(s16, _mm512_cvtph_ps(zh));
-  for (int m = 0; m < MB; ++m) {
-    const __m512 xg = FULL ? _mm512_i32gather_ps(c16, xs + m * a.G, 4)
-                           : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, c16, xs + m * a.G, 4);
-    zacc[m] = _mm512_fmadd_ps(sz16, xg, zacc[m]);
+  if (FULL) {
+    for (int m = 0; m < MB; ++m) zacc[m] = _mm512_fmadd_ps(sz16, _mm512_i32gather_ps(c16, xs + m * a.G, 4), zacc[m]);
+  } else {
+    // A short tail: scalar loads beat a masked gather, whose cost does not shrink with the mask.
+    alignas(64) float xg[MB][16] = {};
+    for (int j = 0; j < kn; ++j)
+      for (int m = 0; m < MB; ++m) xg[m][j] = xs[m * a.G + cidx[k + j]];
+    for (int m = 0; m < MB; ++m) zacc[m] = _mm512_fmadd_ps(sz16, _mm512_load_ps(xg[m]), zacc[m]);
   }
   const int np = FULL ? 8 : (kn + 1) / 2;
 #pragma GCC unroll 8
@@ -162,8 +166,14 @@ static void rows_exact32(const Args& a, const int32_t* cidx, int64_t r, int64_t 
     const __m512i c16 = _mm512_maskz_loadu_epi32(km, cidx + k);
     const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, sr + k));
     const __m512 sz16 = _mm512_mul_ps(s16, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, zr + k)));
-    for (int m = 0; m < MB; ++m)
-      zacc[m] = _mm512_fmadd_ps(sz16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, c16, xs + m * a.G, 4), zacc[m]);
+    if (kn == 16) {
+      for (int m = 0; m < MB; ++m) zacc[m] = _mm512_fmadd_ps(sz16, _mm512_i32gather_ps(c16, xs + m * a.G, 4), zacc[m]);
+    } else {
+      alignas(64) float xg[MB][16] = {};
+      for (int j = 0; j < kn; ++j)
+        for (int m = 0; m < MB; ++m) xg[m][j] = xs[m * a.G + cidx[k + j]];
+      for (int m = 0; m < MB; ++m) zacc[m] = _mm512_fmadd_ps(sz16, _mm512_load_ps(xg[m]), zacc[m]);
+    }
     for (int j = 0; j < kn; ++j) {
       const __m512 sv = _mm512_permutexvar_ps(_mm512_set1_epi32(j), s16);
       const int64_t o = (int64_t)cidx[k + j] * g;
@@ -309,7 +319,7 @@ torch::Tensor gqsa_mm(torch::Tensor x, torch::Tensor q, torch::Tensor colmask, t
     }
   });
   TORCH_CHECK(bad_row.load() < 0, "GQSA column bitmap of row ", bad_row.load(), " does not hold ", nkeep, " groups below ", G);
-  return y;
+  return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
 #endif
 }
 
