@@ -1,8 +1,8 @@
 """GQSA runtime: swaps each targeted linear for a `GQSALinear` over the packed weight.
 
-The GQSALinear dispatches by device (accel.kernels.dispatch): Triton GEMV/GEMM on CUDA, the
-int4 CPU kernel (compacted per row tile where the layout allows) on CPU, the dequantize+F.linear
-reference otherwise. `accel.report` shows the path and the bytes of each layer.
+The GQSALinear dispatches by device (accel.kernels.dispatch): Triton GEMV/GEMM on CUDA; on CPU
+the native AVX-512 kernel (int4, g = 16 or a multiple of 32), else torch's int4 kernel (compacted
+per row tile where the layout allows); the dequantize+F.linear reference otherwise. `accel.report` shows the path and the bytes of each layer.
 """
 from __future__ import annotations
 

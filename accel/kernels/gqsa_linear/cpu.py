@@ -2,21 +2,22 @@
 
 - "cpu-avx512" (first choice): the native kernel in `cpp_ext.py` for int4 with g = 16 or a
   multiple of 32, any layout (per-row or tiled). It reads the stored tensors in place (no second
-  copy of the weight) and handles any batch: 1-8 rows per weight pass, larger batches in chunks.
-  Needs a C++ compiler and a CPU with AVX512-BF16/VBMI; otherwise the paths below run.
+  copy of the weight): 1-8 activation rows per weight pass; from PREFILL_ROWS rows on, blocks of
+  dequantized rows and a dense GEMM. Needs a C++ compiler and a CPU with AVX512-BF16/VBMI;
+  otherwise (or with ACCEL_CPP=0) the torch paths below run.
 
 `torch.ops.aten._weight_int4pack_mm_for_cpu` (bf16 activations) computes
 `x @ ((q - 8) * s + z')^T` with per-(K-group, N) scale/zero, K-group in {32, 64, 128, 256}.
-Measured on this VM (research/triton_cpu.md and our bench): it is the fastest CPU GEMV for int4
-weights, and group sparsity only pays when the pruned K-groups are *compacted away*. So:
+Measured on this VM (research/triton_cpu.md and our bench): it is torch's fastest CPU GEMV for
+int4 weights, and group sparsity only pays when the pruned K-groups are *compacted away*. So:
 
 - "cpu-int4-compact": the layout is tile-structured (each tile of `tile_rows` rows keeps the same
   groups) and g is a multiple of 32. Each tile becomes one dense int4 matrix over its kept
   columns: y[:, tile] = int4mm(x[:, kept_cols], W_tile). Work and bytes scale with 1 - sparsity.
 - "cpu-int4-masked": g is a multiple of 32 but rows keep different groups: dense int4 over all of
   K with the pruned groups' scale and zero set to 0 (int4 speed, no gain from sparsity).
-- "cpu-dequant": anything else (g = 8/16/24, bits = 8): dequantize and F.linear per call (slow,
-  exact; the reference's math).
+- "cpu-dequant": anything else (g = 8/16/24, 2/3/8 bits): dequantize and F.linear per call
+  (slow, exact; the reference's math).
 Our asymmetric w = (q - zero) * s maps onto the aten convention with z' = (8 - zero) * s.
 """
 from __future__ import annotations
