@@ -21,7 +21,7 @@ def _cmd_sweep(args) -> int:
                 f.write(json.dumps(r) + "\n")
     res = gqsa_sweep(args.rows.split(","), args.model, args.max_tokens, args.seq_len, args.samples,
                      args.calib_seq_len, args.bqpo_steps, args.bqpo_batch, args.bqpo_lr, args.e2e_steps,
-                     args.e2e_lr, progress=not args.json, on_row=show, eval_dtype=args.eval_dtype)
+                     args.e2e_lr, progress=not args.json, on_row=show, eval_dtype=args.eval_dtype, seed=args.seed)
     emit(res, args.json, f"{res['tokens']} tokens x seq {res['seq_len']}, calibration {res['calibration']}")
     return 0
 
@@ -71,6 +71,7 @@ def register(cli) -> None:
     p.add_argument("--bqpo-lr", type=float, default=3e-4)
     p.add_argument("--e2e-steps", type=int, default=8)
     p.add_argument("--e2e-lr", type=float, default=2e-5)
+    p.add_argument("--seed", type=int, default=0, help="calibration sample seed (the same samples for every row)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--partial", default=None, help="append each row as a JSON line to this file")

@@ -111,7 +111,7 @@ def _row(name: str, base, tok, spec, samples, opts: dict, cache: dict):
 def gqsa_sweep(rows=ROWS, model_name: str = "smollm2-135m", max_tokens: int = 16384, seq_len: int = 512,
                n_samples: int = 32, calib_seq_len: int = 512, bqpo_steps: int = 8, bqpo_batch: int = 2,
                bqpo_lr: float = 3e-4, e2e_steps: int = 8, e2e_lr: float = 2e-5, e2e_batch: int = 2,
-               progress: bool = True, on_row=None, eval_dtype: str = "float32") -> dict:
+               progress: bool = True, on_row=None, eval_dtype: str = "float32", seed: int = 0) -> dict:
     """Perplexity of each row on `max_tokens` evaluation tokens; returns {"rows": [...], ...}."""
     import accel
     from accel.data import CalibrationSpec, calibration_samples, eval_tokens
@@ -119,7 +119,7 @@ def gqsa_sweep(rows=ROWS, model_name: str = "smollm2-135m", max_tokens: int = 16
     from .perplexity import perplexity
 
     base, tok = accel.models.load(model_name)
-    spec = CalibrationSpec(n_samples=n_samples, seq_len=calib_seq_len)
+    spec = CalibrationSpec(n_samples=n_samples, seq_len=calib_seq_len, seed=seed)
     samples = calibration_samples(tok, spec)
     ids = eval_tokens(tok, "wiki", max_tokens)
     opts = dict(bqpo_steps=bqpo_steps, bqpo_batch=bqpo_batch, bqpo_lr=bqpo_lr, e2e_steps=e2e_steps,
