@@ -39,6 +39,7 @@ static inline __m512i pair_idx(int a, int b) { return _mm512_inserti64x4(_mm512_
 
 struct Args {
   const uint16_t *xh, *xl;  // bf16 bits [M, K] (xl: residual of fp32 activations, or == xh)
+  const uint16_t* xi;       // bf16 x per chunk of 8 rows, group-major: [chunk][K / 16][rows][16] (table kernel)
   const float* xs;          // fp32 group sums [M, G]
   int64_t K, G, g, nkeep, N;
   const uint8_t* q;         // [N, nkeep * g / 2]
@@ -114,7 +115,8 @@ static void rows_table16(const Args& a, const int32_t* cidx, int64_t r, int64_t 
   const uint16_t* sr = a.sc + r * nk;
   const uint16_t* zr = a.ze + r * nk;
   const uint8_t* qr = a.q + r * nk * 8;
-  const uint16_t* xh = a.xh + m0 * a.K;
+  // Group-major x: the MB rows' 16 values of one group are adjacent (fewer cache lines per pair).
+  const uint16_t* xi = a.xi + m0 * a.K;
   const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   // +16 on the upper 16 lanes selects table b; the low nibble selects the entry.
   const __m512i hi16 = _mm512_set_epi64(0x0010001000100010LL, 0x0010001000100010LL, 0x0010001000100010LL,
@@ -135,8 +137,8 @@ static void rows_table16(const Args& a, const int32_t* cidx, int64_t r, int64_t 
       const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(tb, ta);
       const __m512i idx = _mm512_ternarylogic_epi32(spread32(bytes), _mm512_set1_epi16(0x000F), hi16, 0xEA);
       const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(idx, table);
-      const int64_t oa = (int64_t)cidx[ka] * 16, ob = (int64_t)cidx[kb] * 16;
-      for (int m = 0; m < MB; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], w, load_x2(xh + m * a.K + oa, xh + m * a.K + ob));
+      const int64_t oa = (int64_t)cidx[ka] * MB * 16, ob = (int64_t)cidx[kb] * MB * 16;
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], w, load_x2(xi + oa + m * 16, xi + ob + m * 16));
     };
     if (kn == 16) {
 #pragma GCC unroll 8
@@ -286,8 +288,22 @@ torch::Tensor gqsa_mm(torch::Tensor x, torch::Tensor q, torch::Tensor colmask, t
       xsp[i] = t;
     }
   }
+  // The table kernel (bf16, g == 16, chunks of 3-8 rows) reads x group-major per chunk.
+  torch::Tensor xi = xh;
+  if (!lo && g == 16 && M >= 3) {
+    xi = torch::empty({M * K}, torch::dtype(torch::kBFloat16));
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(xh.data_ptr<at::BFloat16>());
+    uint16_t* dst = reinterpret_cast<uint16_t*>(xi.data_ptr<at::BFloat16>());
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int64_t mb = std::min<int64_t>(8, M - m0);
+      for (int64_t u = 0; u < K / 16; ++u)
+        for (int64_t m = 0; m < mb; ++m)
+          std::memcpy(dst + m0 * K + (u * mb + m) * 16, src + (m0 + m) * K + u * 16, 32);
+    }
+  }
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat));
   Args a{reinterpret_cast<const uint16_t*>(xh.data_ptr<at::BFloat16>()), reinterpret_cast<const uint16_t*>(xl.data_ptr<at::BFloat16>()),
+         reinterpret_cast<const uint16_t*>(xi.data_ptr<at::BFloat16>()),
          xsp, K, G, g, nkeep, N, q.data_ptr<uint8_t>(),
          reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()), reinterpret_cast<const uint16_t*>(ze.data_ptr<at::Half>()),
          y.data_ptr<float>()};
