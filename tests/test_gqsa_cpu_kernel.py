@@ -99,14 +99,14 @@ def test_version1_tensors_with_int16_columns_still_load():
         GQSAWeight.from_tensors(t, "lin")
 
 
-def _sqnr_db(ref, out):
-    return (10 * torch.log10(ref.float().pow(2).sum() / (ref.float() - out.float()).pow(2).sum())).item()
-
-
 @pytest.mark.slow
-def test_smollm2_decode_through_the_kernel_matches_reference(monkeypatch):
-    """SmolLM2 in bf16 with per-row g16 W4S50 weights (RTN): prefill (blocked dequant + GEMM) and
-    one-token decode steps (the native GEMV) against the dequantize + F.linear reference path."""
+def test_smollm2_through_the_kernel_matches_reference(monkeypatch):
+    """SmolLM2 with per-row g16 W4S50 weights (RTN), prefill (the 3-8 row kernel) and a one-token
+    decode step (the GEMV) through the native kernel.
+
+    bf16: every GQSA linear, on the activations it really sees, is within 2x the error of torch's
+    bf16 F.linear on the dequantized weight (end-to-end bf16 logits are too chaotic to compare:
+    two bf16 paths differ by ~10% after 30 layers). fp32: the logits match the reference path's."""
     import accel
     from accel.artifact import Artifact
     from accel.configs.gqsa import GQSAConfig
@@ -127,22 +127,39 @@ def test_smollm2_decode_through_the_kernel_matches_reference(monkeypatch):
         with torch.inference_mode():
             out = model(input_ids=ids, use_cache=True)
             step = model(input_ids=nxt, use_cache=True, **compat.cache_kwargs(compat.output_cache(out)))
-        return out.logits[0], step.logits[0, -1]
+        return out.logits[0].double(), step.logits[0, -1].double()
 
-    with torch.inference_mode():
-        dense = model(input_ids=ids).logits[0]
+    ratios = []
+
+    def check(mod, inp, out):
+        x = inp[0]
+        wd = mod.packed().dequantize().double()
+        exact = F.linear(x.double(), wd)
+        ratios.append((_rel_err(out, exact) / _rel_err(F.linear(x, wd.to(x.dtype)), exact), x.shape[-2]))
+
+    monkeypatch.setenv("ACCEL_KERNEL", "cpu")
+    with accel.patched(model, art):
+        hooks = [m.register_forward_hook(check) for m in model.modules() if type(m).__name__ == "GQSALinear"]
+        run()
+        for h in hooks:
+            h.remove()
+        assert {r["kernel"] for r in accel.report(model).rows} == {"cpu-avx512"}
+    assert len(ratios) == 2 * 30 * 7 and {n for _, n in ratios} == {ids.size(1), 1}
+    print(f"per-linear error / torch bf16 error: max {max(r for r, _ in ratios):.2f} over {len(ratios)} calls")
+    assert max(r for r, _ in ratios) <= 2, max(ratios)
+
+    model.float()
     res = {}
     for path in ("reference", "cpu"):
         monkeypatch.setenv("ACCEL_KERNEL", path)
         with accel.patched(model, art):
             res[path] = run()
-            kinds = {r["kernel"] for r in accel.report(model).rows}
-        assert kinds == ({"cpu-avx512"} if path == "cpu" else {"reference"})
-    pre, dec = (_sqnr_db(r, c) for r, c in zip(res["reference"], res["cpu"]))
-    print(f"SQNR cpu vs reference: prefill {pre:.1f} dB, decode {dec:.1f} dB")
-    # Measured 29-31 dB: bf16 rounding and summation order differ (the GEMV keeps fp32 weights).
-    assert pre > 25 and dec > 25, (pre, dec)
-    assert _sqnr_db(dense, res["reference"][0]) < 15  # W4S50 changed the model: the check is not vacuous
+    for ref, got in zip(res["reference"], res["cpu"]):
+        # fp32 activations run as bf16 hi + lo (~16 bits each): measured 1.2e-4 (prefill) and
+        # 4.5e-4 (decode) after 30 layers; W4S50 itself moves the logits by ~1.
+        err = ((got - ref).norm() / ref.norm()).item()
+        print(f"fp32 logits, native vs reference: {err:.1e}")
+        assert err < 5e-3
 
 
 def test_rows_split_over_threads_give_identical_results():

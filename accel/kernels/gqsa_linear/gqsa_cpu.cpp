@@ -53,7 +53,7 @@ struct Args {
 template <int MB, bool LO, bool FULL, int U>
 static inline void block_exact16(const Args& a, const int32_t* cidx, const uint16_t* sr, const uint16_t* zr,
                                  const uint8_t* qr, const uint16_t* xh, const uint16_t* xl, const float* xs, int64_t k,
-                                 int kn, __m512 (&acc)[MB][U], __m512 (&zacc)[MB]) {
+                                 int kn, __m512 (&acc)[MB][U], __m512 (&zacc)[MB], float (&zt)[MB]) {
   const __mmask16 km = FULL ? (__mmask16)0xFFFF : (__mmask16)((1u << kn) - 1);
   const __m512i c16 = FULL ? _mm512_loadu_si512(cidx + k) : _mm512_maskz_loadu_epi32(km, cidx + k);
   const __m256i sh = FULL ? _mm256_loadu_si256((const __m256i*)(sr + k)) : _mm256_maskz_loadu_epi16(km, sr + k);
@@ -63,11 +63,12 @@ static inline void block_exact16(const Args& a, const int32_t* cidx, const uint1
   if (FULL) {
     for (int m = 0; m < MB; ++m) zacc[m] = _mm512_fmadd_ps(sz16, _mm512_i32gather_ps(c16, xs + m * a.G, 4), zacc[m]);
   } else {
-    // A short tail: scalar loads beat a masked gather, whose cost does not shrink with the mask.
-    alignas(64) float xg[MB][16] = {};
-    for (int j = 0; j < kn; ++j)
-      for (int m = 0; m < MB; ++m) xg[m][j] = xs[m * a.G + cidx[k + j]];
-    for (int m = 0; m < MB; ++m) zacc[m] = _mm512_fmadd_ps(sz16, _mm512_load_ps(xg[m]), zacc[m]);
+    // A short tail: scalar math beats a masked gather, whose cost does not shrink with the mask
+    // (and a vector built through memory would stall on store forwarding).
+    for (int j = 0; j < kn; ++j) {
+      const float sz = _cvtsh_ss(sr[k + j]) * _cvtsh_ss(zr[k + j]);
+      for (int m = 0; m < MB; ++m) zt[m] += sz * xs[m * a.G + cidx[k + j]];
+    }
   }
   const int np = FULL ? 8 : (kn + 1) / 2;
 #pragma GCC unroll 8
@@ -97,14 +98,19 @@ static void rows_exact16(const Args& a, const int32_t* cidx, int64_t r, int64_t 
   const uint16_t* xl = a.xl + m0 * a.K;
   const float* xs = a.xs + m0 * a.G;
   __m512 acc[MB][U], zacc[MB];
-  for (int m = 0; m < MB; ++m) { zacc[m] = _mm512_setzero_ps(); for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps(); }
+  float zt[MB];
+  for (int m = 0; m < MB; ++m) {
+    zacc[m] = _mm512_setzero_ps();
+    zt[m] = 0.f;
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+  }
   int64_t k = 0;
-  for (; k + 16 <= nk; k += 16) block_exact16<MB, LO, true, U>(a, cidx, sr, zr, qr, xh, xl, xs, k, 16, acc, zacc);
-  if (k < nk) block_exact16<MB, LO, false, U>(a, cidx, sr, zr, qr, xh, xl, xs, k, (int)(nk - k), acc, zacc);
+  for (; k + 16 <= nk; k += 16) block_exact16<MB, LO, true, U>(a, cidx, sr, zr, qr, xh, xl, xs, k, 16, acc, zacc, zt);
+  if (k < nk) block_exact16<MB, LO, false, U>(a, cidx, sr, zr, qr, xh, xl, xs, k, (int)(nk - k), acc, zacc, zt);
   for (int m = 0; m < MB; ++m) {
     __m512 t = acc[m][0];
     for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[m][u]);
-    a.y[(m0 + m) * a.N + r] = _mm512_reduce_add_ps(_mm512_sub_ps(t, zacc[m]));
+    a.y[(m0 + m) * a.N + r] = _mm512_reduce_add_ps(_mm512_sub_ps(t, zacc[m])) - zt[m];
   }
 }
 
@@ -161,7 +167,8 @@ static void rows_exact32(const Args& a, const int32_t* cidx, int64_t r, int64_t 
   const uint16_t* xl = a.xl + m0 * a.K;
   const float* xs = a.xs + m0 * a.G;
   __m512 acc[MB], zacc[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = zacc[m] = _mm512_setzero_ps();
+  float zt[MB];
+  for (int m = 0; m < MB; ++m) { acc[m] = zacc[m] = _mm512_setzero_ps(); zt[m] = 0.f; }
   for (int64_t k = 0; k < nk; k += 16) {
     const int kn = (int)std::min<int64_t>(16, nk - k);
     const __mmask16 km = (__mmask16)((1u << kn) - 1);
@@ -171,10 +178,10 @@ static void rows_exact32(const Args& a, const int32_t* cidx, int64_t r, int64_t 
     if (kn == 16) {
       for (int m = 0; m < MB; ++m) zacc[m] = _mm512_fmadd_ps(sz16, _mm512_i32gather_ps(c16, xs + m * a.G, 4), zacc[m]);
     } else {
-      alignas(64) float xg[MB][16] = {};
-      for (int j = 0; j < kn; ++j)
-        for (int m = 0; m < MB; ++m) xg[m][j] = xs[m * a.G + cidx[k + j]];
-      for (int m = 0; m < MB; ++m) zacc[m] = _mm512_fmadd_ps(sz16, _mm512_load_ps(xg[m]), zacc[m]);
+      for (int j = 0; j < kn; ++j) {  // a short tail: scalar, as in block_exact16
+        const float sz = _cvtsh_ss(sr[k + j]) * _cvtsh_ss(zr[k + j]);
+        for (int m = 0; m < MB; ++m) zt[m] += sz * xs[m * a.G + cidx[k + j]];
+      }
     }
     for (int j = 0; j < kn; ++j) {
       const __m512 sv = _mm512_permutexvar_ps(_mm512_set1_epi32(j), s16);
@@ -192,7 +199,7 @@ static void rows_exact32(const Args& a, const int32_t* cidx, int64_t r, int64_t 
       for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(d[m], sv, acc[m]);
     }
   }
-  for (int m = 0; m < MB; ++m) a.y[(m0 + m) * a.N + r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[m], zacc[m]));
+  for (int m = 0; m < MB; ++m) a.y[(m0 + m) * a.N + r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[m], zacc[m])) - zt[m];
 }
 
 template <int MB>
