@@ -17,7 +17,7 @@ from accel.artifact import Artifact
 from accel.configs import ConfigError
 from accel.configs.gqsa import GQSAConfig
 from accel.data import CalibrationSpec, calibration_samples
-from accel.kernels.gqsa_linear.format import GQSAWeight, group_scores, select_groups
+from accel.kernels.gqsa_linear.format import GQSAWeight, group_scores, pack_weight, select_groups
 from accel.patches import compat
 from accel.patches.targets import iter_linears
 
@@ -183,3 +183,14 @@ def calibrate_gqsa(model, tok, cfg: GQSAConfig, spec: CalibrationSpec | None = N
              "layer_sparsity": {str(k): round(v, 4) for k, v in (layer_sparsity or {}).items()},
              "model_sparsity": round(_model_sparsity(packed), 4)}
     return Artifact.for_model(model, [cfg], tensors, calibration=calib)
+
+
+def rtn_artifact(model, cfg: GQSAConfig) -> Artifact:
+    """An artifact of `cfg`'s layout without calibration data: magnitude group scores and
+    round-to-nearest on every target. For speed measurements and kernel checks, not accuracy."""
+    tensors = {}
+    for name, lin in target_linears(model, cfg).items():
+        w = pack_weight(lin.weight, sparsity=cfg.sparsity, group_size=cfg.group_size, bits=cfg.bits,
+                        tile_rows=cfg.tile_rows)
+        tensors.update({f"gqsa/{k}": v for k, v in w.to_tensors(name).items()})
+    return Artifact.for_model(model, [cfg], tensors)

@@ -13,6 +13,7 @@ import logging
 import torch
 
 from .runner import linear_input_stats, run_layerwise
+from .wanda import wanda_scores
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class _OutlierRatios:
         linear_input_stats(layer, data, i, names, lambda n, x: sq.__setitem__(n, sq.get(n, 0) + x.pow(2).sum(0)))
         hits = total = 0
         for n, lin in names.items():
-            score = lin.weight.detach().abs().float() * sq[n].sqrt()[None]
+            score = wanda_scores(lin.weight, sq[n])
             hits += int((score > self.m * score.mean()).sum())
             total += score.numel()
         self.ratio[i] = hits / total

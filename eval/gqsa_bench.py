@@ -81,18 +81,11 @@ def bench_decode(model_name: str = "smollm2-135m", new_tokens: int = 32, group_s
                  tile_rows: int = 1, sparsity: float = 0.5, rounds: int = 3) -> dict:
     """Greedy decode tokens/s of the bf16 model, dense vs GQSA W4S50 (RTN weights: speed only)."""
     import accel
-    from accel.artifact import Artifact
+    from accel.calibrate.gqsa import rtn_artifact
     from accel.configs.gqsa import GQSAConfig
-    from accel.kernels.gqsa_linear.format import pack_weight
-    from accel.patches.targets import iter_linears
 
     model, tok = accel.models.load(model_name, dtype="bfloat16")
-    cfg = GQSAConfig(bits=4, sparsity=sparsity, group_size=group_size, tile_rows=tile_rows)
-    tensors = {}
-    for name, lin in iter_linears(model):
-        w = pack_weight(lin.weight, sparsity=sparsity, group_size=group_size, tile_rows=tile_rows)
-        tensors.update({f"gqsa/{k}": v for k, v in w.to_tensors(name).items()})
-    art = Artifact.for_model(model, [cfg], tensors)
+    art = rtn_artifact(model, GQSAConfig(bits=4, sparsity=sparsity, group_size=group_size, tile_rows=tile_rows))
     ids = tok("The history of the city begins", return_tensors="pt").input_ids
 
     def gen():

@@ -2,7 +2,8 @@
 
 The GQSALinear dispatches by device (accel.kernels.dispatch): Triton GEMV/GEMM on CUDA; on CPU
 the native AVX-512 kernel (int4, g = 16 or a multiple of 32), else torch's int4 kernel (compacted
-per row tile where the layout allows); the dequantize+F.linear reference otherwise. `accel.report` shows the path and the bytes of each layer.
+per row tile where the layout allows); the dequantize+F.linear reference otherwise.
+`accel.report` shows the path and the bytes of each layer.
 """
 from __future__ import annotations
 

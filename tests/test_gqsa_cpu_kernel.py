@@ -65,6 +65,27 @@ def test_bitmap_roundtrip_and_sorted_storage():
     assert one.tolist() == [[1, 2]]
 
 
+def test_unsorted_columns_are_stored_in_column_order():
+    from accel.kernels.gqsa_linear.format import from_codes
+
+    gen = torch.Generator().manual_seed(42)
+    q = torch.randint(0, 16, (3, 2, 16), generator=gen)
+    s, z = torch.rand(3, 2, generator=gen) + 0.1, torch.rand(3, 2, generator=gen) * 15
+    cols = torch.tensor([[0, 3], [3, 1], [2, 0]])
+    w = from_codes(q, cols, s, z, 64, 16, 4)
+    dense = torch.zeros(3, 4, 16)
+    for r in range(3):
+        for j in range(2):
+            dense[r, cols[r, j]] = (q[r, j] - z[r, j].half().float()) * s[r, j].half().float()
+    assert torch.equal(w.dequantize(), dense.view(3, 64))
+
+
+def test_wrong_input_width_is_refused():
+    k = CPUGQSA(pack_weight(torch.randn(8, 64), sparsity=0.5, group_size=16))
+    with pytest.raises(ValueError, match="expects 64 input features, got 80"):
+        k(torch.randn(1, 80))
+
+
 def test_corrupt_bitmap_is_refused():
     w = pack_weight(torch.randn(8, 64), sparsity=0.5, group_size=16)
     bad = w.colmask.clone()
@@ -108,18 +129,12 @@ def test_smollm2_through_the_kernel_matches_reference(monkeypatch):
     bf16 F.linear on the dequantized weight (end-to-end bf16 logits are too chaotic to compare:
     two bf16 paths differ by ~10% after 30 layers). fp32: the logits match the reference path's."""
     import accel
-    from accel.artifact import Artifact
+    from accel.calibrate.gqsa import rtn_artifact
     from accel.configs.gqsa import GQSAConfig
     from accel.patches import compat
-    from accel.patches.targets import iter_linears
 
     model, tok = accel.models.load("smollm2-135m", dtype="bfloat16")
-    cfg = GQSAConfig(bits=4, sparsity=0.5, group_size=16)
-    tensors = {}
-    for name, lin in iter_linears(model):
-        w = pack_weight(lin.weight, sparsity=0.5, group_size=16)
-        tensors.update({f"gqsa/{k}": v for k, v in w.to_tensors(name).items()})
-    art = Artifact.for_model(model, [cfg], tensors)
+    art = rtn_artifact(model, GQSAConfig(bits=4, sparsity=0.5, group_size=16))
     ids = tok("The history of the city begins in the", return_tensors="pt").input_ids
     nxt = torch.tensor([[tok.encode(" year")[0]]])
 

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import threading
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,9 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
-def load(name: str, source: str, functions: list[str], what: str):
+def load(name: str, source: str | Path, functions: list[str], what: str):
     """The built extension `accel_<name>` exporting `functions`, or None (logged once, with `what`
-    naming the fallback the caller keeps)."""
+    naming the fallback the caller keeps). `source`: C++ text, or a file read only when building."""
     if name in _mods:
         return _mods[name]
     with _lock:
@@ -52,7 +53,8 @@ def load(name: str, source: str, functions: list[str], what: str):
                 from torch.utils.cpp_extension import load_inline
 
                 log.info("building the C++ kernel %s (once per machine)", name)
-                mod = load_inline(name=f"accel_{name}_{_cpu_tag()}", cpp_sources=[source], functions=functions,
+                text = source.read_text() if isinstance(source, Path) else source
+                mod = load_inline(name=f"accel_{name}_{_cpu_tag()}", cpp_sources=[text], functions=functions,
                                   extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
             except Exception as e:  # any build failure leaves the caller's torch path in place
                 log.warning("C++ kernel %s failed to build (%s); %s", name,

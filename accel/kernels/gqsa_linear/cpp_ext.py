@@ -32,16 +32,13 @@ from .. import _cpp
 # The C++ source sits beside this file (package data), compiled on first use.
 _SRC_FILE = Path(__file__).with_name("gqsa_cpu.cpp")
 _mod = None
-_tried = False
 
 
 def available() -> bool:
     """Build (once per process) and report whether the AVX-512 kernel can run here."""
-    global _mod, _tried
-    if not _tried:
-        _tried = True
-        _mod = _cpp.load("gqsa_cpu", _SRC_FILE.read_text(), ["simd_available", "gqsa_mm", "gqsa_dequant_rows"],
-                         "GQSA layouts keep the torch CPU paths")
+    global _mod
+    _mod = _cpp.load("gqsa_cpu", _SRC_FILE, ["simd_available", "gqsa_mm", "gqsa_dequant_rows"],
+                     "GQSA layouts keep the torch CPU paths")
     return _mod is not None and bool(_mod.simd_available())
 
 

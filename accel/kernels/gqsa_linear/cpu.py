@@ -152,6 +152,9 @@ class CPUGQSA:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
+        if shape[-1] != self.in_features:
+            # The native kernel takes K from x: a wrong width would read the wrong activations.
+            raise ValueError(f"GQSA linear expects {self.in_features} input features, got {shape[-1]}")
         x2 = x.reshape(-1, shape[-1])
         if self.path == "cpu-avx512":
             y = self._avx512(x2, dtype)

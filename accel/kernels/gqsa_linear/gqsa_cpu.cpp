@@ -246,7 +246,7 @@ bool simd_available() {
 }
 
 // x: [M, K] fp32 or bf16; q: uint8 [N, nkeep * g / 2]; colmask: uint8 [N, ceil(G / 8)] (bit j of byte b:
-// group 8b + j kept); scales, zeros: fp16 [N, nkeep]. Returns fp32 [M, N].
+// group 8b + j kept); scales, zeros: fp16 [N, nkeep]. Returns [M, N] in x's dtype (fp32 accumulation).
 torch::Tensor gqsa_mm(torch::Tensor x, torch::Tensor q, torch::Tensor colmask, torch::Tensor sc, torch::Tensor ze, int64_t g) {
 #ifndef GQSA_SIMD
   TORCH_CHECK(false, "accel GQSA C++ kernel built without AVX512-BF16/VBMI");
