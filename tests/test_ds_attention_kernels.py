@@ -2,7 +2,9 @@
 the torch reference, on odd shapes: T in {63, 1000, 4097}, GQA ratio in {1, 3, 4}, head_dim 64/128.
 
 Error bound (guide): a kernel's relative error against an fp64 computation over the *same selected
-tokens* must be <= 2x the error of a plain torch computation in the input dtype."""
+tokens* must be <= 2x the error of a plain torch computation in the input dtype, with an absolute
+floor of a few ulps x sqrt(reduction length) (tests/kernel_tolerances.py) so that another CPU's
+summation order cannot fail it."""
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from accel.kernels.ds_attention import (dense_decode_reference, ds_attend_refere
                                         ds_select_reference, label_scores_reference)
 from accel.kernels.ds_attention import cpu as ds_cpu
 from accel.kernels.ds_attention import triton_kernel as ds_triton
+from kernel_tolerances import assert_within
 
 SHAPES = [(T, G, D) for T in (63, 1000, 4097) for G in (1, 3, 4) for D in (64, 128)]
 KVH = 2
@@ -49,6 +52,11 @@ def torch_same_dtype_attend(q, k, v, idx, scaling=None):
 
 def rel_err(x, ref):
     return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def assert_attend_within(out, exact, torch_err, idx, what=""):
+    """Within 2x torch's error, floored at a few ulps x sqrt(the longer reduction: D or n tokens)."""
+    assert_within(rel_err(out, exact), torch_err, out.dtype, max(idx.shape[-1], out.shape[-1]), what=what)
 
 
 def assert_same_selection(idx, q, labels, channels, budget, key_mask=None):
@@ -141,7 +149,7 @@ def test_attend_error_within_2x_torch(path, shape, dtype):
     torch_err = rel_err(torch_same_dtype_attend(q, k, v, idx), exact)
     out = ATTENDERS[path](q, k, v, idx)
     assert out.dtype == dtype and out.shape == q.shape
-    assert rel_err(out, exact) <= 2 * torch_err, (rel_err(out, exact), torch_err)
+    assert_attend_within(out, exact, torch_err, idx, path)
 
 
 @pytest.mark.parametrize("path", ["cpu", "triton"])
@@ -151,7 +159,7 @@ def test_bf16_upcast(path):
     idx = ds_select_reference(q, labels, channels, 125, SINK, RECENT)
     exact = ds_attend_reference(q.double(), k.double(), v.double(), idx)
     torch_err = rel_err(torch_same_dtype_attend(q, k, v, idx), exact)
-    assert rel_err(ATTENDERS[path](q, k, v, idx), exact) <= 2 * torch_err
+    assert_attend_within(ATTENDERS[path](q, k, v, idx), exact, torch_err, idx, path)
 
 
 @pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "sum"])
@@ -162,7 +170,7 @@ def test_triton_split_k(split, use_dot):
     idx = ds_select_reference(q, labels, channels, 125, SINK, RECENT)
     exact = ds_attend_reference(q.double(), k.double(), v.double(), idx)
     out = ds_triton.ds_attend_triton(q, k, v, idx, split=split, block_n=16, use_dot=use_dot)
-    assert rel_err(out, exact) <= 2 * rel_err(torch_same_dtype_attend(q, k, v, idx), exact)
+    assert_attend_within(out, exact, rel_err(torch_same_dtype_attend(q, k, v, idx), exact), idx)
 
 
 @pytest.mark.parametrize("path", ["reference", "cpu", "triton"])
@@ -174,7 +182,7 @@ def test_end_to_end(path, reduce):
     ref_idx = ds_select_reference(q.double(), labels.double(), channels, 125, SINK, RECENT, reduce)
     assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
     exact = ds_attend_reference(q.double(), k.double(), v.double(), ref_idx)
-    assert rel_err(out, exact) <= 2 * rel_err(torch_same_dtype_attend(q, k, v, ref_idx), exact)
+    assert_attend_within(out, exact, rel_err(torch_same_dtype_attend(q, k, v, ref_idx), exact), ref_idx)
 
 
 @pytest.mark.parametrize("path", ["reference", "cpu", "triton"])

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from accel.kernels.gqsa_linear import cpp_ext
 from accel.kernels.gqsa_linear.cpu import CPUGQSA
 from accel.kernels.gqsa_linear.format import GQSAFormatError, GQSAWeight, cols_to_mask, mask_to_cols, pack_weight
+from kernel_tolerances import assert_within, ratio_bound
 
 pytestmark = [pytest.mark.skipif(not cpp_ext.available(), reason="needs a C++ compiler and AVX512-BF16/VBMI"),
               pytest.mark.usefixtures("one_thread")]
@@ -41,7 +42,7 @@ def test_kernel_matches_reference(out, inp, g, sparsity, tile, batch, dtype):
         # fp32 activations run as bf16 hi + lo: ~16 bits per activation, so 1e-4 leaves 10x room.
         assert _rel_err(y, exact) < 1e-4
     else:
-        assert _rel_err(y, exact) <= 2 * torch_err
+        assert_within(_rel_err(y, exact), torch_err, dtype, inp)
 
 
 def test_kernel_handles_3d_input_and_many_rows():
@@ -51,7 +52,7 @@ def test_kernel_handles_3d_input_and_many_rows():
     y = CPUGQSA(w)(x)
     ref = F.linear(x.double(), w.dequantize().double())
     assert y.shape == (2, 37, 96)
-    assert _rel_err(y, ref) <= 2 * _rel_err(F.linear(x, w.dequantize().bfloat16()), ref)
+    assert_within(_rel_err(y, ref), _rel_err(F.linear(x, w.dequantize().bfloat16()), ref), torch.bfloat16, 256)
 
 
 def test_bitmap_roundtrip_and_sorted_storage():
@@ -126,7 +127,7 @@ def test_smollm2_through_the_kernel_matches_reference(monkeypatch):
     decode step (the GEMV) through the native kernel.
 
     bf16: every GQSA linear, on the activations it really sees, is within 2x the error of torch's
-    bf16 F.linear on the dequantized weight (end-to-end bf16 logits are too chaotic to compare:
+    bf16 F.linear on the dequantized weight (floored: tests/kernel_tolerances.py) (end-to-end bf16 logits are too chaotic to compare:
     two bf16 paths differ by ~10% after 30 layers). fp32: the logits match the reference path's."""
     import accel
     from accel.calibrate.gqsa import rtn_artifact
@@ -150,7 +151,8 @@ def test_smollm2_through_the_kernel_matches_reference(monkeypatch):
         x = inp[0]
         wd = mod.packed().dequantize().double()
         exact = F.linear(x.double(), wd)
-        ratios.append((_rel_err(out, exact) / _rel_err(F.linear(x, wd.to(x.dtype)), exact), x.shape[-2]))
+        err, torch_err = _rel_err(out, exact), _rel_err(F.linear(x, wd.to(x.dtype)), exact)
+        ratios.append((err / ratio_bound(torch_err, x.dtype, x.shape[-1]), x.shape[-2]))
 
     monkeypatch.setenv("ACCEL_KERNEL", "cpu")
     with accel.patched(model, art):
@@ -160,8 +162,8 @@ def test_smollm2_through_the_kernel_matches_reference(monkeypatch):
             h.remove()
         assert {r["kernel"] for r in accel.report(model).rows} == {"cpu-avx512"}
     assert len(ratios) == 2 * 30 * 7 and {n for _, n in ratios} == {ids.size(1), 1}
-    print(f"per-linear error / torch bf16 error: max {max(r for r, _ in ratios):.2f} over {len(ratios)} calls")
-    assert max(r for r, _ in ratios) <= 2, max(ratios)
+    print(f"per-linear error / bound: max {max(r for r, _ in ratios):.2f} over {len(ratios)} calls")
+    assert max(r for r, _ in ratios) <= 1, max(ratios)
 
     model.float()
     res = {}
