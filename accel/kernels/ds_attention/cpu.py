@@ -11,7 +11,7 @@ Same semantics as `reference.py` (shapes there). What makes it fast, measured on
     is no padding), then one unsorted `topk` (sorting costs 20-35% more and does not speed the gather).
   * one `index_select` per K and V over a flat [rows, D] view of the cache, into preallocated
     buffers reused across calls (a fresh buffer pays page faults on every call; advanced indexing
-    and `torch.gather` are 3-5x slower than `index_select`).
+    and `torch.gather` are 3-5x slower than `index_select`). The buffers are per thread.
   * a grouped matmul + softmax over the selected tokens only (SDPA is 2-2.6x slower at one query).
   * fp32 without padding: the optional C++ kernel (`cpp_ext.py`) replaces the gather and both
     matmuls, reading each selected K/V row once from the cache.
@@ -19,28 +19,34 @@ Same semantics as `reference.py` (shapes there). What makes it fast, measured on
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
 from . import cpp_ext
 from .reference import forced_budget, valid_rank
 
-_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# Per-thread: two threads decoding with two models at once must not gather into one buffer
+# (issue 13). A thread's buffers are only used inside one ds_attend_cpu call at a time.
+_LOCAL = threading.local()
 
 
 def _gather_buffers(n: int, D: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two [n, D] views of buffers kept between calls, one pair per (D, dtype, device).
+    """Two [n, D] views of this thread's buffers, kept between calls, one pair per (D, dtype, device).
 
     The budget grows with the context during decode, so capacity grows by 1.5x rather than being
-    reallocated (and page-faulted) every time n changes. Not thread-safe: one decode at a time."""
+    reallocated (and page-faulted) every time n changes."""
+    buffers = getattr(_LOCAL, "buffers", None)
+    if buffers is None:
+        buffers = _LOCAL.buffers = {}
     # Buffers made under inference_mode are inference tensors that cannot be written outside it
     # (e.g. `accel eval ppl` then `generate()` in one process), so each mode keeps its own pair.
     key = (D, dtype, str(device), torch.is_inference_mode_enabled())
-    bufs = _BUFFERS.get(key)
+    bufs = buffers.get(key)
     if bufs is None or bufs[0].shape[0] < n:
         cap = max(n, int(1.5 * bufs[0].shape[0]) if bufs is not None else n)
         bufs = (torch.empty(cap, D, dtype=dtype, device=device), torch.empty(cap, D, dtype=dtype, device=device))
-        _BUFFERS[key] = bufs
+        buffers[key] = bufs
     return bufs[0][:n], bufs[1][:n]
 
 
