@@ -86,10 +86,52 @@ def test_cpu_torch_paths_match_reference(monkeypatch, out, inp, g, tile, batch):
     x = torch.randn(batch, inp)
     ref = gqsa_linear_reference(x, w)
     k = CPUGQSA(w)
-    # bf16 activations on the int4 path (the aten kernel needs them): SQNR floor 35 dB.
-    assert _sqnr_db(ref, k(x)) > 35, k.path
+    # fp32 activations: the exact math on every path (the int4 kernels take bf16 only).
+    assert _sqnr_db(ref, k(x)) > 100, k.path
+    # bf16 activations on the int4 path (bf16 scales there, documented): SQNR floor 35 dB.
+    xb = x.bfloat16()
+    assert _sqnr_db(gqsa_linear_reference(xb.double(), w), k(xb).double()) > 35, k.path
     expected = {16: "cpu-dequant", 24: "cpu-dequant"}.get(g, "cpu-int4-compact" if tile > 1 else "cpu-int4-masked")
     assert k.path == expected
+
+
+ROUTES = [(bits, g, tile) for bits in (2, 3, 4, 8) for g in (32, 64) for tile in (1, 16)]
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bits,g,tile", ROUTES, ids=lambda v: str(v))
+def test_cpu_routing_computes_what_the_format_stores(monkeypatch, bits, g, tile, dtype, native):
+    """Each (bits, g, layout, activation dtype) goes to a path that computes the stored format:
+    2/3/8-bit weights never take the int4 kernels (found: W3 g32 was 0.9% off, W2 3%), and fp32
+    activations never go through the int4 kernels' bf16 activations."""
+    from accel.kernels.gqsa_linear import cpp_ext
+    from kernel_tolerances import assert_within, rel_err
+
+    if native and not cpp_ext.available():
+        pytest.skip("needs the native kernel")
+    if not native:
+        monkeypatch.setattr(cpp_ext, "available", lambda: False)
+    gen = torch.Generator().manual_seed(42)
+    w = pack_weight(torch.randn(48, 320, generator=gen) * 0.05, sparsity=0.5, group_size=g, bits=bits, tile_rows=tile)
+    k = CPUGQSA(w)
+    wd = w.dequantize().double()
+    for rows in (1, 5, 70):
+        x = torch.randn(rows, 320, generator=gen).to(dtype)
+        exact = torch.nn.functional.linear(x.double(), wd)
+        torch_err = rel_err(torch.nn.functional.linear(x, wd.to(dtype)), exact)
+        y = k(x)
+        assert y.dtype == dtype
+        if k.path == "cpu-avx512" and dtype == torch.float32 and rows < 64:
+            # Documented: fp32 activations as bf16 hi + lo parts keep ~16 bits each.
+            assert rel_err(y, exact) < 1e-4, (k.path, rows)
+        elif k.path.startswith("cpu-int4") and dtype == torch.bfloat16:
+            # Documented: the aten int4 kernel holds scale and (8 - zero) * scale in bf16.
+            assert _sqnr_db(exact, y.double()) > 35, (k.path, rows)
+        else:
+            assert_within(rel_err(y, exact), torch_err, dtype, 320, what=f"{k.path} rows={rows}")
+    if bits != 4:
+        assert not k.path.startswith("cpu-int4") and k.path != "cpu-avx512", k.path
 
 
 @pytest.mark.parametrize("out,inp,g,bits,batch,kind", [

@@ -9,7 +9,8 @@
 `torch.ops.aten._weight_int4pack_mm_for_cpu` (bf16 activations) computes
 `x @ ((q - 8) * s + z')^T` with per-(K-group, N) scale/zero, K-group in {32, 64, 128, 256}.
 Measured on this VM (research/triton_cpu.md and our bench): it is torch's fastest CPU GEMV for
-int4 weights, and group sparsity only pays when the pruned K-groups are *compacted away*. So:
+int4 weights, and group sparsity only pays when the pruned K-groups are *compacted away*. So, for
+4-bit weights only:
 
 - "cpu-int4-compact": the layout is tile-structured (each tile of `tile_rows` rows keeps the same
   groups) and g is a multiple of 32. Each tile becomes one dense int4 matrix over its kept
@@ -18,6 +19,16 @@ int4 weights, and group sparsity only pays when the pruned K-groups are *compact
   K with the pruned groups' scale and zero set to 0 (int4 speed, no gain from sparsity).
 - "cpu-dequant": anything else (g = 8/16/24, 2/3/8 bits): dequantize and F.linear per call
   (slow, exact; the reference's math).
+
+Rounding, stated: the int4 kernels hold s and z' = (8 - zero) * s in bf16 (the format stores
+fp16), so their weights differ from the reference's by ~2^-9 relative (SQNR > 35 dB on random
+weights, tests/test_gqsa.py); they take bf16 activations only. fp32 and fp16 activations on an
+int4-path weight run the exact "cpu-dequant" math instead (their rounding to bf16 would cost
+8 or 3 bits). 2/3/8-bit weights never take the int4 kernels: their codes would fit, but the bf16
+z' error grows with the scale, i.e. with fewer bits (W3 0.9%, W2 3% off at the logits).
+The native "cpu-avx512" path (4-bit only) splits fp32/fp16 activations into bf16 hi + lo parts
+below PREFILL_ROWS rows: ~16 bits per activation, relative error ~1e-5 (documented in cpp_ext.py);
+from PREFILL_ROWS rows on it dequantizes to fp32 and is exact.
 Our asymmetric w = (q - zero) * s maps onto the aten convention with z' = (8 - zero) * s.
 """
 from __future__ import annotations
@@ -85,7 +96,8 @@ class CPUGQSA:
             # The module's own buffers, read in place: no second copy of the weight.
             self.tensors = [w.qweight, w.colmask, w.scales, w.zeros]
             return
-        ga = aten_group(w.group_size) if w.bits <= 4 and w.out_features % 16 == 0 else None
+        # Only 4-bit codes are what the int4 kernels compute (see the module docstring).
+        ga = aten_group(w.group_size) if w.bits == 4 and w.out_features % 16 == 0 else None
         tiles = _tiles(w) if ga else None
         self.tensors: list[torch.Tensor] = []
         if ga is None:
@@ -95,6 +107,7 @@ class CPUGQSA:
             return
         g, reps = w.group_size, w.group_size // ga
         self.ga = ga
+        self._source = w  # the stored format: the exact path for non-bf16 activations reads it
         codes = w.codes().to(torch.int32)  # [out, k, g]
         s, z = w.scales.float(), w.zeros.float()
         if tiles is not None:
@@ -122,6 +135,12 @@ class CPUGQSA:
             self.packed = _int4pack(full.view(self.out_features, -1).contiguous(), 1)
             self.sz = _scale_zeros(sf, zf, reps)
             self.tensors = [self.packed, self.sz]
+
+    def _dequantized(self) -> torch.Tensor:
+        """fp32 [out, in], rebuilt per call (no second resident copy of the weight)."""
+        if self.path == "cpu-dequant":
+            return self.w.dequantize()
+        return self._source.dequantize()
 
     def _avx512(self, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         w = self.w
@@ -153,8 +172,9 @@ class CPUGQSA:
         x2 = x.reshape(-1, shape[-1])
         if self.path == "cpu-avx512":
             y = self._avx512(x2, dtype)
-        elif self.path == "cpu-dequant":
-            y = F.linear(x2, self.w.dequantize().to(dtype))
+        elif self.path == "cpu-dequant" or dtype != torch.bfloat16:
+            # fp32/fp16 activations on an int4-path weight: the exact math, not a bf16 rounding.
+            y = F.linear(x2, self._dequantized().to(dtype))
         else:
             # The aten kernel is fast only with bf16 activations (10-17x slower with fp32).
             xb = x2.to(torch.bfloat16)
