@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from accel.kernels.ds_attention import (dense_decode_reference, ds_attend_reference, ds_decode_attention,
-                                        ds_select_reference, label_scores_reference)
+                                        ds_select_reference, forced_budget, label_scores_reference)
 from accel.kernels.ds_attention import cpu as ds_cpu
 from accel.kernels.ds_attention import triton_kernel as ds_triton
 from kernel_tolerances import assert_within
@@ -295,13 +295,58 @@ def test_dispatch_env_forces_path(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cpu_low_precision_label_selection_overlap(dtype):
-    """The CPU path scores bf16/fp16 labels in their own dtype (no fp32-output matmul on CPU):
-    only near-ties at the k-th place may differ from the fp32-scored reference."""
+    """bf16/fp16 labels are scored in fp32 on the CPU path, as the spec says: only fp32 near-ties at
+    the k-th place may differ from the reference."""
     q, k, v, labels, channels = make_inputs(4097, 4, 128, dtype)
     ref = ds_select_reference(q, labels, channels, 256, SINK, RECENT)
     got = ds_cpu.ds_select_cpu(q, labels, channels, 256, SINK, RECENT)
     overlap = sum(len(set(got[0, h].tolist()) & set(ref[0, h].tolist())) for h in range(KVH)) / ref[0].numel()
-    assert overlap >= 0.97, overlap
+    assert overlap >= 0.999, overlap
+
+
+def _random_select_case(seed):
+    """A random bf16 decode selection problem: (q, labels, channels, budget, sink, recent, reduce)."""
+    g = torch.Generator().manual_seed(seed)
+    ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    T, G, D, B = ri(20, 700), ri(1, 4), (16, 32, 64, 128)[ri(0, 3)], ri(1, 2)
+    r = ri(1, min(D, 16))
+    kvh = ri(1, 3)
+    q = torch.randn(B, kvh * G, 1, D, generator=g) * (0.5 + 2 * torch.rand(1, generator=g))
+    labels = torch.randn(B, kvh, T, r, generator=g)
+    if ri(0, 1):
+        # Heavy channels are outlier channels: a large common offset on one of them, so scores
+        # share a big common part and differ in the low bits (where bf16 rounding bites).
+        labels[..., 0] += 8 + 24 * float(torch.rand(1, generator=g))
+    labels = labels.bfloat16()
+    q = q if ri(0, 2) == 0 else q.bfloat16()  # fp32 queries over a bf16 label cache happen too
+    channels = torch.stack([torch.randperm(D, generator=g)[:r] for _ in range(kvh)])
+    return q, labels, channels, ri(8, max(8, T // 3)), ri(0, 4), ri(0, 16), ("max", "sum")[ri(0, 1)]
+
+
+@pytest.mark.parametrize("chunk", range(4), ids=lambda c: f"seeds{50 * c}-{50 * c + 49}")
+def test_cpu_bf16_selection_quality(chunk):
+    """On random bf16 problems the CPU path's selection is as good as the spec's (fp32 scores):
+    the selected tokens' fp32 score sum is >= 0.999x the reference's, and any token picked instead
+    of a reference one ties with the k-th reference score within fp32 rounding (found before the
+    fix: the bf16 label matmul picked worse tokens in 10/178 cases, up to 0.57 relative output
+    change)."""
+    for seed in range(50 * chunk, 50 * chunk + 50):
+        q, labels, channels, budget, sink, recent, reduce = _random_select_case(seed)
+        s = label_scores_reference(q, labels, channels, reduce)                  # fp32 [B, KVH, T]
+        ref = ds_select_reference(q, labels, channels, budget, sink, recent, reduce)
+        got = ds_cpu.ds_select_cpu(q, labels, channels, budget, sink, recent, reduce)
+        assert got.shape == ref.shape
+        s_ref, s_got = torch.gather(s, 2, ref), torch.gather(s, 2, got)
+        for b in range(ref.shape[0]):
+            for h in range(ref.shape[1]):
+                want, have = s_ref[b, h].double().sum(), s_got[b, h].double().sum()
+                assert have >= want - 1e-3 * want.abs(), (seed, b, h, float(have), float(want))
+                sink_e, recent_e = forced_budget(budget, sink, recent)
+                T = s.shape[-1]
+                free = [t for t in ref[b, h].tolist() if sink_e <= t < T - recent_e]
+                kth = float(s[b, h, free].min()) if free else 0.0
+                for t in set(got[b, h].tolist()) ^ set(ref[b, h].tolist()):
+                    assert abs(float(s[b, h, t]) - kth) <= 1e-5 * max(1.0, abs(kth)), (seed, b, h, t)
 
 
 def test_cpu_buffers_survive_growing_and_shrinking_budgets():

@@ -3,10 +3,11 @@
 Same semantics as `reference.py` (shapes there). What makes it fast, measured on the 2-vCPU VM at
 32K tokens, H=32/KVH=8/D=128 (see `eval/bench_ds_attention.py`):
   * label scores as one batched matmul `q_lab @ labels^T` ([B, KVH, G, r] x [r, T]) and a max/sum
-    over the G rows, computed in the labels' dtype (aten has no fp32-output bf16 matmul on CPU; an upcast copy of the labels
-    cost more than the whole matmul). For fp32 labels this equals the reference; for bf16/fp16 labels
-    the scores are rounded to that dtype, so a token tied within that rounding at the k-th place
-    may be swapped for another (the same thing the official and SGLang kernels do in fp16).
+    over the G rows, in fp32 as the spec says, for every label dtype. Scoring bf16 labels in bf16
+    (a bf16-output matmul) was ~2x faster, but its rounding (2^-8 of the score, which shares a big
+    common part when the heavy channels are outliers) picked worse tokens than the spec in 10 of
+    178 random bf16 cases (issue 13); aten has no fp32-output bf16 matmul on CPU, so the labels
+    are upcast (measured here at T = 32K, r = 16: 1.9 ms against 0.84 ms for the bf16 matmul).
   * forced sink/recent tokens are written into the score row in place (no masks over T when there
     is no padding), then one unsorted `topk` (sorting costs 20-35% more and does not speed the gather).
   * one `index_select` per K and V over a flat [rows, D] view of the cache, into preallocated
@@ -86,10 +87,12 @@ def ds_select_cpu(q, labels, channels, budget: int, sink: int = 4, recent: int =
     _, KVH, T, r = labels.shape
     G = H // KVH
     qg = q[:, :, 0, :].reshape(B, KVH, G, D)
-    q_lab = torch.gather(qg, 3, channels[None, :, None, :].expand(B, KVH, G, r)).to(labels.dtype)
+    # fp32 scores (fp64 for fp64 input), as reference.label_scores_reference computes them.
+    cd = torch.float64 if torch.float64 in (q.dtype, labels.dtype) else torch.float32
+    q_lab = torch.gather(qg, 3, channels[None, :, None, :].expand(B, KVH, G, r)).to(cd)
     # [B, KVH, G, r] @ [B, KVH, r, T] -> [B, KVH, G, T], then a max/sum over G rows (contiguous);
     # measured 2-4x faster than the [T, G] orientation, whose reduction runs over a stride-G axis.
-    s = torch.matmul(q_lab, labels.transpose(-1, -2))
+    s = torch.matmul(q_lab, labels.to(cd).transpose(-1, -2))
     if G == 1:
         s = s[:, :, 0]
     else:
