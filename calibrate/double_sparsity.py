@@ -86,11 +86,12 @@ class _Capture:
 def collect_stats(model, samples: torch.Tensor, batch_size: int = 4, progress: bool = True) -> list[dict]:
     """samples: [N, L] token ids -> per layer {"q": [H, D], "k": [KVH, D], "qk": [H, D]} means."""
     from accel.patches import compat
-    from accel.patches.core import PatchContext, PatchState, check_supported
+    from accel.patches.core import PatchContext, PatchState
 
-    check_supported(model)
-    if samples.dim() != 2 or samples.numel() == 0:
-        raise ValueError(f"calibration samples must be a non-empty [N, L] tensor, got {tuple(samples.shape)}")
+    from .runner import CalibrationError, check_model, check_samples
+
+    check_model(model)
+    check_samples(model, samples)
     state = PatchState()
     ctx = PatchContext(model, state, "double-sparsity-calibration")
     caps = []
@@ -111,7 +112,7 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 4, progress: b
     stats = [mean_stats(c.acc) for c in caps]
     for i, s in enumerate(stats):
         if not all(torch.isfinite(v).all() for v in s.values()):
-            raise FloatingPointError(f"non-finite calibration statistics in layer {i}")
+            raise CalibrationError(f"non-finite calibration statistics (mean |q|, |k|, |q*k|) in decoder layer {i}")
     return stats
 
 
@@ -135,11 +136,15 @@ def calibrate_double_sparsity(model, tokenizer, config=None, n_samples: int = 64
     from accel.data import CalibrationSpec, calibration_samples
     from accel.patches.double_sparsity import model_dims
 
+    from .runner import check_model, check_seq_len
+
     cfg = config or DoubleSparsityConfig()
+    check_model(model)  # before model_dims, which assumes a supported architecture
     dims = model_dims(model)
     cfg.channels_for(dims["head_dim"])
     spec = CalibrationSpec(source=source, n_samples=n_samples, seq_len=seq_len, seed=seed)
     if samples is None:
+        check_seq_len(model, seq_len)
         samples = calibration_samples(tokenizer, spec)
     stats = collect_stats(model, samples, batch_size=batch_size, progress=progress)
     tensors = {f"{cfg.method}/{k}": v for k, v in artifact_tensors(stats, dims["kv_heads"]).items()}

@@ -17,14 +17,14 @@ from accel.artifact import Artifact
 from accel.configs import ConfigError
 from accel.configs.gqsa import GQSAConfig
 from accel.data import CalibrationSpec, calibration_samples
-from accel.kernels.gqsa_linear.format import GQSAWeight, group_scores, pack_weight, select_groups
+from accel.kernels.gqsa_linear.format import GQSAWeight, group_scores, n_keep_for, pack_weight, select_groups
 from accel.patches import compat
 from accel.patches.targets import iter_linears
 
 from .gqsa_obs import obs_group_prune_quant
 from .gqsa_opt import FakeQuantLinear, _swap, bqpo_block, e2e_oqp
 from .owl import outlier_ratios, owl_sparsities
-from .runner import CalibrationError, LayerData, run_layerwise
+from .runner import CalibrationError, LayerData, check_model, check_samples, check_seq_len, run_layerwise
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ class GQSALayerMethod:
         targets = data.forward(layer, i, hooks={layer.get_submodule(r): make(r) for r in names.values()})
         fq = {}
         for rel in names.values():
+            if not torch.isfinite(sq[rel]).all():
+                raise CalibrationError(f"layer {i}: NaN/inf calibration statistics (sum of x^2) at the input of {rel}")
             lin = layer.get_submodule(rel)
             cols = select_groups(group_scores(lin.weight, sq[rel].sqrt(), cfg.group_size), cfg.sparsity, cfg.tile_rows)
             fq[rel] = FakeQuantLinear(lin, cols, cfg.group_size, cfg.bits)
@@ -114,6 +116,9 @@ class GQSALayerMethod:
                 if last[0] is not x:
                     xf = x.reshape(-1, x.size(-1)).float()
                     last[0], last[1] = x, xf.T @ xf
+                    if not torch.isfinite(last[1]).all():
+                        raise CalibrationError(f"layer {i}: NaN/inf calibration statistics (X^T X) at the input "
+                                               f"of {rel}")
                 wq, cols, s, z = obs_group_prune_quant(mod.weight, last[1], cfg.group_size, cfg.bits,
                                                        cfg.sparsity, cfg.tile_rows)
                 fq[rel] = FakeQuantLinear(mod, cols, cfg.group_size, cfg.bits, scale=s, zero=z, init_weight=wq)
@@ -129,8 +134,19 @@ class GQSALayerMethod:
         return targets, fq
 
     def restore_layer(self, i: int, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        # Decode every weight before installing any: a bad checkpoint leaves the layer intact.
+        ws = {}
         for full, rel in self._names(i).items():
-            w = GQSAWeight.from_tensors(tensors, rel)
+            try:
+                ws[full] = (rel, GQSAWeight.from_tensors(tensors, rel))
+            except Exception as e:  # KeyError, GQSAFormatError...: the checkpoint does not fit
+                raise CalibrationError(f"checkpoint of layer {i}: {rel}: {type(e).__name__}: {e}") from None
+            lin = layer.get_submodule(rel)
+            w = ws[full][1]
+            if (w.out_features, w.in_features) != tuple(lin.weight.shape):
+                raise CalibrationError(f"checkpoint of layer {i}: {rel} has shape {(w.out_features, w.in_features)}, "
+                                       f"the model's {tuple(lin.weight.shape)}")
+        for full, (rel, w) in ws.items():
             self._install(layer.get_submodule(rel), w)
             self.packed[full] = w
 
@@ -147,6 +163,32 @@ def _model_sparsity(packed: dict[str, GQSAWeight]) -> float:
     return 1.0 - kept / max(total, 1)
 
 
+def check_reachable(lins: dict[str, nn.Linear], cfg: GQSAConfig, prefix: str,
+                    layer_sparsity: dict[int, float] | None = None) -> float:
+    """The model sparsity `cfg` will reach on `lins` (fraction of weights pruned), from whole
+    groups per row. ConfigError where a request cannot be met because every row keeps at least
+    one group (e.g. sparsity 0.99 with 4 groups per row stops at 0.75); a warning where rounding
+    to whole groups moves the result more than 0.01 away from the request."""
+    layer_sparsity = layer_sparsity or {}
+    kept = total = 0
+    for name, lin in lins.items():
+        layer = int(name[len(prefix) + 1:].split(".", 1)[0]) if name.startswith(prefix + ".") else None
+        s = layer_sparsity.get(layer, cfg.sparsity)
+        n_groups = lin.in_features // cfg.group_size
+        if n_groups - int(round(s * n_groups)) < 1:
+            raise ConfigError(
+                f"gqsa: sparsity={s:.4g} is not reachable for {name}: each row keeps at least one of its "
+                f"{n_groups} groups of {cfg.group_size}, so it stops at {1 - 1 / n_groups:.4f}; lower the "
+                f"sparsity (or the group_size, or owl_lambda)")
+        kept += lin.out_features * n_keep_for(n_groups, s) * cfg.group_size
+        total += lin.out_features * lin.in_features
+    reach = 1.0 - kept / max(total, 1)
+    if abs(reach - cfg.sparsity) > 0.01:
+        log.warning("gqsa: sparsity=%.4f becomes %.4f: every row prunes a whole number of groups of %d",
+                    cfg.sparsity, reach, cfg.group_size)
+    return reach
+
+
 def calibrate_gqsa(model, tok, cfg: GQSAConfig, spec: CalibrationSpec | None = None, *,
                    checkpoint_dir=None, progress: bool = True, samples: torch.Tensor | None = None) -> Artifact:
     """Stage 1 (+ stage 2 when cfg.e2e_steps > 0) on `model` in place; returns the artifact.
@@ -156,17 +198,24 @@ def calibrate_gqsa(model, tok, cfg: GQSAConfig, spec: CalibrationSpec | None = N
     """
     spec = spec or CalibrationSpec(n_samples=32, seq_len=512)
     t0 = time.perf_counter()
-    if samples is None:
-        samples = calibration_samples(tok, spec)
+    # Everything that can be checked without data is checked before any data is drawn.
+    check_model(model, [])
     lins = target_linears(model, cfg)
     if not lins:
         raise ConfigError("gqsa: no target linears selected")
+    check_model(model, list(lins.items()))
+    prefix = compat.SUPPORTED_MODEL_TYPES[compat.text_config(model.config).model_type]
+    check_reachable(lins, cfg, prefix)
+    if samples is None:
+        check_seq_len(model, spec.seq_len)
+        samples = calibration_samples(tok, spec)
+    check_samples(model, samples)
     layer_sparsity = None
     if cfg.allocation == "owl" and cfg.sparsity > 0:
-        prefix = compat.SUPPORTED_MODEL_TYPES[compat.text_config(model.config).model_type]
         ratios = outlier_ratios(model, samples, lins, prefix, cfg.owl_m, progress=progress)
         layer_sparsity = owl_sparsities(ratios, cfg.sparsity, cfg.owl_lambda)
         log.info("OWL layer sparsities: %s", ", ".join(f"{i}:{v:.3f}" for i, v in layer_sparsity.items()))
+        check_reachable(lins, cfg, prefix, layer_sparsity)
     method = GQSALayerMethod(model, cfg, seed=spec.seed, layer_sparsity=layer_sparsity)
     run_key = {"method": "gqsa", "config": cfg.to_dict(), "calibration": spec.to_dict()}
     stats = run_layerwise(model, samples, method, checkpoint_dir=checkpoint_dir, run_key=run_key,
@@ -181,7 +230,7 @@ def calibrate_gqsa(model, tok, cfg: GQSAConfig, spec: CalibrationSpec | None = N
              "stage2_seconds": round(time.perf_counter() - t1, 1), "resumed_layers": stats.resumed_layers,
              "bqpo_mse": {str(k): list(v) for k, v in method.mse.items()},
              "layer_sparsity": {str(k): round(v, 4) for k, v in (layer_sparsity or {}).items()},
-             "model_sparsity": round(_model_sparsity(packed), 4)}
+             "sparsity_requested": cfg.sparsity, "model_sparsity": round(_model_sparsity(packed), 4)}
     return Artifact.for_model(model, [cfg], tensors, calibration=calib)
 
 

@@ -27,7 +27,8 @@ from accel.patches.prune import pack_mask, unpack_mask
 from accel.patches.targets import iter_linears
 
 from .dsnot import dsnot_refine
-from .runner import CalibrationError, LayerData, RunStats, joined_bytes, linear_input_stats, run_layerwise
+from .runner import (CalibrationError, LayerData, RunStats, check_model, check_samples, joined_bytes,
+                     linear_input_stats, run_layerwise)
 from .wanda import magnitude_mask, wanda_mask
 
 log = logging.getLogger(__name__)
@@ -171,10 +172,18 @@ class _LayerPruner:
         out[name] = pack_mask(keep)
 
     def restore_layer(self, i: int, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        # Decode every mask before changing any weight: a bad checkpoint leaves the layer intact
+        # for the runner to recompute.
+        keeps = {}
         for name, lin in self.by_layer.get(i, []):
             if name not in tensors:
                 raise CalibrationError(f"checkpoint of layer {i} lacks the mask of {name}")
-            self._apply(name, lin, unpack_mask(tensors[name], tuple(lin.weight.shape)))
+            try:
+                keeps[name] = (lin, unpack_mask(tensors[name], tuple(lin.weight.shape)))
+            except ArtifactError as e:
+                raise CalibrationError(f"checkpoint of layer {i}: {name}: {e}") from None
+        for name, (lin, keep) in keeps.items():
+            self._apply(name, lin, keep)
 
     def _apply(self, name: str, lin: nn.Linear, keep: torch.Tensor) -> None:
         with torch.no_grad():
@@ -214,7 +223,14 @@ def prune_model(model, cfg: PruneConfig, samples: torch.Tensor | None = None, *,
     when `joined_fits`)."""
     if mode not in CALIB_MODES:
         raise ConfigError(f"prune: mode must be one of {CALIB_MODES}, got {mode!r}")
+    check_model(model, [])
     linears = selected_linears(model, cfg)
+    # A NaN weight would give NaN scores and an artifact whose model computes NaN everywhere.
+    check_model(model, linears)
+    if cfg.needs_data:
+        if samples is None:
+            raise CalibrationError(f"{cfg.label} needs calibration samples [N >= 1, L >= 2], got None")
+        check_samples(model, samples, min_len=2)
     info = PruneInfo()
     t0 = time.perf_counter()
     if not cfg.needs_data:
@@ -225,14 +241,11 @@ def prune_model(model, cfg: PruneConfig, samples: torch.Tensor | None = None, *,
             info.masks[name] = keep
         info.seconds = time.perf_counter() - t0
         return info
-    if samples is None or samples.dim() != 2 or samples.numel() == 0 or samples.size(1) < 2:
-        raise CalibrationError(f"{cfg.label} needs calibration samples [N >= 1, L >= 2], got "
-                               f"{None if samples is None else tuple(samples.shape)}")
     joined = mode == "joined" or (mode == "auto" and joined_fits(model, samples))
     info.mode = "joined" if joined else "two-pass"
     method = _LayerPruner(cfg, _group_by_layer(model, linears), samples.size(1), info, joined=joined)
-    key = {"config": cfg.to_dict(), "samples": list(samples.shape),
-           "samples_sum": int(samples.sum()), "batch_size": batch_size, "mode": info.mode}
+    # The runner adds the model, the data and the accel version to this key.
+    key = {"method": "prune", "config": cfg.to_dict(), "batch_size": batch_size, "mode": info.mode}
     info.run = run_layerwise(model, samples, method, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
                              run_key=key, progress=progress, desc=cfg.label, stop_after=stop_after)
     info.seconds = time.perf_counter() - t0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -25,19 +24,22 @@ def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model
 
     import torch
 
+    from .checkpoint import remove_checkpoints
     from .prune import build_artifact, load_source, prune_model, selected_linears, time_forward
-    from .runner import CalibrationError
+    from .runner import CalibrationError, check_model, check_seq_len
 
     extra = {} if objective is None else {"dsnot_objective": objective}
     cfg = PruneConfig(init=init, dsnot=dsnot, sparsity=sparsity, pattern=pattern, use_variant=use_variant,
                       max_cycles=max_cycles, threshold=threshold, targets=targets, ignore=list(ignore or []), **extra)
     if model is None:
         model, tokenizer = load_source(model_name, getattr(torch, dtype))
-    selected_linears(model, cfg)
+    check_model(model, [])
+    check_model(model, selected_linears(model, cfg))
     spec = CalibrationSpec(n_samples=n_samples, seq_len=seq_len, seed=seed)
     if samples is not None:
         spec = CalibrationSpec(source="given", n_samples=samples.size(0), seq_len=samples.size(-1), seed=seed)
     elif cfg.needs_data:
+        check_seq_len(model, seq_len)
         samples = calibration_samples(tokenizer, spec)
     if not cfg.needs_data:
         samples = None
@@ -53,7 +55,7 @@ def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model
     except CalibrationError:
         # Bad data (NaN activations...): a resume could not help, so leave nothing behind.
         if not existed:
-            shutil.rmtree(partial, ignore_errors=True)
+            remove_checkpoints(partial)
         raise
     cpu_cal = time.process_time() - cpu0
     cpu0 = time.process_time()
@@ -71,7 +73,7 @@ def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model
              "resumed_layers": info.run.resumed_layers if info.run else 0,
              "mode": info.mode, "dsnot_swaps": info.dsnot_swaps, "sparsity_measured": 1 - nz / tot, "linears": len(info.masks)}
     build_artifact(model, cfg, info, calib).save(out)
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_checkpoints(partial)
     return {"output": str(out), "method": cfg.label, "pattern": cfg.pattern, "sparsity": cfg.sparsity, **calib}
 
 

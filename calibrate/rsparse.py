@@ -24,7 +24,9 @@ from accel.patches import compat
 from accel.patches.rsparse import RSparseLinear, channel_scale, swapped
 from accel.patches.targets import iter_linears
 
-from .runner import CalibrationError, LayerData, linear_input_stats, run_layerwise
+from .checkpoint import CheckpointDir, checkpoint_key
+from .runner import (CalibrationError, LayerData, check_model, check_samples, check_seq_len, linear_input_stats,
+                     run_layerwise)
 from .rsparse_search import EvoSettings, evolutionary_search, greedy_at, greedy_layer, project_budget
 
 log = logging.getLogger(__name__)
@@ -176,13 +178,16 @@ def target_names(model, cfg: RSparseConfig) -> tuple[list[str], dict, dict]:
 def collect_stats(model, samples: torch.Tensor, cfg: RSparseConfig, *, greedy_modes=("rsparse",),
                   grid=GRID, greedy_tokens: int = 512, checkpoint_dir=None, progress: bool = True) -> RSparseStats:
     """One layer-sequential pass (resumable through `checkpoint_dir`)."""
+    check_model(model, [])
     names, shapes, layer_of = target_names(model, cfg)
+    check_model(model, [(n, model.get_submodule(n)) for n in names])
+    check_samples(model, samples)
     stats = RSparseStats(names, shapes, layer_of=layer_of, rho_grid=cfg.sparse_share if cfg.mode == "rsparse" else 0.95)
     method = _StatsMethod(model, stats, tuple(greedy_modes), tuple(grid) if greedy_modes else (), greedy_tokens)
-    key = {"method": "rsparse-stats", "samples": list(samples.shape), "first": samples[0, :8].tolist(),
-           "grid": list(grid), "modes": list(greedy_modes), "rho": stats.rho_grid, "greedy_tokens": greedy_tokens,
+    # The runner adds the model, the data and the accel version to this key.
+    key = {"method": "rsparse-stats", "grid": list(grid), "modes": list(greedy_modes), "rho": stats.rho_grid, "greedy_tokens": greedy_tokens,
            "targets": cfg.targets, "ignore": cfg.ignore}
-    if not _load_complete(checkpoint_dir, key, method, model):
+    if not _load_complete(checkpoint_dir, checkpoint_key(model, samples, key), method, model):
         run_layerwise(model, samples, method, checkpoint_dir=checkpoint_dir, run_key=key, progress=progress,
                       desc="rsparse stats")
     stats.grid = tuple(grid)
@@ -190,26 +195,17 @@ def collect_stats(model, samples: torch.Tensor, cfg: RSparseConfig, *, greedy_mo
 
 
 def _load_complete(checkpoint_dir, key: dict, method: "_StatsMethod", model) -> bool:
-    """A finished statistics pass with the same run key is read back directly: the statistics do not
+    """A finished statistics pass with the same key is read back directly: the statistics do not
     change the model, so (unlike a resume mid-pass) no layer needs to be re-run."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
     if checkpoint_dir is None:
         return False
-    ck = Path(checkpoint_dir)
-    n_layers = len(compat.decoder_layers(model))
-    files = [ck / f"layer_{i:03d}.safetensors" for i in range(n_layers)]
-    kp = ck / "run_key.json"
-    if not kp.is_file() or kp.read_text() != json.dumps(key, sort_keys=True, default=str):
+    ck = CheckpointDir.open(checkpoint_dir, key)
+    tensors = [ck.load(i) for i in range(len(compat.decoder_layers(model)))]
+    if any(t is None for t in tensors):
         return False
-    if not all(f.is_file() for f in files):
-        return False
-    for i, f in enumerate(files):
-        method.restore_layer(i, None, load_file(str(f)))
-    log.info("rsparse statistics read from %s (complete pass)", ck)
+    for i, t in enumerate(tensors):
+        method.restore_layer(i, None, t)
+    log.info("rsparse statistics read from %s (complete pass)", ck.path)
     return True
 
 
@@ -290,6 +286,8 @@ def calibrate_rsparse(model, tok, cfg: RSparseConfig, *, n_samples: int = 8, seq
     from accel.data import CalibrationSpec, calibration_samples
 
     spec = CalibrationSpec(source="wiki", n_samples=n_samples, seq_len=seq_len, seed=seed)
+    check_model(model, [])
+    check_seq_len(model, seq_len)
     samples = calibration_samples(tok, spec)
     if stats is None:
         greedy_modes = (cfg.mode,) if cfg.search != "uniform" else ()

@@ -9,11 +9,14 @@
 Activations stay on CPU between layers; only one layer's work runs at a time. The per-layer
 results a method returns are checkpointed under `checkpoint_dir`, so an interrupted run resumes:
 finished layers are restored from their checkpoint (`method.restore_layer`) and re-run forward,
-which reproduces exactly the inputs an uninterrupted run would have seen.
+which reproduces exactly the inputs an uninterrupted run would have seen. Checkpoints are keyed
+by the model, the calibration data, the settings and the accel version (see `checkpoint.py`).
+
+Every entry point checks its inputs first (`check_model`, `check_samples`): an unsupported
+architecture, a non-finite weight or bad token ids fail before anything runs or is written.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -37,6 +40,58 @@ class CalibrationError(RuntimeError):
 
 class _StopForward(Exception):
     pass
+
+
+def check_model(model, linears=None) -> None:
+    """Raise UnsupportedModelError for an architecture accel cannot patch (the same check as
+    `accel.patch`), CalibrationError naming the first targeted linear with a NaN/inf weight.
+
+    linears: (name, module) pairs to check; None checks every nn.Linear of the model."""
+    from accel.patches.core import check_supported
+
+    check_supported(model)
+    if linears is None:
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, lin in linears:
+        w = lin.weight
+        if w.device.type != "meta" and not torch.isfinite(w).all():
+            bad = int((~torch.isfinite(w)).sum())
+            raise CalibrationError(f"{name}.weight holds {bad} NaN/inf value(s); calibrating it would write an "
+                                   f"artifact that computes NaN. Fix or reload the model")
+
+
+def max_positions(model) -> int | None:
+    """The model's `max_position_embeddings` (None if it does not say)."""
+    cfg = compat.text_config(getattr(model, "config", None))
+    v = getattr(cfg, "max_position_embeddings", None)
+    return int(v) if isinstance(v, int) and v > 0 else None
+
+
+def check_seq_len(model, seq_len: int) -> None:
+    """CalibrationError unless 1 <= seq_len <= the model's max_position_embeddings."""
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+        raise CalibrationError(f"calibration seq_len must be a positive integer, got {seq_len!r}")
+    mp = max_positions(model)
+    if mp is not None and seq_len > mp:
+        raise CalibrationError(f"calibration seq_len={seq_len} exceeds the model's max_position_embeddings={mp}")
+
+
+def check_samples(model, samples, min_len: int = 1) -> None:
+    """CalibrationError unless `samples` is a non-empty [N, L] integer tensor of token ids in
+    [0, vocab_size) with min_len <= L <= max_position_embeddings."""
+    if not isinstance(samples, torch.Tensor):
+        raise CalibrationError(f"calibration samples must be a torch.Tensor of token ids, got {type(samples).__name__}")
+    if samples.dim() != 2 or samples.numel() == 0:
+        raise CalibrationError(f"calibration samples must be a non-empty [N, L] tensor, got {tuple(samples.shape)}")
+    if samples.dtype.is_floating_point or samples.dtype.is_complex or samples.dtype == torch.bool:
+        raise CalibrationError(f"calibration samples must hold integer token ids, got dtype {samples.dtype}")
+    if samples.size(1) < min_len:
+        raise CalibrationError(f"calibration samples need seq_len >= {min_len}, got {samples.size(1)}")
+    check_seq_len(model, int(samples.size(1)))
+    vocab = getattr(compat.text_config(getattr(model, "config", None)), "vocab_size", None)
+    lo, hi = int(samples.min()), int(samples.max())
+    if lo < 0 or (isinstance(vocab, int) and hi >= vocab):
+        raise CalibrationError(f"calibration token ids must lie in [0, vocab_size={vocab}), got ids from {lo} to {hi}")
 
 
 @dataclass
@@ -151,8 +206,7 @@ def capture_inputs(model, samples: torch.Tensor, batch_size: int = 8) -> LayerDa
 
     samples: [N, L] int64 token ids.
     """
-    if samples.dim() != 2 or samples.numel() == 0:
-        raise CalibrationError(f"calibration samples must be a non-empty [N, L] tensor, got {tuple(samples.shape)}")
+    check_samples(model, samples)
     layers = compat.decoder_layers(model)
     device = next(model.parameters()).device
     kwargs_per_layer: list[dict | None] = [None] * len(layers)
@@ -195,6 +249,8 @@ def capture_inputs(model, samples: torch.Tensor, batch_size: int = 8) -> LayerDa
         raise CalibrationError("could not capture the inputs of every decoder layer")
     for k in kwargs_per_layer:
         k.pop("hidden_states", None)
+    if not all(torch.isfinite(h).all() for h in hidden):
+        raise CalibrationError("the inputs of decoder layer 0 (the embeddings) hold NaN/inf")
     return LayerData(hidden=hidden, layer_kwargs=kwargs_per_layer, chunk_sizes=[h.size(0) for h in hidden])
 
 
@@ -225,41 +281,48 @@ def run_layerwise(model, samples: torch.Tensor, method: LayerMethod, *, batch_si
                   stop_after: int | None = None) -> RunStats:
     """Calibrate `model` layer by layer with `method`, in place.
 
-    checkpoint_dir: per-layer results go to `layer_XXX.safetensors`; existing ones whose run_key
-    matches are restored instead of recomputed. `stop_after` (tests) stops after that many layers
-    as an interruption would.
+    checkpoint_dir: per-layer results go to `layer_XXX.safetensors`; existing ones made for the
+    same model, data, `run_key` (the method's settings) and accel version are restored instead of
+    recomputed, others are discarded with a warning (see `checkpoint.CheckpointDir`). A layer
+    whose checkpoint is unreadable is recomputed, and so is every layer after it.
+    `stop_after` (tests) stops after that many layers as an interruption would.
     """
-    from safetensors.torch import load_file, save_file
+    from .checkpoint import CheckpointDir, checkpoint_key
 
     t0 = time.perf_counter()
+    check_model(model, [])
+    check_samples(model, samples)
+    ck = None
+    if checkpoint_dir is not None:
+        # Keyed on the model before any layer changes: a resumed process reloads the original.
+        ck = CheckpointDir.open(checkpoint_dir, checkpoint_key(model, samples, run_key))
     data = capture_inputs(model, samples, batch_size)
     t_cap = time.perf_counter() - t0
-    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckdir is not None:
-        ckdir.mkdir(parents=True, exist_ok=True)
-        key_path = ckdir / "run_key.json"
-        key = json.dumps(run_key or {}, sort_keys=True, default=str)
-        if key_path.exists() and key_path.read_text() != key:
-            raise CalibrationError(f"{ckdir} holds checkpoints of a run with different settings; "
-                                   f"delete it or choose another directory")
-        key_path.write_text(key)
     layers = compat.decoder_layers(model)
-    resumed = 0
+    resumed, recompute = 0, False
     act_mb = sum(h.numel() * h.element_size() for h in data.hidden) / 2**20
     bar = tqdm(total=len(layers), desc=desc, unit="layer", disable=not progress)
     for i, layer in enumerate(layers):
         if stop_after is not None and i >= stop_after:
             break
-        ck = ckdir / f"layer_{i:03d}.safetensors" if ckdir is not None else None
-        if ck is not None and ck.is_file():
-            method.restore_layer(i, layer, load_file(str(ck)))
-            resumed += 1
-        else:
+        tensors = ck.load(i) if ck is not None and not recompute else None
+        if tensors is not None:
+            try:
+                method.restore_layer(i, layer, tensors)
+                resumed += 1
+            except (KeyError, ValueError, CalibrationError) as e:
+                # Methods check a checkpoint completely before changing the layer.
+                log.warning("layer checkpoint %s does not fit layer %d (%s); recomputing from layer %d",
+                            ck.file(i), i, str(e)[:200], i)
+                tensors = None
+        if tensors is None:
+            if ck is not None and not recompute:
+                # Checkpoints past a recomputed layer were made from its lost result: drop them.
+                ck.discard_from(i)
+                recompute = True
             tensors = method.process_layer(i, layer, data)
             if ck is not None:
-                tmp = ck.with_suffix(".tmp")
-                save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}, str(tmp))
-                os.replace(tmp, ck)
+                ck.save(i, tensors)
         if data.advanced != i:
             data.advance(layer, i)
         bar.update(1)

@@ -62,12 +62,23 @@ def test_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
 
 
-def test_resume_refuses_other_settings(tmp_path):
+def test_other_settings_start_fresh_and_say_so(tmp_path, caplog):
     x = torch.randint(0, 512, (2, 8))
-    model = accel.models.tiny("llama")
-    run_layerwise(model, x, _HalveMethod(), checkpoint_dir=tmp_path, run_key={"s": 0.5}, progress=False, stop_after=1)
-    with pytest.raises(CalibrationError, match="different settings"):
-        run_layerwise(model, x, _HalveMethod(), checkpoint_dir=tmp_path, run_key={"s": 0.6}, progress=False)
+    run_layerwise(accel.models.tiny("llama"), x, _HalveMethod(), checkpoint_dir=tmp_path, run_key={"s": 0.5},
+                  progress=False, stop_after=1)
+    m = _HalveMethod()
+    stats = run_layerwise(accel.models.tiny("llama"), x, m, checkpoint_dir=tmp_path, run_key={"s": 0.6},
+                          progress=False)
+    assert stats.resumed_layers == 0 and m.seen == [0, 1, 2, 3]
+    assert "different config; starting fresh" in caplog.text
+
+
+def test_checkpoint_dir_with_user_files_is_refused_and_kept(tmp_path):
+    (tmp_path / "thesis.tex").write_text("mine")
+    with pytest.raises(CalibrationError, match="thesis.tex"):
+        run_layerwise(accel.models.tiny("llama"), torch.randint(0, 512, (2, 8)), _HalveMethod(),
+                      checkpoint_dir=tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
 
 
 def test_nan_activations_are_named():
