@@ -5,8 +5,12 @@
     DIR/tensors.safetensors tensors keyed "<method>/<name>"
 
 Saving writes into a temp dir beside DIR and renames it into place, so a crash never leaves a
-half-written artifact. Loading checks sizes and hashes before parsing, and only ever reads JSON
-and safetensors: nothing is unpickled.
+half-written artifact. Loading checks the JSON's field types, then sizes and hashes before
+parsing, and only ever reads JSON and safetensors: nothing is unpickled.
+
+Outputs: `check_output_path(path, overwrite, kind)` is the one rule every writer of a directory
+or file output follows (Artifact.save, `accel export`, the calibrate commands before they start):
+accel never replaces what it did not write. Files are created with the process umask.
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +30,7 @@ from typing import Any
 import torch
 
 from .configs import ConfigError, MethodConfig, config_from_dict
+from .errors import AccelError
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +40,124 @@ CONFIG_NAME = "accel_config.json"
 TENSORS_NAME = "tensors.safetensors"
 
 
-class ArtifactError(RuntimeError):
-    """An artifact is missing, corrupt, truncated, of an unknown version, or for another model."""
+class ArtifactError(RuntimeError, AccelError):
+    """An artifact is missing, corrupt, truncated, of an unknown version, or for another model;
+    or an output path accel refuses to write (see check_output_path)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: never replace what accel did not write
+# ---------------------------------------------------------------------------------------------
+# An accel hf export holds this manifest beside the HF files, so that --overwrite can tell it
+# from a user's directory.
+HF_EXPORT_MARKER = "accel_export.json"
+HF_EXPORT_FORMAT = "accel-hf-export"
+OUTPUT_KINDS = {"artifact": "an accel artifact", "hf": "an accel hf export", "file": "a file"}
+
+
+def _accel_written(path: Path, kind: str) -> set[str] | None:
+    """The entry names accel wrote in directory `path` as a `kind` output, read from its manifest
+    (the manifest included); None when `path` holds no such manifest."""
+    manifest = path / (CONFIG_NAME if kind == "artifact" else HF_EXPORT_MARKER)
+    try:
+        doc = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != (FORMAT if kind == "artifact" else HF_EXPORT_FORMAT):
+        return None
+    names = doc.get("files")
+    names = list(names) if isinstance(names, (dict, list)) else []
+    return {manifest.name} | {n for n in names if isinstance(n, str)}
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool = False, kind: str = "artifact") -> Path:
+    """Raise ArtifactError unless accel may write a `kind` output at `path`; returns it as a Path.
+
+    kind "artifact" or "hf" (a directory): nothing there, or an empty directory, is fine; a
+    directory accel wrote as the same kind (its manifest lists every entry in it) needs
+    `overwrite`; anything else (a file, a symlink, a directory holding anything accel did not
+    write) is refused even with `overwrite`.
+    kind "file" (e.g. an sglang-ds JSON): nothing there is fine, an existing regular file needs
+    `overwrite` (the user named that very file), a directory or symlink is refused.
+    Called before any work starts (fail fast) and again just before the rename into place."""
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"check_output_path: kind must be one of {sorted(OUTPUT_KINDS)}, got {kind!r}")
+    path = Path(path)
+    what = OUTPUT_KINDS[kind]
+    for anc in path.parents:
+        if os.path.lexists(anc):
+            if not anc.is_dir():
+                raise ArtifactError(f"cannot write {path}: {anc} is not a directory")
+            break
+    if path.is_symlink():
+        raise ArtifactError(f"{path} is a symbolic link; refusing to write through it (choose another output)")
+    if not path.exists():
+        return path
+    if kind == "file":
+        if not path.is_file():
+            raise ArtifactError(f"{path} exists and is not a regular file; refusing to replace it")
+        if not overwrite:
+            raise ArtifactError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+        return path
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is a file, not {what} directory; refusing to replace it "
+                            f"(choose another output)")
+    entries = {e.name for e in path.iterdir()}
+    if not entries:
+        return path
+    ours = _accel_written(path, kind)
+    if ours is None:
+        other = [OUTPUT_KINDS[k] for k in ("artifact", "hf") if k != kind and _accel_written(path, k) is not None]
+        raise ArtifactError(f"{path} is a non-empty directory that is not {what}"
+                            + (f" (it is {other[0]})" if other else "")
+                            + "; refusing to replace it, even with --overwrite (choose another output)")
+    extra = sorted(entries - ours)
+    if extra:
+        raise ArtifactError(f"{path} holds {what} plus files accel did not write ({', '.join(extra[:5])}); "
+                            f"refusing to replace it, even with --overwrite")
+    if not overwrite:
+        raise ArtifactError(f"{path} already holds {what}; pass --overwrite (overwrite=True) to replace it")
+    return path
+
+
+def output_umask(d: Path) -> int:
+    """The process umask, read without changing it (os.umask would, for every thread): the mode
+    a fresh directory gets inside `d`."""
+    probe = Path(tempfile.mkdtemp(prefix=".umask-", dir=d))
+    try:
+        os.rmdir(probe)
+        os.mkdir(probe, 0o777)
+        return 0o777 & ~stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        os.rmdir(probe)
+
+
+def make_output_tmpdir(path: Path) -> Path:
+    """A temp dir beside `path` to write an output into, with the mode the umask gives a new dir
+    (mkdtemp makes it 0700)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~output_umask(tmp))
+    return tmp
+
+
+def move_into_place(tmp: Path, path: Path, overwrite: bool, kind: str) -> Path:
+    """Rename the finished temp dir `tmp` to `path`, replacing what is there only where
+    check_output_path allows (checked again: a calibration may have run for hours)."""
+    check_output_path(path, overwrite, kind)
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,20 +244,22 @@ class Artifact:
         check_fingerprint(self.fingerprint, model)
 
     # -- saving ---------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the artifact directory `path`. An existing accel artifact there is replaced only
+        with overwrite=True; anything else there is refused (see check_output_path)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise ArtifactError(f"{path} exists; pass overwrite=True to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        os.chmod(tmp, 0o755)
+        path = check_output_path(path, overwrite, "artifact")
+        if not self.configs:
+            raise ArtifactError(f"refusing to write {path}: an artifact needs at least one method config")
+        tmp = make_output_tmpdir(path)
         try:
             files = {}
             if self.tensors:
                 tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
                 save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": FORMAT})
+                # safetensors creates the file 0600 whatever the umask; give it the umask's mode.
+                os.chmod(tmp / TENSORS_NAME, 0o666 & ~output_umask(tmp))
                 files[TENSORS_NAME] = {"bytes": (tmp / TENSORS_NAME).stat().st_size,
                                        "sha256": _sha256(tmp / TENSORS_NAME)}
             doc = {
@@ -143,13 +268,7 @@ class Artifact:
                 "library_versions": self.versions, "model_fingerprint": self.fingerprint, "files": files,
             }
             (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=False, default=str))
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.rename(path, old)
-            os.rename(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            move_into_place(tmp, path, overwrite, "artifact")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -175,14 +294,17 @@ class Artifact:
             raise ArtifactError(f"{cfg_path} is not an accel artifact config (format={doc.get('format')!r})"
                                 if isinstance(doc, dict) else f"{cfg_path} is not an accel artifact config")
         if doc.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{path}: artifact format version {doc.get('format_version')} is not supported "
+            raise ArtifactError(f"{path}: artifact format version {doc.get('format_version')!r} is not supported "
                                 f"(this accel reads version {FORMAT_VERSION})")
-        try:
-            configs = [config_from_dict(d) for d in doc.get("methods", [])]
-        except ConfigError as e:
-            raise ArtifactError(f"{path}: {e}") from None
+        _check_doc(doc, cfg_path)
+        configs = []
+        for i, d in enumerate(doc["methods"]):
+            try:
+                configs.append(config_from_dict(d))
+            except ConfigError as e:
+                raise ArtifactError(f"{cfg_path}: methods[{i}]: {e}") from None
         tensors: dict[str, torch.Tensor] = {}
-        for name, info in doc.get("files", {}).items():
+        for name, info in doc["files"].items():
             fpath = path / name
             if Path(name).name != name or not name.endswith(".safetensors"):
                 raise ArtifactError(f"{path}: refusing unexpected file entry {name!r}")
@@ -198,6 +320,39 @@ class Artifact:
                 tensors.update(load_file(str(fpath)))
             except (SafetensorError, OSError, ValueError) as e:
                 raise ArtifactError(f"{fpath} is corrupt: {e}") from None
-        return cls(configs=configs, tensors=tensors, fingerprint=doc.get("model_fingerprint", {}),
+        return cls(configs=configs, tensors=tensors, fingerprint=doc["model_fingerprint"],
                    calibration=doc.get("calibration", {}), versions=doc.get("library_versions", {}),
                    created=doc.get("created", ""), path=path)
+
+
+def _check_doc(doc: dict, where: Path) -> None:
+    """Types of the artifact document's own fields (method params are typed by their configs)."""
+    def bad(name, want, got):
+        raise ArtifactError(f"{where}: {name} must be {want}, got {got!r}")
+
+    methods = doc.get("methods")
+    if not isinstance(methods, list) or not methods:
+        bad("methods", "a non-empty list of method configs", methods)
+    for i, m in enumerate(methods):
+        if not isinstance(m, dict):
+            bad(f"methods[{i}]", "a dict with method, version and params", m)
+    files = doc.get("files")
+    if not isinstance(files, dict):
+        bad("files", "a dict of file name -> {bytes, sha256}", files)
+    for name, info in files.items():
+        key = f"files[{name!r}]"
+        if not isinstance(info, dict):
+            bad(key, "a dict with bytes and sha256", info)
+        n = info.get("bytes")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            bad(f"{key}.bytes", "a non-negative int", n)
+        h = info.get("sha256")
+        if not isinstance(h, str) or not re.fullmatch(r"[0-9a-f]{64}", h):
+            bad(f"{key}.sha256", "64 lowercase hex digits", h)
+    if not isinstance(doc.get("model_fingerprint"), dict):
+        bad("model_fingerprint", "a dict", doc.get("model_fingerprint"))
+    for name in ("calibration", "library_versions"):
+        if not isinstance(doc.get(name, {}), dict):
+            bad(name, "a dict", doc.get(name))
+    if not isinstance(doc.get("created", ""), str):
+        bad("created", "a string", doc.get("created"))

@@ -6,12 +6,13 @@ def _cmd(args) -> int:
     import torch
 
     import accel
-    from accel.cli import emit
+    from accel.cli import check_output, emit
     from accel.configs.gqsa import GQSAConfig
     from accel.data import CalibrationSpec
 
     from .gqsa import calibrate_gqsa
 
+    check_output(args)  # before hours of calibration, not after
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = GQSAConfig(bits=args.bits, sparsity=args.sparsity, group_size=args.group_size,
@@ -21,7 +22,7 @@ def _cmd(args) -> int:
     spec = CalibrationSpec(source=args.source, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     model, tok = accel.models.load(args.model)
     art = calibrate_gqsa(model, tok, cfg, spec, checkpoint_dir=args.checkpoint_dir, progress=not args.json)
-    path = art.save(args.output)
+    path = art.save(args.output, overwrite=args.overwrite)
     c = art.calibration
     emit({"output": str(path), "config": cfg.to_dict(), **{k: c[k] for k in ("stage1_seconds", "stage2_seconds")}},
          args.json, f"wrote {path} (stage 1 {c['stage1_seconds']}s, stage 2 {c['stage2_seconds']}s)")
@@ -29,6 +30,8 @@ def _cmd(args) -> int:
 
 
 def register(cli) -> None:
+    from accel.cli import add_overwrite
+
     p = cli.add("calibrate", "gqsa", "GQSA: group-sparse int-N weights, BQPO (+ optional E2E-OQP)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
@@ -53,5 +56,6 @@ def register(cli) -> None:
     p.add_argument("--checkpoint-dir", default=None, help="per-layer checkpoints; rerun to resume")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     p.add_argument("--output", required=True)
+    add_overwrite(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd)

@@ -22,11 +22,12 @@ def _evo(args):
 
 def _cmd_calibrate(args) -> int:
     import accel
-    from accel.cli import emit
+    from accel.cli import check_output, emit
     from accel.configs.rsparse import RSparseConfig
 
     from .rsparse import calibrate_rsparse
 
+    check_output(args)  # before the calibration, not after
     rho = 1.0 if args.mode == "teal" else args.sparse_share
     cfg = RSparseConfig(sparsity=args.sparsity, sparse_share=rho, mode=args.mode, search=args.search)
     model, tok = accel.models.load(args.model, dtype=args.dtype)
@@ -34,7 +35,7 @@ def _cmd_calibrate(args) -> int:
     art = calibrate_rsparse(model, tok, cfg, n_samples=args.n_samples, seq_len=args.seq_len,
                             greedy_tokens=args.greedy_tokens, evo=_evo(args), checkpoint_dir=ck,
                             progress=not args.json)
-    path = art.save(args.output)
+    path = art.save(args.output, overwrite=args.overwrite)
     c = art.calibration
     emit({"artifact": str(path), "model": args.model, **cfg.to_dict()["params"], "budget": c["budget"],
           "mean_rho": c["mean_rho"], "evo_history": c.get("evo_history")}, args.json,
@@ -69,6 +70,8 @@ def _cmd_bench(args) -> int:
 
 
 def register(cli) -> None:
+    from accel.cli import add_overwrite
+
     p = cli.add("calibrate", "rsparse", "R-Sparse (sparse + low-rank) or TEAL-style activation sparsity")
     _add_common(p)
     p.add_argument("--sparsity", type=float, default=0.5, help="model-level budget in [0, 1)")
@@ -76,6 +79,7 @@ def register(cli) -> None:
     p.add_argument("--mode", default="rsparse", choices=["rsparse", "teal"])
     p.add_argument("--sparse-share", type=float, default=0.95, help="uniform rho (sparse share of the budget)")
     p.add_argument("--output", required=True)
+    add_overwrite(p)
     p.add_argument("--checkpoint-dir", default=None, help="resume directory (default OUTPUT.ckpt)")
     p.set_defaults(func=_cmd_calibrate)
 

@@ -42,9 +42,35 @@ def test_save_overwrites_atomically(tmp_path):
     model = accel.models.tiny("llama")
     _artifact(model).save(tmp_path / "art")
     art2 = Artifact.for_model(model, IdentityConfig(), {"identity/z": torch.ones(2)})
-    art2.save(tmp_path / "art")
+    with pytest.raises(ArtifactError, match="overwrite"):
+        art2.save(tmp_path / "art")  # replacing an artifact needs overwrite=True
+    assert Artifact.load(tmp_path / "art").tensors.keys() == {"identity/a", "identity/b", "identity/c"}
+    art2.save(tmp_path / "art", overwrite=True)
     assert Artifact.load(tmp_path / "art").tensors.keys() == {"identity/z"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_save_into_empty_dir(tmp_path):
+    (tmp_path / "art").mkdir()
+    _artifact(accel.models.tiny("llama")).save(tmp_path / "art")
+    assert Artifact.load(tmp_path / "art").tensors.keys() == {"identity/a", "identity/b", "identity/c"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+@pytest.mark.parametrize("umask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600),
+                                                      (0o002, 0o775, 0o664)], ids=["022", "077", "002"])
+def test_saved_modes_follow_umask(tmp_path, umask, dir_mode, file_mode):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        _artifact(accel.models.tiny("llama")).save(tmp_path / "art")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "art").stat().st_mode) == dir_mode
+    for name in (CONFIG_NAME, TENSORS_NAME):
+        assert stat.S_IMODE((tmp_path / "art" / name).stat().st_mode) == file_mode, name
 
 
 def test_wrong_model_is_named(tmp_path):
@@ -108,7 +134,7 @@ def test_artifact_refuses_path_traversal(tmp_path):
     _artifact(accel.models.tiny("llama")).save(tmp_path / "art")
     cfg = tmp_path / "art" / CONFIG_NAME
     doc = json.loads(cfg.read_text())
-    doc["files"] = {"../evil.safetensors": {"bytes": 1, "sha256": "x"}}
+    doc["files"] = {"../evil.safetensors": {"bytes": 1, "sha256": "0" * 64}}
     cfg.write_text(json.dumps(doc))
     with pytest.raises(ArtifactError, match="unexpected file"):
         Artifact.load(tmp_path / "art")

@@ -52,26 +52,44 @@ class GQSAConfig(MethodConfig):
         return super().upgrade_params(version, params)
 
     def validate(self) -> None:
+        # Types (and finite floats) are checked from the annotations first (MethodConfig.check_types).
         if self.init not in INITS:
             raise ConfigError(f"gqsa: init={self.init!r} is not supported; choose one of {', '.join(INITS)}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"gqsa: allocation={self.allocation!r} is not supported; choose one of "
                               f"{', '.join(ALLOCATIONS)}")
-        if not (0.0 <= self.owl_lambda < 1.0) or self.owl_m <= 0:
-            raise ConfigError(f"gqsa: owl_lambda={self.owl_lambda} must be in [0, 1) and owl_m={self.owl_m} > 0")
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"gqsa: bits={self.bits} is not supported; choose 2, 3, 4 or 8")
-        if not isinstance(self.sparsity, (int, float)) or not (0.0 <= self.sparsity < 1.0):
+        if not (0.0 <= self.sparsity < 1.0):
             raise ConfigError(f"gqsa: sparsity={self.sparsity} must be in [0, 1)")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        if not (0.0 <= self.owl_lambda < 1.0):
+            raise ConfigError(f"gqsa: owl_lambda={self.owl_lambda} must be in [0, 1)")
+        if self.owl_m <= 0:
+            raise ConfigError(f"gqsa: owl_m={self.owl_m} must be > 0")
+        if self.allocation == "owl" and self.sparsity > 0 and not (0.0 <= self.sparsity - self.owl_lambda
+                                                                   and self.sparsity + self.owl_lambda < 1.0):
+            # OWL spreads layer sparsities over sparsity ± owl_lambda; every layer must stay in [0, 1).
+            # (sparsity 0 quantizes only: calibration skips OWL then.)
+            raise ConfigError(f"gqsa: owl_lambda={self.owl_lambda} spreads layer sparsities over "
+                              f"{self.sparsity - self.owl_lambda:g}..{self.sparsity + self.owl_lambda:g}, outside "
+                              f"[0, 1) for sparsity={self.sparsity}; choose owl_lambda <= "
+                              f"{min(self.sparsity, 1.0 - self.sparsity):.4g} (strictly below 1 - sparsity) "
+                              f"or allocation='uniform'")
+        if self.group_size < 1:
             raise ConfigError(f"gqsa: group_size={self.group_size} must be a positive integer")
         if self.tile_rows < 1:
             raise ConfigError(f"gqsa: tile_rows={self.tile_rows} must be >= 1")
         for name in ("bqpo_steps", "e2e_steps"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"gqsa: {name} must be >= 0")
-        if self.bqpo_batch < 1 or self.e2e_batch < 1:
-            raise ConfigError("gqsa: bqpo_batch and e2e_batch must be >= 1")
+                raise ConfigError(f"gqsa: {name}={getattr(self, name)} must be >= 0")
+        for name in ("bqpo_batch", "e2e_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"gqsa: {name}={getattr(self, name)} must be >= 1")
+        for lr, steps in (("bqpo_lr", "bqpo_steps"), ("e2e_lr", "e2e_steps")):
+            # A zero learning rate is harmless only when its stage does not run.
+            v, n = getattr(self, lr), getattr(self, steps)
+            if v < 0 or (n > 0 and v == 0):
+                raise ConfigError(f"gqsa: {lr}={v} must be > 0" + (f" ({steps}={n})" if n > 0 else " (or 0)"))
 
     def check_linear(self, name: str, in_features: int) -> None:
         """Raise ConfigError if this config cannot be applied to a linear with in_features."""

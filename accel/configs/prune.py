@@ -85,6 +85,9 @@ class PruneConfig(MethodConfig):
             raise ConfigError(f"prune: max_cycles must be a non-negative int, got {self.max_cycles!r}")
         if not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):
             raise ConfigError(f"prune: threshold must be >= 0, got {self.threshold!r}")
+        if self.pow_var < 0:
+            # DSnoT divides by var ** pow_var; a negative power would reward high-variance channels.
+            raise ConfigError(f"prune: pow_var must be >= 0, got {self.pow_var!r}")
         if self.targets is not None:
             self.targets = list(self.targets)
             if not self.targets:
