@@ -13,6 +13,7 @@ import logging as _logging
 from . import configs, models  # noqa: F401
 from .artifact import Artifact, ArtifactError
 from .configs import ConfigError, IdentityConfig, MethodConfig
+from .errors import AccelError
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
@@ -30,6 +31,6 @@ from .patches import (  # noqa: E402
 install_model_methods()
 
 __all__ = [
-    "Artifact", "ArtifactError", "ConfigError", "IdentityConfig", "MethodConfig", "Report",
+    "AccelError", "Artifact", "ArtifactError", "ConfigError", "IdentityConfig", "MethodConfig", "Report",
     "UnsupportedModelError", "is_patched", "models", "patch", "patched", "report", "unpatch",
 ]

@@ -60,7 +60,7 @@ class GQSALayerMethod:
             return {}
         inputs = data.hidden
         if i in self.layer_sparsity:
-            cfg = dataclasses.replace(cfg, sparsity=self.layer_sparsity[i])
+            cfg = dataclasses.replace(cfg, sparsity=self.layer_sparsity[i], allocation="uniform")  # this layer's share
         if cfg.init == "obs":
             targets, fq = self._init_obs(cfg, i, layer, data, names)
         else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,17 +280,37 @@ def load_source(source: str | None, dtype: torch.dtype = torch.float32):
     return accel.models.load(source, dtype=dtype)
 
 
-def export_hf(artifact: str | os.PathLike | Artifact, output: str | os.PathLike, model=None, tokenizer=None) -> Path:
+def export_hf(artifact: str | os.PathLike | Artifact, output: str | os.PathLike, model=None, tokenizer=None, *,
+              overwrite: bool = False) -> Path:
     """Write `output` as a plain HF checkpoint of the base model with the artifact's masks applied
-    to its weights. Written into a temp dir and renamed, so a failure leaves nothing behind."""
+    to its weights. Written into a temp dir and renamed, so a failure leaves nothing behind.
+
+    model: the base model, loaded or as a name/path for `accel.models.load`. When None, the model
+    the artifact records is used only if accel ships it (smollm2-135m, tiny-*): an artifact never
+    makes accel load a hub name or local path of its choosing. Either way the model must match
+    the artifact's fingerprint. output: must not exist, be empty, or be an accel hf export
+    (replaced only with overwrite=True); see accel.artifact.check_output_path."""
+    import json
+
+    from accel.artifact import (HF_EXPORT_FORMAT, HF_EXPORT_MARKER, check_output_path, make_output_tmpdir,
+                                move_into_place)
+    from accel.models import SMOLLM2_NAMES
+
+    output = check_output_path(output, overwrite, "hf")
     art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
     cfgs = [c for c in art.configs if isinstance(c, PruneConfig)]
     if len(cfgs) != 1 or len(art.configs) != 1:
         raise ArtifactError("export --format hf handles artifacts holding exactly one 'prune' config, got "
                             + ", ".join(c.method for c in art.configs))
     cfg = cfgs[0]
-    if model is None:
-        model, tokenizer = load_source(art.calibration.get("model"))
+    if isinstance(model, (str, os.PathLike)):
+        model, tokenizer = load_source(str(model))
+    elif model is None:
+        source = art.calibration.get("model")
+        if not (isinstance(source, str) and (source.startswith("tiny-") or source.lower() in SMOLLM2_NAMES)):
+            raise ArtifactError(f"{art.path}: the artifact names its base model {source!r}; accel does not load "
+                                f"a model an artifact chooses: pass it yourself (--model MODEL, model=...)")
+        model, tokenizer = load_source(source)
     art.check_model(model)
     tensors = art.tensors_for("prune")
     linears = list(iter_linears(model, cfg.targets, cfg.ignore))
@@ -301,16 +320,15 @@ def export_hf(artifact: str | os.PathLike | Artifact, output: str | os.PathLike,
     with torch.no_grad():
         for name, lin in linears:
             lin.weight.mul_(unpack_mask(tensors[name], tuple(lin.weight.shape)).to(lin.weight.dtype))
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = make_output_tmpdir(output)
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.rename(tmp, output)
+        # The manifest lets a later --overwrite tell this export from a user's directory.
+        names = sorted(p.name for p in tmp.iterdir())
+        (tmp / HF_EXPORT_MARKER).write_text(json.dumps({"format": HF_EXPORT_FORMAT, "files": names}))
+        move_into_place(tmp, output, overwrite, "hf")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -134,10 +134,10 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
-def _export_hf(artifact: str, output: str):
+def _export_hf(artifact: str, output: str, model: str | None = None, overwrite: bool = False):
     from .prune import export_hf
 
-    return export_hf(artifact, output)
+    return export_hf(artifact, output, model=model, overwrite=overwrite)
 
 
 def register(cli) -> None:

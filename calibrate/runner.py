@@ -29,12 +29,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from accel.errors import AccelError
 from accel.patches import compat
 
 log = logging.getLogger(__name__)
 
 
-class CalibrationError(RuntimeError):
+class CalibrationError(RuntimeError, AccelError):
     """Calibration cannot proceed (bad data, NaN activations, mismatched checkpoint)."""
 
 

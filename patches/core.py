@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from accel.artifact import Artifact, ArtifactError
+from accel.errors import AccelError
 from accel.configs import MethodConfig
 
 from . import attention, compat
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 _APPLIERS: dict[str, Callable[["PatchContext", MethodConfig, dict], None]] = {}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ValueError, AccelError):
     """The model's architecture is not one accel supports."""
 
 
