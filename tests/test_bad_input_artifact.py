@@ -263,6 +263,8 @@ CONFIG_CASES = [
     ("rsparse-sparse_share-1.5", RSparseConfig, dict(sparse_share=1.5), r"sparse_share"),
     ("rsparse-sparse_share-nan", RSparseConfig, dict(sparse_share=NAN), r"sparse_share"),
     ("rsparse-mode-bad", RSparseConfig, dict(mode="x"), r"mode"),
+    ("rsparse-targets-empty", RSparseConfig, dict(targets=[]), r"targets"),
+    ("gqsa-targets-empty", GQSAConfig, dict(targets=[]), r"targets"),
     ("identity-linears-str", IdentityConfig, dict(linears="no"), r"linears"),
 ]
 
@@ -394,3 +396,46 @@ def test_export_does_not_load_a_model_the_artifact_names(tmp_path, monkeypatch):
     with pytest.raises(ArtifactError, match=r"evil-org/remote-code-model.*--model"):
         export_hf(art, tmp_path / "hf")
     assert loaded == [] and snapshot(tmp_path) == before
+
+
+def _prune_artifact(path, model_name="tiny-llama"):
+    from accel.calibrate.prune import build_artifact, prune_model
+
+    model = accel.models.tiny("llama")
+    cfg = PruneConfig(init="magnitude", sparsity=0.5)
+    return build_artifact(model, cfg, prune_model(model, cfg, None, progress=False), {"model": model_name}).save(path)
+
+
+def test_hf_export_replaced_only_with_overwrite(tmp_path, capsys):
+    """An accel hf export carries a manifest, so --overwrite may replace it; without it, refused."""
+    from accel.artifact import HF_EXPORT_MARKER
+    from accel.cli import main
+
+    art = _prune_artifact(tmp_path / "art")
+    cmd = ["export", "--format", "hf", str(art), "--output", str(tmp_path / "hf")]
+    assert main(cmd) == 0
+    assert (tmp_path / "hf" / HF_EXPORT_MARKER).is_file() and (tmp_path / "hf" / "config.json").is_file()
+    before = snapshot(tmp_path)
+    assert main(cmd) == 2
+    assert "--overwrite" in capsys.readouterr().err and snapshot(tmp_path) == before
+    assert main(cmd + ["--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "hf"]
+    # A user's file dropped into the export makes it theirs: never replaced.
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    assert main(cmd + ["--overwrite"]) == 2
+    assert "notes.txt" in capsys.readouterr().err and snapshot(tmp_path) == before
+
+
+def test_hf_export_model_from_the_user(tmp_path, capsys):
+    """--model supplies the base model an artifact may not choose; a wrong one is refused by fingerprint."""
+    from accel.cli import main
+
+    art = _prune_artifact(tmp_path / "art", model_name="/somewhere/the-artifact-chose")
+    before = snapshot(tmp_path)
+    assert main(["export", "--format", "hf", str(art), "--output", str(tmp_path / "hf")]) == 2
+    assert "--model" in capsys.readouterr().err and snapshot(tmp_path) == before
+    assert main(["export", "--format", "hf", str(art), "--output", str(tmp_path / "hf"), "--model", "tiny-qwen2"]) == 2
+    assert "different model" in capsys.readouterr().err and snapshot(tmp_path) == before
+    assert main(["export", "--format", "hf", str(art), "--output", str(tmp_path / "hf"), "--model", "tiny-llama"]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()

@@ -133,3 +133,11 @@ def test_unexpected_error_is_one_line_exit_1(tmp_path, capsys):
     assert rc == 1
     assert "unexpected" in err and "TypeError: something internal" in err and "-v" in err
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_verbose_reraises_with_traceback(tmp_path):
+    from accel.artifact import ArtifactError
+
+    with pytest.raises(ArtifactError, match="tile_rows"):
+        main(["-v", "export", "--format", "sglang-ds", str(_bad_artifact(tmp_path / "a")), "--output",
+              str(tmp_path / "o.json")])

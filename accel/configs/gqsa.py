@@ -75,6 +75,8 @@ class GQSAConfig(MethodConfig):
                               f"[0, 1) for sparsity={self.sparsity}; choose owl_lambda <= "
                               f"{min(self.sparsity, 1.0 - self.sparsity):.4g} (strictly below 1 - sparsity) "
                               f"or allocation='uniform'")
+        if self.targets is not None and not self.targets:
+            raise ConfigError("gqsa: targets is an empty list (use None for every decoder linear)")
         if self.group_size < 1:
             raise ConfigError(f"gqsa: group_size={self.group_size} must be a positive integer")
         if self.tile_rows < 1:

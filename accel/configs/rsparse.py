@@ -76,6 +76,8 @@ class RSparseConfig(MethodConfig):
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.search not in SEARCHES:
             raise ConfigError(f"search must be one of {SEARCHES}, got {self.search!r}")
+        if self.targets is not None and not self.targets:
+            raise ConfigError("rsparse: targets is an empty list (use None for every decoder linear)")
         if self.mode == "teal" and self.sparse_share != 1.0:
             raise ConfigError("mode='teal' has no low-rank path: sparse_share must be 1.0")
 
