@@ -18,7 +18,9 @@ from .errors import AccelError
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 from .patches import (  # noqa: E402
+    PatchConflictError,
     Report,
+    TargetError,
     UnsupportedModelError,
     install_model_methods,
     is_patched,
@@ -31,6 +33,6 @@ from .patches import (  # noqa: E402
 install_model_methods()
 
 __all__ = [
-    "AccelError", "Artifact", "ArtifactError", "ConfigError", "IdentityConfig", "MethodConfig", "Report",
-    "UnsupportedModelError", "is_patched", "models", "patch", "patched", "report", "unpatch",
+    "AccelError", "Artifact", "ArtifactError", "ConfigError", "IdentityConfig", "MethodConfig", "PatchConflictError", "Report",
+    "TargetError", "UnsupportedModelError", "is_patched", "models", "patch", "patched", "report", "unpatch",
 ]

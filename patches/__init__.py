@@ -2,7 +2,9 @@
 from . import identity as _identity  # noqa: F401  (registers the identity method)
 from . import methods as _methods  # noqa: F401  (registers every built-in method's runtime)
 from .core import (
+    PatchConflictError,
     PatchContext,
+    TargetError,
     UnsupportedModelError,
     is_patched,
     patch,
@@ -31,5 +33,5 @@ def install_model_methods() -> None:
     PreTrainedModel._accel_methods = True
 
 
-__all__ = ["PatchContext", "Report", "UnsupportedModelError", "install_model_methods", "is_patched",
+__all__ = ["PatchConflictError", "PatchContext", "Report", "TargetError", "UnsupportedModelError", "install_model_methods", "is_patched",
            "patch", "patched", "register_method", "report", "unpatch"]

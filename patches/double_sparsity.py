@@ -119,7 +119,33 @@ def _drop_cache(module, args, kwargs, output):
     module.__dict__.pop("_ds_cache", None)
 
 
-@register_method("double-sparsity")
+def check_channel_order(order, key: str, L: int, KVH: int, D: int, r: int) -> torch.Tensor:
+    """The artifact's channel order [layers, kv_heads, head_dim], checked before any forward uses it:
+    an integer tensor of this model's shape whose first r channels per head are distinct and in
+    [0, head_dim). Raises ArtifactError naming the tensor, layer and head."""
+    if not isinstance(order, torch.Tensor) or order.dtype.is_floating_point or order.dtype.is_complex \
+            or order.dtype == torch.bool:
+        what = order.dtype if isinstance(order, torch.Tensor) else type(order).__name__
+        raise ArtifactError(f"double-sparsity: {key} is {what}; channel indices must be an integer tensor")
+    if tuple(order.shape) != (L, KVH, D):
+        raise ArtifactError(f"double-sparsity: {key} has shape {tuple(order.shape)}, this model needs "
+                            f"[layers={L}, kv_heads={KVH}, head_dim={D}]: the artifact is for another model")
+    used = order[:, :, :r].to(torch.long)
+    bad = (used < 0) | (used >= D)
+    if bool(bad.any()):
+        i, h, c = (int(v) for v in bad.nonzero()[0])
+        raise ArtifactError(f"double-sparsity: {key}[layer {i}, kv head {h}] has channel index {int(used[i, h, c])} "
+                            f"outside [0, {D}) (head_dim={D})")
+    srt = used.sort(dim=-1).values
+    dup = (srt[..., 1:] == srt[..., :-1]).any(-1)
+    if bool(dup.any()):
+        i, h = (int(v) for v in dup.nonzero()[0])
+        raise ArtifactError(f"double-sparsity: {key}[layer {i}, kv head {h}] repeats a channel among its first "
+                            f"{r} (heavy) channels: {used[i, h].tolist()}")
+    return order
+
+
+@register_method("double-sparsity", claims=("attention",))
 def apply_double_sparsity(ctx: PatchContext, cfg: DoubleSparsityConfig, tensors: dict) -> None:
     model = ctx.model
     dims = model_dims(model)
@@ -129,10 +155,7 @@ def apply_double_sparsity(ctx: PatchContext, cfg: DoubleSparsityConfig, tensors:
     if key not in tensors:
         raise ArtifactError(f"double-sparsity: the artifact has no channel order {key!r} "
                             f"(has {sorted(tensors)}); re-run `accel calibrate double-sparsity`")
-    order = tensors[key]
-    if tuple(order.shape) != (L, KVH, D):
-        raise ArtifactError(f"double-sparsity: channel order has shape {tuple(order.shape)}, this model needs "
-                            f"[layers={L}, kv_heads={KVH}, head_dim={D}]: the artifact is for another model")
+    order = check_channel_order(tensors[key], key, L, KVH, D, r)
     device = next(model.parameters()).device
     prefix = compat.SUPPORTED_MODEL_TYPES[compat.text_config(model.config).model_type]
     # Unquantized labels are stored in the KV dtype; quantized ones add an fp16 scale and offset.
@@ -151,9 +174,7 @@ def apply_double_sparsity(ctx: PatchContext, cfg: DoubleSparsityConfig, tensors:
                                   detail=f"budget={cfg.budget:g} r={r}/{D} labels {label_kind} "
                                          f"({label_bytes} B/token/head) sink={cfg.sink} recent={cfg.recent} "
                                          f"reduce={cfg.group_reduce}")
-        pre = attn.register_forward_pre_hook(_stash_cache, with_kwargs=True)
-        post = attn.register_forward_hook(_drop_cache, with_kwargs=True)
-        ctx.on_undo(pre.remove)
-        ctx.on_undo(post.remove)
+        ctx.add_hook(attn, _stash_cache, pre=True, name=name)
+        ctx.add_hook(attn, _drop_cache, pre=False, name=name)
     if cfg.offload:
         install_offload(ctx, cfg, model, sparse, lambda i: is_sliding_layer(model, i, compat.decoder_layers(model)[i].self_attn))

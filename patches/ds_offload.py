@@ -158,6 +158,12 @@ class OffloadReport:
         self.session_ref = None
         self.sessions: weakref.WeakSet = weakref.WeakSet()
 
+    def __deepcopy__(self, memo):
+        # A deep-copied model starts without caches: its report must not count the original's.
+        new = OffloadReport(self.kind)
+        memo[id(self)] = new
+        return new
+
     def detach(self) -> None:
         # After unpatch no handler serves these caches: plain attention would see only the
         # device tail, so any further use must fail loudly.
@@ -213,8 +219,17 @@ def _session_for(cache, cfg, device, report: OffloadReport) -> OffloadSession:
     return s
 
 
-def _convert_hook(i: int, channels, cfg, report: OffloadReport):
-    def hook(module, args, kwargs):
+class _ConvertHook:
+    """Pre-hook on layer i's attention: turn its cache layer into an `OffloadedDSLayer`.
+
+    A callable object rather than a closure, so that a deep-copied model's hook refers to the
+    copy's report (copy.deepcopy keeps functions as they are)."""
+
+    def __init__(self, i: int, channels, cfg, report: "OffloadReport"):
+        self.i, self.channels, self.cfg, self.report = i, channels, cfg, report
+
+    def __call__(self, module, args, kwargs):
+        i, cfg = self.i, self.cfg
         cache = compat.cache_from_kwargs(kwargs)
         if cache is None or not hasattr(cache, "layers"):
             return
@@ -228,19 +243,25 @@ def _convert_hook(i: int, channels, cfg, report: OffloadReport):
         if not isinstance(layer, compat.DynamicLayer) or getattr(layer, "is_sliding", False):
             raise OffloadError(f"double-sparsity offload: layer {i} has a {type(layer).__name__} cache layer; "
                                "offload works on DynamicCache (the default of generate())")
-        session = _session_for(cache, cfg, module.q_proj.weight.device, report)
-        new = OffloadedDSLayer(session, i, channels, cfg.label_bits, cfg.sink, keep=cfg.recent, flush=FLUSH_TOKENS)
+        session = _session_for(cache, cfg, module.q_proj.weight.device, self.report)
+        new = OffloadedDSLayer(session, i, self.channels, cfg.label_bits, cfg.sink, keep=cfg.recent,
+                               flush=FLUSH_TOKENS)
         if layer.get_seq_length() > 0:
             # A cache filled before (by a non-offloaded run): move its K/V to the slow tier.
             new.extend(layer.keys, layer.values)
         layers[i] = new
-    return hook
 
 
-def _predict_hook(j: int, target_attn, channels, cfg):
-    """Pre-hook on layer j-1's attention: predict layer j's selection and start its fetch."""
-    def hook(module, args, kwargs):
-        layer = _layer_of(compat.cache_from_kwargs(kwargs), j)
+class _PredictHook:
+    """Pre-hook on layer j-1's attention: predict layer j's selection and start its fetch.
+    (A callable object holding layer j's attention: deep-copied with the model.)"""
+
+    def __init__(self, j: int, target_attn, channels, cfg):
+        self.j, self.target_attn, self.channels, self.cfg = j, target_attn, channels, cfg
+
+    def __call__(self, module, args, kwargs):
+        cfg = self.cfg
+        layer = _layer_of(compat.cache_from_kwargs(kwargs), self.j)
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         pe = kwargs.get("position_embeddings")
         if not isinstance(layer, OffloadedDSLayer) or not layer.is_initialized or hidden is None or pe is None \
@@ -250,16 +271,15 @@ def _predict_hook(j: int, target_attn, channels, cfg):
         if T < max(cfg.min_context, 1):
             return
         with torch.no_grad():
-            q = predict_query(target_attn, hidden, pe)
+            q = predict_query(self.target_attn, hidden, pe)
             key_mask = _key_mask(kwargs.get("attention_mask"), q.shape[0], T, q.device)
             # Layer j has not appended this step's token yet: one zero label row stands in for it
             # (it is always kept as a recent token).
-            idx = _ds_select()(q, layer.labels(q.dtype, extra=1), channels.to(q.device), cfg.budget_tokens(T),
+            idx = _ds_select()(q, layer.labels(q.dtype, extra=1), self.channels.to(q.device), cfg.budget_tokens(T),
                                cfg.sink, cfg.recent, cfg.group_reduce, key_mask)
             plan = layer.fetch_plan(idx, key_mask)
         plan["T"] = T
         layer.pending = plan
-    return hook
 
 
 def install_offload(ctx, cfg, model, sparse: dict[int, torch.Tensor], is_sliding) -> None:
@@ -274,16 +294,12 @@ def install_offload(ctx, cfg, model, sparse: dict[int, torch.Tensor], is_sliding
     full = [i for i in range(len(layers)) if not is_sliding(i)]
     for i in full:
         attn = layers[i].self_attn
-        h = attn.register_forward_pre_hook(_convert_hook(i, sparse.get(i), cfg, report), with_kwargs=True)
-        ctx.on_undo(h.remove)
+        ctx.add_hook(attn, _ConvertHook(i, sparse.get(i), cfg, report), pre=True)
         j = i + 1
         if cfg.offload_select == "predicted" and j in sparse and j in full:
-            h = attn.register_forward_pre_hook(_predict_hook(j, layers[j].self_attn, sparse[j], cfg),
-                                               with_kwargs=True)
-            ctx.on_undo(h.remove)
+            ctx.add_hook(attn, _PredictHook(j, layers[j].self_attn, sparse[j], cfg), pre=True)
     ctx.add_row(compat.CACHE_KWARG, "cache", target=report, detail=report)
-    model.__dict__["_accel_offload_report"] = report
-    ctx.on_undo(lambda: model.__dict__.pop("_accel_offload_report", None))
+    ctx.set_dict_entry(model, "_accel_offload_report", report)
     ctx.on_undo(report.detach)
 
 

@@ -76,15 +76,18 @@ class GQSALinear(AccelLinear):
                 f"group_size={self.group_size}, n_keep={self.scales.size(1)}, tile_rows={self.tile_rows}")
 
 
-@register_method("gqsa")
+@register_method("gqsa", claims=("linear",))
 def apply_gqsa(ctx: PatchContext, cfg: GQSAConfig, tensors: dict) -> None:
-    for name, lin in list(iter_linears(ctx.model, cfg.targets, cfg.ignore)):
-        if not isinstance(lin, nn.Linear):
-            continue
+    linears = list(iter_linears(ctx.model, cfg.targets, cfg.ignore))
+    extra = sorted({k.rpartition(".")[0] for k in tensors} - {n for n, _ in linears})
+    if extra:
+        raise ArtifactError(f"gqsa artifact has tensors for {len(extra)} linear(s) this model lacks or its targets "
+                            f"exclude, e.g. {extra[0]}: it was made for another model or other targets")
+    for name, lin in linears:
         try:
             w = GQSAWeight.from_tensors(tensors, name)
         except GQSAFormatError as e:
-            raise ArtifactError(f"gqsa artifact: {e}") from None
+            raise ArtifactError(f"gqsa artifact, {name}: {e}") from None
         if (w.out_features, w.in_features) != (lin.out_features, lin.in_features):
             raise ArtifactError(f"gqsa artifact: {name} is {w.out_features}x{w.in_features} in the artifact, "
                                 f"{lin.out_features}x{lin.in_features} in the model")

@@ -19,7 +19,11 @@ class _SdpaHandler:
         return compat.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-@register_method("identity")
+def _claims(cfg: IdentityConfig) -> tuple[str, ...]:
+    return (("attention",) if cfg.attention else ()) + (("linear",) if cfg.linears else ())
+
+
+@register_method("identity", claims=_claims)
 def apply_identity(ctx: PatchContext, cfg: IdentityConfig, tensors: dict) -> None:
     if cfg.attention:
         ctx.use_accel_attention()

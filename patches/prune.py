@@ -37,7 +37,8 @@ def pack_mask(keep: torch.Tensor) -> torch.Tensor:
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Inverse of `pack_mask`; raises ArtifactError if the size does not fit `shape`."""
     n = int(shape[0]) * int(shape[1])
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 7) // 8:
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1 \
+            or packed.numel() != (n + 7) // 8:
         raise ArtifactError(f"packed mask of {packed.numel()} {packed.dtype} bytes does not fit a weight of "
                             f"shape {tuple(shape)} ({(n + 7) // 8} bytes expected)")
     bits = np.unpackbits(packed.numpy(), count=n)
@@ -93,7 +94,7 @@ class MaskedLinear(AccelLinear):
         return F.linear(x, self.weight, self.bias)
 
 
-@register_method("prune")
+@register_method("prune", claims=("linear",))
 def apply_prune(ctx: PatchContext, cfg: PruneConfig, tensors: dict) -> None:
     linears = list(iter_linears(ctx.model, cfg.targets, cfg.ignore))
     missing = [n for n, _ in linears if n not in tensors]
@@ -103,6 +104,9 @@ def apply_prune(ctx: PatchContext, cfg: PruneConfig, tensors: dict) -> None:
     if extra:
         raise ArtifactError(f"prune artifact has masks for linears this model lacks, e.g. {extra[0]}")
     for name, lin in linears:
-        keep = unpack_mask(tensors[name], tuple(lin.weight.shape))
+        try:
+            keep = unpack_mask(tensors[name], tuple(lin.weight.shape))
+        except ArtifactError as e:
+            raise ArtifactError(f"prune artifact, mask of {name}: {e}") from None
         new = MaskedLinear(lin, keep, cfg.pattern)
         ctx.swap_module(name, new, detail=f"{cfg.label} {cfg.pattern} sparsity {new.sparsity:.3f}")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from accel.artifact import ArtifactError
+from accel.configs import ConfigError
 from accel.configs.rsparse import RSparseConfig, check_rank
 from accel.kernels.dispatch import forced_path, select_path
 from accel.kernels.rsparse_linear import rsparse_linear
@@ -109,12 +110,25 @@ def build_linear(linear: nn.Linear, tensors: dict, name: str, mode: str) -> RSpa
     if f"{name}.threshold" not in tensors:
         raise ArtifactError(f"rsparse artifact has no threshold for {name}; it was made for another model "
                             f"or other targets")
-    s, rho = (float(v) for v in tensors[f"{name}.s_rho"])
-    return RSparseLinear(linear, float(tensors[f"{name}.threshold"]), channel_scale(linear, mode),
-                         tensors.get(f"{name}.down"), tensors.get(f"{name}.up"), s, rho)
+    thr, s_rho = tensors[f"{name}.threshold"], tensors.get(f"{name}.s_rho")
+    if thr.numel() != 1 or bool(torch.isnan(thr.float()).any()) or float(thr) < 0:
+        raise ArtifactError(f"rsparse artifact: {name}.threshold must be one value >= 0 (not NaN), got "
+                            f"{thr.flatten()[:4].tolist()} (shape {tuple(thr.shape)})")
+    if s_rho is None or s_rho.numel() != 2 or not bool(torch.isfinite(s_rho.float()).all()):
+        raise ArtifactError(f"rsparse artifact: {name}.s_rho must hold two finite values (s, rho), got "
+                            f"{None if s_rho is None else s_rho.flatten()[:4].tolist()}")
+    down, up = tensors.get(f"{name}.down"), tensors.get(f"{name}.up")
+    if (down is None) != (up is None):
+        raise ArtifactError(f"rsparse artifact: {name} has {'down' if up is None else 'up'} but no "
+                            f"{'up' if up is None else 'down'} low-rank factor")
+    s, rho = (float(v) for v in s_rho)
+    try:
+        return RSparseLinear(linear, float(thr), channel_scale(linear, mode), down, up, s, rho)
+    except (ArtifactError, ConfigError) as e:
+        raise ArtifactError(f"rsparse artifact, {name}: {e}") from None
 
 
-@register_method("rsparse")
+@register_method("rsparse", claims=("linear",))
 def apply_rsparse(ctx: PatchContext, cfg: RSparseConfig, tensors: dict) -> None:
     n = 0
     for name, lin in list(iter_linears(ctx.model, cfg.targets, cfg.ignore)):

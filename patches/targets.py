@@ -10,10 +10,12 @@ from typing import Iterator, Sequence
 
 from torch import nn
 
+from accel.errors import AccelError
+
 from . import compat
 
 
-class TargetError(ValueError):
+class TargetError(ValueError, AccelError):
     """A targets/ignore pattern is malformed or matches nothing."""
 
 
@@ -23,15 +25,21 @@ def _matches(pattern: str, name: str, module: nn.Module) -> bool:
     return name == pattern or name.endswith("." + pattern) or type(module).__name__ == pattern
 
 
-def iter_linears(model, targets: Sequence[str] | None = None,
-                 ignore: Sequence[str] = ()) -> Iterator[tuple[str, nn.Module]]:
-    """Yield `(qualified_name, linear)` for the selected linears, in model order."""
+def iter_linears(model, targets: Sequence[str] | None = None, ignore: Sequence[str] = (),
+                 include_patched: bool = False) -> Iterator[tuple[str, nn.Module]]:
+    """Yield `(qualified_name, linear)` for the selected linears, in model order.
+
+    Only plain `nn.Linear`s, unless `include_patched`: then accel's swapped-in linears too (the
+    stacking check needs them, to refuse a second weight method instead of skipping them)."""
+    from .linear import AccelLinear
+
+    kinds = (nn.Linear, AccelLinear) if include_patched else nn.Linear
     prefix = compat.SUPPORTED_MODEL_TYPES.get(compat.text_config(model.config).model_type, "model.layers")
     layers = model.get_submodule(prefix)
     found = []
     for lname, mod in layers.named_modules():
         name = f"{prefix}.{lname}" if lname else prefix
-        if not isinstance(mod, nn.Linear):
+        if not isinstance(mod, kinds):
             continue
         if targets and not any(_matches(p, name, mod) for p in targets):
             continue

@@ -167,6 +167,38 @@ def test_unwritable_offload_dir_fails_at_patch(tmp_path):
     assert not accel.is_patched(model)
 
 
+# ---- security: placement is the user's choice, not the artifact's ---------------------------------
+def test_artifact_from_disk_does_not_choose_where_accel_writes(tmp_path, caplog):
+    import logging
+
+    model = accel.models.tiny("llama")
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    path = _artifact(model, offload="disk", offload_dir=str(evil)).save(tmp_path / "art")
+    ids, mask = _prompt(1)
+    ref_seq, ref_logits, _ = _generate(model, _artifact(model), ids, mask)  # in-memory DS
+    with caplog.at_level(logging.INFO, logger="accel.patches.core"):
+        seq, lg, stats = _generate(model, str(path), ids, mask)
+    assert list(evil.iterdir()) == [], "a patched forward wrote where the artifact said"
+    assert stats is None and "runtime choice" in caplog.text
+    assert torch.equal(seq, ref_seq) and torch.equal(lg, ref_logits)
+    # An Artifact object read from disk is the same artifact: its placement is ignored as well.
+    seq, _, stats = _generate(model, accel.Artifact.load(path), ids, mask)
+    assert stats is None and list(evil.iterdir()) == []
+    # The user chooses the placement when patching.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with accel.patched(model, str(path), offload="disk", offload_dir=str(mine)):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True)
+        assert offload_stats(model)["kind"] == "disk"
+        assert any(f.suffix == ".kv" for f in mine.rglob("*"))
+        del out
+        gc.collect()
+    assert list(evil.iterdir()) == []
+    assert torch.equal(_generate(model, str(path), ids, mask)[0], ref_seq)
+
+
 def _step_run(model, tmp_path, n_steps, break_at, breaker):
     """Prefill + decode steps by hand; `breaker()` runs before step `break_at`. Returns the logits
     produced before the failure (cloned when made) and the raised error."""

@@ -1,0 +1,67 @@
+"""Which methods may share a module, checked before a method touches the model.
+
+Rules (see `accel.patch`):
+- a linear takes at most one weight method (prune, gqsa, rsparse, identity's linears): a second
+  one would either silently apply to nothing (appliers only replace plain `nn.Linear`s) or stack
+  two weight formats that no kernel computes;
+- the attention takes at most one attention method (double-sparsity, identity's attention);
+- one attention method composes with one weight method, in either order;
+- the same method from the same artifact (or an equal config) again is refused too: re-patching
+  is not idempotent, so that a changed artifact on disk never becomes a silent no-op.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from accel.errors import AccelError
+
+from .targets import TargetError, iter_linears
+
+ATTENTION, LINEAR = "attention", "linear"
+
+
+class PatchConflictError(ValueError, AccelError):
+    """A method would share a module with a method it cannot be stacked with (or with itself)."""
+
+
+@dataclass
+class Claim:
+    module: str  # path from the model root
+    kind: str  # ATTENTION or LINEAR
+    method: str
+    source: str  # the artifact path, "in-memory artifact" or "config"
+    config: Any = None
+
+
+def conflict_message(claim: Claim, method: str, source: str, config) -> str:
+    what = "linear's weights" if claim.kind == LINEAR else "attention"
+    if claim.method == method and claim.source == source and claim.config == config:
+        return (f"{claim.module} is already patched by {method} from the same {source}: patching it again is "
+                f"refused (re-patching is not idempotent); call accel.unpatch(model) first")
+    return (f"cannot stack {method} ({source}) on {claim.method} ({claim.source}) at {claim.module}: both replace "
+            f"the {what}. A model takes one attention method (double-sparsity) and one weight method "
+            f"(prune, gqsa or rsparse) per linear; call accel.unpatch(model) first to change methods")
+
+
+def planned_linears(model, cfg) -> list[str]:
+    """The linears a weight method's targets/ignore select, already-patched ones included."""
+    targets, ignore = getattr(cfg, "targets", None), getattr(cfg, "ignore", ()) or ()
+    names = [n for n, _ in iter_linears(model, targets, ignore, include_patched=True)]
+    if not names:
+        raise TargetError(f"{cfg.method}: targets={targets} ignore={list(ignore)} select no linear of "
+                          f"{type(model).__name__}; nothing would be patched")
+    return names
+
+
+def check_stack(model, claims: list[Claim], cfg, kinds: tuple[str, ...], source: str) -> None:
+    """Raise PatchConflictError before `cfg` is applied if it would share a module it may not."""
+    if ATTENTION in kinds:
+        for c in claims:
+            if c.kind == ATTENTION:
+                raise PatchConflictError(conflict_message(c, cfg.method, source, cfg))
+    if LINEAR in kinds:
+        taken = {c.module: c for c in claims if c.kind == LINEAR}
+        for name in planned_linears(model, cfg):
+            if name in taken:
+                raise PatchConflictError(conflict_message(taken[name], cfg.method, source, cfg))
