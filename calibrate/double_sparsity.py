@@ -105,8 +105,7 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 4, progress: b
                       disable=not progress):
             model(input_ids=samples[a:a + batch_size].to(device), use_cache=False)
     finally:
-        while state.undo:
-            state.undo.pop()()
+        state.rollback(model, (0, 0, 0, 0, 0))
     if any(c.acc is None for c in caps):
         raise RuntimeError("some attention layers never ran during calibration")
     stats = [mean_stats(c.acc) for c in caps]
