@@ -136,9 +136,10 @@ def calibration_samples(tokenizer, spec: CalibrationSpec | None = None, **kwargs
     consecutive, non-overlapping windows of that stream.
     """
     spec = spec or CalibrationSpec(**kwargs)
-    if spec.n_samples <= 0 or spec.seq_len <= 1:
-        raise DataError(f"need n_samples >= 1 and seq_len >= 2, got {spec.n_samples} and {spec.seq_len}")
-    docs = texts(spec.source, "calibration")
+    for name, v, lo in (("n_samples", spec.n_samples, 1), ("seq_len", spec.seq_len, 2)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise DataError(f"calibration {name} must be an integer >= {lo}, got {v!r}")
+    docs = [d for d in texts(spec.source, "calibration") if isinstance(d, str) and d.strip()]
     if not docs:
         raise DataError(f"calibration source {spec.source!r} is empty")
     rng = random.Random(spec.seed)

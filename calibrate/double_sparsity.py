@@ -107,7 +107,7 @@ def collect_stats(model, samples: torch.Tensor, batch_size: int = 4, progress: b
     finally:
         state.rollback(model, (0, 0, 0, 0, 0))
     if any(c.acc is None for c in caps):
-        raise RuntimeError("some attention layers never ran during calibration")
+        raise CalibrationError("some attention layers never ran during calibration")
     stats = [mean_stats(c.acc) for c in caps]
     for i, s in enumerate(stats):
         if not all(torch.isfinite(v).all() for v in s.values()):

@@ -59,7 +59,11 @@ def owl_sparsities(ratios: dict[int, float], sparsity: float, lam: float) -> dic
     less sparse). lam is capped so that every layer stays in [0, 1)."""
     if not ratios:
         return {}
-    lam = min(lam, sparsity, 0.9 * (1.0 - sparsity))
+    capped = min(lam, sparsity, 0.9 * (1.0 - sparsity))
+    if capped < lam:
+        log.warning("OWL: owl_lambda=%.4g narrowed to %.4g so that every layer's sparsity stays in [0, 1) "
+                    "around %.4g", lam, capped, sparsity)
+    lam = capped
     idx = sorted(ratios)
     d = torch.tensor([ratios[i] for i in idx], dtype=torch.float64)
     span = float(d.max() - d.min())

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -14,11 +13,13 @@ def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model
                     threshold: float = 0.1, objective: str | None = None, targets: list[str] | None = None,
                     ignore: list[str] | None = None,
                     batch_size: int = 8, dtype: str = "float32", progress: bool = True,
-                    model=None, tokenizer=None, samples=None, mode: str = "auto") -> dict:
+                    model=None, tokenizer=None, samples=None, mode: str = "auto", overwrite: bool = False) -> dict:
     """Calibrate and save a prune artifact at `output`. Every input is checked before anything is
     written; per-layer checkpoints go to `<output>.partial/` (resumed by re-running the same
     command) and are removed once the artifact is saved. `model`/`tokenizer`/`samples` ([N, L])
-    replace loading `model_name` and sampling the calibration split (tests, notebooks)."""
+    replace loading `model_name` and sampling the calibration split (tests, notebooks).
+    overwrite: replace an existing artifact at `output` (anything else there is always refused)."""
+    from accel.artifact import check_output_path
     from accel.configs.prune import PruneConfig
     from accel.data import CalibrationSpec, calibration_samples
 
@@ -31,6 +32,12 @@ def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model
     extra = {} if objective is None else {"dsnot_objective": objective}
     cfg = PruneConfig(init=init, dsnot=dsnot, sparsity=sparsity, pattern=pattern, use_variant=use_variant,
                       max_cycles=max_cycles, threshold=threshold, targets=targets, ignore=list(ignore or []), **extra)
+    # Fail before loading or calibrating anything: the output and its checkpoint directory.
+    out = check_output_path(output, overwrite, "artifact")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists() and not partial.is_dir():
+        raise CalibrationError(f"{partial} (the checkpoint directory of {out}) is an existing file; "
+                               f"move it or choose another output")
     if model is None:
         model, tokenizer = load_source(model_name, getattr(torch, dtype))
     check_model(model, [])
@@ -43,8 +50,6 @@ def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model
         samples = calibration_samples(tokenizer, spec)
     if not cfg.needs_data:
         samples = None
-    out = Path(output)
-    partial = out.with_name(out.name + ".partial")
     existed = partial.exists()
     # CPU time beside wall time: on a shared machine the wall-clock ratio drifts with the load.
     cpu0 = time.process_time()
@@ -72,7 +77,7 @@ def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model
              "activation_mb": info.run.activation_mb if info.run else None,
              "resumed_layers": info.run.resumed_layers if info.run else 0,
              "mode": info.mode, "dsnot_swaps": info.dsnot_swaps, "sparsity_measured": 1 - nz / tot, "linears": len(info.masks)}
-    build_artifact(model, cfg, info, calib).save(out)
+    build_artifact(model, cfg, info, calib).save(out, overwrite=overwrite)
     remove_checkpoints(partial)
     return {"output": str(out), "method": cfg.label, "pattern": cfg.pattern, "sparsity": cfg.sparsity, **calib}
 
@@ -95,7 +100,7 @@ def _cmd_calibrate(args) -> int:
                         max_cycles=args.max_cycles, threshold=args.threshold, objective=args.objective,
                         targets=_targets(args.targets),
                         ignore=_targets(args.ignore) or [], batch_size=args.batch_size, dtype=args.dtype,
-                        progress=not args.json, mode=args.mode)
+                        progress=not args.json, mode=args.mode, overwrite=args.overwrite)
     ratio = (f"({r['mode']}) {r['seconds']:.1f}s = {r['time_ratio']:.2f}x one plain forward over the same "
              f"{args.n_samples}x{args.seq_len} calibration set ({r['forward_seconds']:.1f}s); CPU time "
              f"{r['cpu_seconds']:.1f}s = {r['cpu_time_ratio']:.2f}x ({r['forward_cpu_seconds']:.1f}s)"
@@ -150,6 +155,7 @@ def register(cli) -> None:
         p = cli.add("calibrate", kind, help_)
         p.add_argument("--model", default="smollm2-135m")
         p.add_argument("--output", required=True, help="artifact directory to write")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --output")
         p.add_argument("--sparsity", type=float, default=None, help="fraction pruned in [0, 1) (default 0.5)")
         p.add_argument("--pattern", default=None, help="unstructured (default) or N:M, e.g. 2:4, 4:8")
         p.add_argument("--n-samples", type=int, default=128)

@@ -185,8 +185,8 @@ def collect_stats(model, samples: torch.Tensor, cfg: RSparseConfig, *, greedy_mo
     stats = RSparseStats(names, shapes, layer_of=layer_of, rho_grid=cfg.sparse_share if cfg.mode == "rsparse" else 0.95)
     method = _StatsMethod(model, stats, tuple(greedy_modes), tuple(grid) if greedy_modes else (), greedy_tokens)
     # The runner adds the model, the data and the accel version to this key.
-    key = {"method": "rsparse-stats", "grid": list(grid), "modes": list(greedy_modes), "rho": stats.rho_grid, "greedy_tokens": greedy_tokens,
-           "targets": cfg.targets, "ignore": cfg.ignore}
+    key = {"method": "rsparse-stats", "grid": list(grid), "modes": list(greedy_modes), "rho": stats.rho_grid,
+           "greedy_tokens": greedy_tokens, "targets": cfg.targets, "ignore": cfg.ignore}
     if not _load_complete(checkpoint_dir, checkpoint_key(model, samples, key), method, model):
         run_layerwise(model, samples, method, checkpoint_dir=checkpoint_dir, run_key=key, progress=progress,
                       desc="rsparse stats")

@@ -34,14 +34,24 @@ class PerplexityResult:
 @torch.inference_mode()
 def perplexity(model, tokens: torch.Tensor, seq_len: int = 512, batch_size: int = 4,
                progress: bool = True, desc: str = "ppl") -> PerplexityResult:
-    """tokens: [N] int64. Returns the perplexity of `model` over floor(N / seq_len) windows."""
-    if tokens.dim() != 1:
-        raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    """tokens: [N] int64. Returns the perplexity of `model` over floor(N / seq_len) windows.
+
+    DataError (a ValueError) for bad tokens or a seq_len outside [2, max_position_embeddings]:
+    past the positions it was trained on, a model's perplexity means nothing."""
+    from accel.data import DataError
+
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
+        raise DataError(f"tokens must be a 1-D tensor, got {getattr(tokens, 'shape', type(tokens).__name__)}")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise DataError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and seq_len > max_pos:
+        raise DataError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
     n_win = tokens.numel() // seq_len
     if n_win == 0:
-        raise ValueError(f"{tokens.numel()} tokens are fewer than one window of seq_len={seq_len}")
+        raise DataError(f"{tokens.numel()} tokens are fewer than one window of seq_len={seq_len}")
     windows = tokens[: n_win * seq_len].view(n_win, seq_len)
     device = next(model.parameters()).device
     nll, count, t0 = 0.0, 0, time.perf_counter()
