@@ -296,12 +296,27 @@ def calibrate_rsparse(model, tok, cfg: RSparseConfig, *, n_samples: int = 8, seq
                               progress=progress)
     evo_state, on_gen = None, None
     if cfg.search == "evo" and checkpoint_dir:
+        import dataclasses
+        import hashlib
+
         evo_path = Path(checkpoint_dir) / f"evo_{cfg.mode}_{cfg.sparsity:.4f}_{cfg.sparse_share:.4f}.json"
-        evo_state = json.loads(evo_path.read_text()) if evo_path.is_file() else None
+        # A saved generation is only valid for the same model, data, config and search settings.
+        ek = checkpoint_key(model, samples, {"config": cfg.to_dict(), "evo": dataclasses.asdict(evo or EvoSettings()),
+                                             "eval_samples": eval_samples, "greedy_tokens": greedy_tokens})
+        digest = hashlib.sha256(json.dumps(ek, sort_keys=True).encode()).hexdigest()
+        try:
+            evo_state = json.loads(evo_path.read_text()) if evo_path.is_file() else None
+        except (OSError, ValueError) as e:
+            log.warning("evolutionary search state %s is unreadable (%s); starting the search afresh", evo_path, e)
+            evo_state = None
+        if evo_state is not None and (not isinstance(evo_state, dict) or evo_state.get("accel_key") != digest):
+            log.warning("evolutionary search state %s was saved by a run with a different model, data or "
+                        "settings; starting the search afresh", evo_path)
+            evo_state = None
 
         def on_gen(st):
             tmp = evo_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(st))
+            tmp.write_text(json.dumps({**st, "accel_key": digest}))
             tmp.replace(evo_path)
     s, rho, info = allocate(model, stats, cfg, eval_samples=samples[:eval_samples], evo=evo, progress=progress,
                             evo_state=evo_state, on_generation=on_gen)

@@ -306,3 +306,18 @@ def test_early_exit_stats_equal_full_pass_and_skip_the_rest():
     assert len(calls) == 2  # two chunks in the full pass, none with early exit
     for n in mods:
         assert torch.equal(got[False][n], got[True][n])
+
+
+def test_calibrate_overwrite_replaces_an_existing_artifact_only_when_asked(tmp_path):
+    from accel.artifact import Artifact, ArtifactError
+
+    x = torch.randint(0, 512, (2, 16), generator=G())
+    out = tmp_path / "art"
+    calibrate_prune(str(out), model=accel.models.tiny("llama"), samples=x, sparsity=0.5, progress=False)
+    with pytest.raises(ArtifactError, match="--overwrite"):
+        calibrate_prune(str(out), model=accel.models.tiny("llama"), samples=x, sparsity=0.6, progress=False)
+    assert Artifact.load(out).configs[0].sparsity == 0.5
+    calibrate_prune(str(out), model=accel.models.tiny("llama"), samples=x, sparsity=0.6, progress=False,
+                    overwrite=True)
+    assert Artifact.load(out).configs[0].sparsity == 0.6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]

@@ -125,3 +125,23 @@ def test_corrupt_layer_checkpoint_is_named_and_recomputed(how, tmp_path, caplog)
     assert again.run.resumed_layers == 1  # layer 0 only: from the bad layer on, everything is recomputed
     for n in ref.masks:
         assert torch.equal(ref.masks[n], again.masks[n]), n
+
+
+def test_rsparse_evo_state_of_another_model_is_not_reused(tmp_path, caplog):
+    import accel
+    from accel.calibrate.rsparse import calibrate_rsparse
+    from accel.calibrate.rsparse_search import EvoSettings
+    from accel.configs.rsparse import RSparseConfig
+    from test_bad_input_calibration import CharTok
+
+    cfg = RSparseConfig(sparsity=0.5, search="evo")
+    kw = dict(n_samples=2, seq_len=16, greedy_tokens=16, evo=EvoSettings(population=2, generations=1), progress=False)
+    calibrate_rsparse(accel.models.tiny("llama", seed=0), CharTok(), cfg, checkpoint_dir=tmp_path, **kw)
+    assert list(tmp_path.glob("evo_*.json"))
+    fresh = calibrate_rsparse(accel.models.tiny("llama", seed=1), CharTok(), cfg, **kw)
+    with caplog.at_level(logging.WARNING):
+        again = calibrate_rsparse(accel.models.tiny("llama", seed=1), CharTok(), cfg, checkpoint_dir=tmp_path, **kw)
+    assert "evolutionary search state" in caplog.text and "starting fresh" in caplog.text, caplog.text
+    assert again.calibration["evo_history"] == fresh.calibration["evo_history"]
+    for k, v in fresh.tensors.items():
+        assert torch.equal(v, again.tensors[k]), k
