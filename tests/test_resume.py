@@ -145,3 +145,15 @@ def test_rsparse_evo_state_of_another_model_is_not_reused(tmp_path, caplog):
     assert again.calibration["evo_history"] == fresh.calibration["evo_history"]
     for k, v in fresh.tensors.items():
         assert torch.equal(v, again.tensors[k]), k
+
+
+def test_temp_files_a_kill_left_are_cleared_and_resume_still_equal(tmp_path):
+    ref = _prune(None)
+    ck = tmp_path / "ck"
+    _prune(ck, stop_after=2)
+    (ck / "layer_002.safetensors.tmp").write_bytes(b"half a file")  # killed mid-write
+    again = _prune(ck)
+    assert again.run.resumed_layers == 2
+    assert not list(ck.glob("*.tmp"))
+    for n in ref.masks:
+        assert torch.equal(ref.masks[n], again.masks[n]), n
