@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from accel.errors import AccelError
+
 log = logging.getLogger(__name__)
 
 OFFLINE_SOURCES = ("wiki",)
@@ -27,7 +29,7 @@ ONLINE_SOURCES = ("wikitext2", "c4", "pileval")
 EVAL_PERCENT = 20  # share of articles (by title hash) held out for evaluation
 
 
-class DataError(ValueError):
+class DataError(ValueError, AccelError):
     """A data source is unknown, unavailable, empty, or too short for the request."""
 
 

@@ -172,10 +172,13 @@ def write_sglang_json(tensors: dict[str, torch.Tensor], path: str | Path) -> Pat
     path = Path(path)
     doc = sglang_channel_config(tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from accel.artifact import output_umask
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(doc, f)
-    os.chmod(tmp, 0o644)
+    # mkstemp makes the file 0600; a plain open() would have followed the umask.
+    os.chmod(tmp, 0o666 & ~output_umask(path.parent))
     os.replace(tmp, path)
     return path
 

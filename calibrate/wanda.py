@@ -17,8 +17,10 @@ import math
 
 import torch
 
+from accel.errors import AccelError
 
-class PatternError(ValueError):
+
+class PatternError(ValueError, AccelError):
     """A sparsity pattern or ratio is invalid."""
 
 

@@ -26,13 +26,15 @@ import weakref
 
 import torch
 
+from accel.errors import AccelError
+
 log = logging.getLogger(__name__)
 GATHER_BATCH = 512
 # Linux maps up to fault_around_bytes (64 KiB) of cached file pages around each read fault.
 _FAULT_AROUND = 64 << 10
 
 
-class OffloadError(RuntimeError):
+class OffloadError(RuntimeError, AccelError):
     """The slow tier of an offloaded cache cannot be created, written or read."""
 
 

@@ -31,10 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
+from accel.errors import AccelError
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
-class GQSAFormatError(ValueError):
+class GQSAFormatError(ValueError, AccelError):
     """A GQSA weight or its parameters are invalid."""
 
 
