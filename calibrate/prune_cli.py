@@ -115,7 +115,7 @@ def _cmd_calibrate(args) -> int:
 
 def _cmd_sweep(args) -> int:
     from accel.cli import emit
-    from accel.eval.prune_sweep import format_table, plot, prune_sweep
+    from accel.eval.sweep_prune import format_table, plot, prune_sweep
 
     cols = [c.strip() for c in args.sparsities.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

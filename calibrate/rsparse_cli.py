@@ -47,7 +47,7 @@ def _cmd_calibrate(args) -> int:
 def _cmd_sweep(args) -> int:
     from accel.cli import emit
 
-    from .rsparse_sweep import format_table, run_sweep
+    from accel.eval.sweep_rsparse import format_table, run_sweep
 
     levels = [float(v) for v in args.levels.split(",")]
     r = run_sweep(args.model, levels, max_tokens=args.max_tokens, seq_len=args.seq_len, search=args.search,
@@ -61,7 +61,7 @@ def _cmd_sweep(args) -> int:
 def _cmd_bench(args) -> int:
     from accel.cli import emit
 
-    from .rsparse_bench import bench_rsparse, format_bench
+    from accel.eval.bench_rsparse import bench_rsparse, format_bench
 
     r = bench_rsparse(sparsity=args.sparsity, decode_tokens=args.decode_tokens, repeats=args.repeats,
                       dtype=args.dtype, artifact=args.artifact)

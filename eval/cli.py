@@ -44,22 +44,22 @@ def _cmd_ppl(args) -> int:
 
 
 def _ds_step(model, tok, ids, seq_len):
-    from .ds_sweep import demo_step
+    from .sweep_ds import demo_step
     return demo_step(model, tok)
 
 
 def _wanda_step(model, tok, ids, seq_len):
-    from .prune_sweep import demo_step
+    from .sweep_prune import demo_step
     return demo_step(model, tok, ids, seq_len)
 
 
 def _rsparse_step(model, tok, ids, seq_len):
-    from accel.calibrate.rsparse_sweep import demo_step
+    from .sweep_rsparse import demo_step
     return demo_step(model, tok, ids, seq_len)
 
 
 def _gqsa_step(model, tok, ids, seq_len):
-    from .gqsa_sweep import demo_step
+    from .sweep_gqsa import demo_step
     return demo_step(model, tok, ids, seq_len)
 
 

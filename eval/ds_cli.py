@@ -52,7 +52,7 @@ def _cmd_sweep(args) -> int:
     from accel.cli import emit
     from accel.data import eval_tokens
 
-    from .ds_sweep import format_table, plot_sweep, run_sweep
+    from .sweep_ds import format_table, plot_sweep, run_sweep
 
     model, tok, art = _load(args.model, args.dtype, args.artifact, args.calib_samples)
     tokens = eval_tokens(tok, args.source, args.max_tokens)

@@ -1,4 +1,4 @@
-"""`accel eval gqsa-sweep` and `accel bench gqsa-gemv`: thin shims over eval.gqsa_sweep / gqsa_bench."""
+"""`accel eval gqsa-sweep` and `accel bench gqsa-gemv`: thin shims over eval.sweep_gqsa / bench_gqsa."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ def _cmd_sweep(args) -> int:
 
     from accel.cli import emit
 
-    from .gqsa_sweep import gqsa_sweep
+    from .sweep_gqsa import gqsa_sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -31,7 +31,7 @@ def _cmd_bench(args) -> int:
 
     from accel.cli import emit
 
-    from .gqsa_bench import bench_decode, bench_gemv
+    from .bench_gqsa import bench_decode, bench_gemv
 
     torch.set_num_threads(1)
     rows = bench_gemv(group_size=args.group_size, tile_rows=args.tile_rows, rounds=args.rounds)
@@ -57,7 +57,7 @@ def _cmd_bench(args) -> int:
 
 
 def register(cli) -> None:
-    from .gqsa_sweep import ROWS
+    from .sweep_gqsa import ROWS
 
     p = cli.add("eval", "gqsa-sweep", "SmolLM2 perplexity: dense, RTN W4/W2, Wanda 2:4, GQSA rows")
     p.add_argument("--model", default="smollm2-135m")

@@ -295,7 +295,7 @@ def test_unsupported_arch_is_rejected():
 
 
 def test_sweep_json_shape_on_tiny_model(tmp_path):
-    from accel.eval.ds_sweep import plot_sweep, run_sweep
+    from accel.eval.sweep_ds import plot_sweep, run_sweep
 
     model = accel.models.tiny("qwen2")
     art = _calibrated(model, DoubleSparsityConfig(heavy_channels=4))

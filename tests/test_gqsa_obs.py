@@ -82,7 +82,7 @@ def test_config_init_and_version_upgrade():
 
 @pytest.mark.parametrize("row,start", [("gqsa-w4s50-g16", "OBS/GPTQ start"), ("gqsa-w3s50-g32-rtn", "RTN start")])
 def test_sweep_rows_name_their_stage1_start(row, start):
-    from accel.eval.gqsa_sweep import _row
+    from accel.eval.sweep_gqsa import _row
 
     base = accel.models.tiny("llama")
     x = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(42))

@@ -23,7 +23,7 @@ def run_sweep(model_name: str = "smollm2-135m", levels=(0.4, 0.5, 0.6), *, max_t
     from accel.data import CalibrationSpec, calibration_samples, eval_tokens
     from accel.eval.perplexity import perplexity
 
-    from .rsparse import calibrate_rsparse, collect_stats
+    from accel.calibrate.rsparse import calibrate_rsparse, collect_stats
 
     t0 = time.perf_counter()
     model, tok = accel.models.load(model_name)
@@ -73,7 +73,7 @@ def demo_step(model, tok, ids, seq_len: int = 512, sparsity: float = 0.5) -> dic
     from accel.configs.rsparse import RSparseConfig
     from accel.eval.perplexity import perplexity
 
-    from .rsparse import calibrate_rsparse
+    from accel.calibrate.rsparse import calibrate_rsparse
 
     t0 = time.perf_counter()
     art = calibrate_rsparse(model, tok, RSparseConfig(sparsity, 0.95, search="uniform"), n_samples=2,

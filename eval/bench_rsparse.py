@@ -67,7 +67,7 @@ def bench_rsparse(sparsity: float = 0.5, rho: float = 0.95, decode_tokens: int =
     import accel
     from accel.configs.rsparse import RSparseConfig, check_sparsity
 
-    from .rsparse import calibrate_rsparse
+    from accel.calibrate.rsparse import calibrate_rsparse
 
     check_sparsity(sparsity)
     dt = getattr(torch, dtype)
