@@ -119,8 +119,9 @@ def load(name_or_path: str = "smollm2-135m", dtype: torch.dtype | str = torch.fl
     return model, tok
 
 
-def tiny_config(arch: str):
-    """A few-layer GQA config of `arch` (4 query heads, 2 KV heads, head_dim 16)."""
+def tiny_config(arch: str, **overrides):
+    """A few-layer GQA config of `arch` (4 query heads, 2 KV heads, head_dim 16); `overrides`
+    replace any of its fields (a bench's larger heads, more layers)."""
     from transformers import AutoConfig
 
     if arch not in TINY_ARCHS:
@@ -138,14 +139,15 @@ def tiny_config(arch: str):
                      query_pre_attn_scalar=16)
     if arch == "mistral":
         extra = dict(sliding_window=None)
-    return AutoConfig.for_model(model_type, **common, **extra)
+    return AutoConfig.for_model(model_type, **{**common, **extra, **overrides})
 
 
-def tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A seeded, randomly initialised causal LM of `arch`; needs no network."""
+def tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A seeded, randomly initialised causal LM of `arch`; needs no network. `overrides`: config
+    fields (see tiny_config)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(arch)
+    cfg = tiny_config(arch, **overrides)
     cfg.accel_source = f"tiny-{arch}"
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -32,13 +32,14 @@ CHUNK = 1024
 
 
 def synthetic_model():
-    from transformers import AutoConfig, AutoModelForCausalLM
-    cfg = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=1024,
-                               num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                               head_dim=HEAD_DIM, max_position_embeddings=65536 + 256, tie_word_embeddings=False)
-    cfg.accel_source = "synthetic-ds-offload"
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    """accel's tiny Llama with the bench's larger heads (fp32, seeded)."""
+    import accel
+
+    model = accel.models.tiny("llama", seed=0, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=1024,
+                              num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                              head_dim=HEAD_DIM, max_position_embeddings=65536 + 256)
+    model.config.accel_source = "synthetic-ds-offload"
+    return model
 
 
 def channel_scale(layer: int) -> torch.Tensor:
