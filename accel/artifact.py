@@ -206,7 +206,7 @@ def check_fingerprint(expected: dict[str, Any], model, what: str = "artifact") -
 def library_versions() -> dict[str, str]:
     import transformers
 
-    from . import __version__
+    from ._version import __version__
 
     return {"accel": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 

@@ -14,6 +14,10 @@ from .base import (
     registered_methods,
 )
 
+# After base: each method's config module imports base and registers itself. Importing them
+# here (not lazily from base.py) keeps base -> method configs -> base from being a cycle.
+from . import _builtin  # noqa: E402,F401
+
 __all__ = [
     "ConfigError", "IdentityConfig", "MethodConfig", "config_from_dict", "get_config_class",
     "register_config", "registered_methods",

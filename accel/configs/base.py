@@ -104,22 +104,16 @@ def register_config(cls: type["MethodConfig"]) -> type["MethodConfig"]:
 
 
 def registered_methods() -> list[str]:
-    _load_builtin_methods()
     return sorted(_REGISTRY)
 
 
 def get_config_class(method: str) -> type["MethodConfig"]:
-    _load_builtin_methods()
+    # The registry is complete here: accel/configs/__init__.py imports every built-in method's
+    # config module (via _builtin.py), and Python runs it before any module of the package.
     try:
         return _REGISTRY[method]
     except KeyError:
         raise ConfigError(f"unknown method {method!r}; known methods: {', '.join(sorted(_REGISTRY))}") from None
-
-
-def _load_builtin_methods() -> None:
-    # Method modules register themselves on import; importing here keeps the registry complete
-    # for artifact loading without making `accel.configs` import every method eagerly.
-    from . import _builtin  # noqa: F401
 
 
 @dataclass

@@ -10,6 +10,8 @@ from .base import ConfigError, MethodConfig, register_config
 CHANNEL_TYPES = ("q", "k", "qk")
 GROUP_REDUCES = ("max", "sum")
 SCORE_MODES = ("sparse", "dense")
+OFFLOAD_KINDS = (None, "cpu", "disk")
+OFFLOAD_SELECTS = ("exact", "predicted")
 
 
 @register_config
@@ -72,13 +74,25 @@ class DoubleSparsityConfig(MethodConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"double-sparsity: {name} must be an int >= 0, got {v!r}")
-        from accel.offload import validate_offload
-        validate_offload(self)
+        self.validate_offload()
         if self.label_bits not in (4, 8, 16):
             raise ConfigError(f"double-sparsity: label_bits must be 4, 8 or 16, got {self.label_bits!r}")
         if self.label_bits == 4 and self.heavy_channels is not None and self.heavy_channels % 2:
             raise ConfigError(f"double-sparsity: 4-bit labels pack two channels a byte; heavy_channels must be even, "
                               f"got {self.heavy_channels}")
+
+    def validate_offload(self) -> None:
+        """The `offload`, `offload_dir` and `offload_select` fields (raises ConfigError)."""
+        if self.offload not in OFFLOAD_KINDS:
+            raise ConfigError(f"{self.method}: offload must be None, 'cpu' or 'disk', got {self.offload!r}")
+        if self.offload_select not in OFFLOAD_SELECTS:
+            raise ConfigError(f"{self.method}: offload_select must be one of {OFFLOAD_SELECTS}, "
+                              f"got {self.offload_select!r}")
+        if self.offload_dir is not None and not isinstance(self.offload_dir, str):
+            raise ConfigError(f"{self.method}: offload_dir must be a path string, got {self.offload_dir!r}")
+        if self.offload_dir is not None and self.offload != "disk":
+            raise ConfigError(f"{self.method}: offload_dir is only used with offload='disk' "
+                              f"(offload={self.offload!r})")
 
     def channels_for(self, head_dim: int) -> int:
         """r for a model with `head_dim`; raises ConfigError when r does not fit."""
