@@ -5,6 +5,7 @@ kernels under TRITON_INTERPRET=1 on CPU tensors).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -38,3 +39,11 @@ def select_path(device: torch.device | str) -> str:
     if device.type == "cpu":
         return "cpu"
     return "reference"
+
+
+def device_guard(x: torch.Tensor):
+    """`with device_guard(x):` around a Triton launch: `torch.cuda.device(x.device)` for a CUDA tensor,
+    so a kernel for a layer on cuda:1 launches on cuda:1 and not on the current device (Triton
+    launches on the current device; flash-attention's rule), and a no-op for a CPU tensor (the
+    Triton interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

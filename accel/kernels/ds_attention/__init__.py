@@ -1,9 +1,15 @@
-"""Double Sparsity decode attention: label scoring, top-k selection (sink + recent always kept) and
-exact attention over the selected K/V.
+"""Double Sparsity attention: label scoring, top-k selection (sink + recent always kept) and exact
+attention over the selected K/V. Every DS formula lives in this folder; `accel.patches` calls it.
 
-`ds_decode_attention` is the entry point (API shared with the runtime: /work/helpers/ds-kernel-api.md);
-it validates its inputs and dispatches to the Triton kernel (CUDA), the fast CPU path, or the
-torch reference (`reference.py`, the spec) via `accel.kernels.dispatch.select_path`.
+Ops (shapes in reference.py):
+- `ds_decode_attention`: one decode step; validates its inputs and dispatches to the Triton kernel
+  (CUDA), the fast CPU path, or the torch reference (`reference.py`, the spec) via
+  `accel.kernels.dispatch.select_path`.
+- `ds_select`: the selection alone (the offloaded cache fetches only what it selects).
+- `ds_attend_rows`: exact attention over K/V rows already gathered (the offloaded cache's fetch).
+- `ds_causal_attention` (causal.py): evaluation mode, the selection applied to every query row of a
+  forward without a cache; `ds_causal_attention_reference` is its spec.
+- `gather_labels`: the label cache of a key tensor.
 """
 from __future__ import annotations
 
@@ -11,12 +17,13 @@ import torch
 
 from accel.kernels import dispatch
 
-from .reference import (dense_decode_reference, ds_attend_reference, ds_decode_attention_reference,
-                        ds_select_reference, forced_budget, label_scores_reference)
+from .causal import ds_causal_attention, ds_causal_attention_reference
+from .reference import (dense_decode_reference, ds_attend_reference, ds_attend_rows, ds_select_reference,
+                        forced_budget, gather_labels, label_scores_reference)
 
-__all__ = ["ds_decode_attention", "ds_select", "ds_select_reference", "ds_attend_reference",
-           "ds_decode_attention_reference", "dense_decode_reference", "label_scores_reference",
-           "forced_budget", "validate_inputs"]
+__all__ = ["ds_decode_attention", "ds_select", "ds_select_reference", "ds_attend_reference", "ds_attend_rows",
+           "ds_causal_attention", "ds_causal_attention_reference", "dense_decode_reference", "gather_labels",
+           "label_scores_reference", "forced_budget", "validate_inputs"]
 
 GROUP_REDUCES = ("max", "sum")
 

@@ -149,13 +149,6 @@ def ds_attend_cpu(q, k, v, idx, scaling: float | None = None, key_mask=None) -> 
     return out.reshape(B, H, 1, D).to(q.dtype)
 
 
-def ds_decode_attention_cpu(q, k, v, labels, channels, budget: int, sink: int = 4, recent: int = 64,
-                            scaling=None, group_reduce: str = "max", key_mask=None) -> torch.Tensor:
-    key_mask = drop_trivial_mask(key_mask)
-    idx = ds_select_cpu(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
-    return ds_attend_cpu(q, k, v, idx, scaling, key_mask)
-
-
 def dense_decode_cpu(q, k, v, scaling=None) -> torch.Tensor:
     """Best dense decode on CPU: grouped matmul + softmax (no repeat_kv). out [B, H, 1, D]."""
     B, H, _, D = q.shape

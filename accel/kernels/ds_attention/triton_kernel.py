@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from accel.kernels.dispatch import device_guard
+
 from .reference import forced_budget, valid_rank
 
 # A tl.constexpr: compiled Triton (unlike the interpreter) refuses plain Python globals in @jit code.
@@ -189,11 +191,12 @@ def ds_select_triton(q, labels, channels, budget: int, sink: int = 4, recent: in
         srb = srt = 0
     block_t = block_t or min(1024 if _interpreting() else 256, _pow2(T))
     grid = (B * KVH, triton.cdiv(T, block_t))
-    _label_score_kernel[grid](
-        q, labels, channels, rank, n_valid, key, T, KVH, sink_e, recent_e,
-        q.stride(0), q.stride(1), q.stride(3), *labels.stride(), *channels.stride(), srb, srt, *key.stride(),
-        G=G, BLOCK_G=_pow2(G), R=r, BLOCK_T=block_t,
-        REDUCE_MAX=group_reduce == "max", HAS_MASK=key_mask is not None)
+    with device_guard(q):
+        _label_score_kernel[grid](
+            q, labels, channels, rank, n_valid, key, T, KVH, sink_e, recent_e,
+            q.stride(0), q.stride(1), q.stride(3), *labels.stride(), *channels.stride(), srb, srt, *key.stride(),
+            G=G, BLOCK_G=_pow2(G), R=r, BLOCK_T=block_t,
+            REDUCE_MAX=group_reduce == "max", HAS_MASK=key_mask is not None)
     return torch.topk(key, min(budget, T), dim=-1, sorted=False).indices
 
 
@@ -222,20 +225,16 @@ def ds_attend_triton(q, k, v, idx, scaling: float | None = None, key_mask=None, 
         smb, smt = km.stride()
     else:
         km, smb, smt = idx, 0, 0
-    _attend_split_kernel[(B * KVH, n_splits)](
-        q, k, v, idx, km, part_acc, part_m, part_l, n, KVH, n_splits, scaling,
-        q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *idx.stride(), smb, smt,
-        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, SPLIT=split,
-        HAS_MASK=key_mask is not None, USE_DOT=use_dot)
+    with device_guard(q):
+        _attend_split_kernel[(B * KVH, n_splits)](
+            q, k, v, idx, km, part_acc, part_m, part_l, n, KVH, n_splits, scaling,
+            q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *idx.stride(), smb, smt,
+            G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, SPLIT=split,
+            HAS_MASK=key_mask is not None, USE_DOT=use_dot)
     if out is None:
         out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
-    _split_reduce_kernel[(B * H,)](
-        part_acc, part_m, part_l, out, n_splits, H, out.stride(0), out.stride(1), out.stride(3),
-        D=D, BLOCK_D=BLOCK_D, BLOCK_S=_pow2(n_splits))
+    with device_guard(q):
+        _split_reduce_kernel[(B * H,)](
+            part_acc, part_m, part_l, out, n_splits, H, out.stride(0), out.stride(1), out.stride(3),
+            D=D, BLOCK_D=BLOCK_D, BLOCK_S=_pow2(n_splits))
     return out
-
-
-def ds_decode_attention_triton(q, k, v, labels, channels, budget: int, sink: int = 4, recent: int = 64,
-                               scaling=None, group_reduce: str = "max", key_mask=None) -> torch.Tensor:
-    idx = ds_select_triton(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
-    return ds_attend_triton(q, k, v, idx, scaling, key_mask)

@@ -8,7 +8,7 @@
 
 `torch.ops.aten._weight_int4pack_mm_for_cpu` (bf16 activations) computes
 `x @ ((q - 8) * s + z')^T` with per-(K-group, N) scale/zero, K-group in {32, 64, 128, 256}.
-Measured on this VM (research/triton_cpu.md and our bench): it is torch's fastest CPU GEMV for
+Measured on the 2-vCPU dev VM (eval/bench_gqsa.py): it is torch's fastest CPU GEMV for
 int4 weights, and group sparsity only pays when the pruned K-groups are *compacted away*. So, for
 4-bit weights only:
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from accel.kernels.dispatch import device_guard
+
 from .format import GQSAWeight
 
 
@@ -146,9 +148,10 @@ def gqsa_linear_triton(x: torch.Tensor, w: GQSAWeight, bias: torch.Tensor | None
     part = torch.empty(splits, M, N, device=dev, dtype=torch.float32)
     grid = (n_blocks, splits, triton.cdiv(M, block_m))
     kern = _gqsa_gemv_kernel if kind == "gemv" else _gqsa_gemm_kernel
-    kern[grid](x2, q, cols, s, z, part, M, N, k, x2.stride(0), q.stride(0), cols.stride(0),
-               part.stride(1), part.stride(0), G=g, BITS=w.bits, GROUPS_PER_TASK=gpt,
-               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g)
+    with device_guard(x2):
+        kern[grid](x2, q, cols, s, z, part, M, N, k, x2.stride(0), q.stride(0), cols.stride(0),
+                   part.stride(1), part.stride(0), G=g, BITS=w.bits, GROUPS_PER_TASK=gpt,
+                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g)
     y = part.sum(0)
     if bias is not None:
         y = y + bias.to(y)

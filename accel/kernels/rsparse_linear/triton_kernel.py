@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from accel.kernels.dispatch import device_guard
+
 
 @triton.jit
 def _lowrank_down(x_ptr, scale_ptr, down_ptr, z_ptr, thr, IN, R, K_PER,
@@ -106,17 +108,19 @@ def rsparse_linear_triton(x: torch.Tensor, weight_t: torch.Tensor, scale: torch.
     if R > 0:
         down, up = down.contiguous(), up.contiguous()
         z_part = torch.empty(ks, B, R, device=x.device, dtype=torch.float32)
-        _lowrank_down[(triton.cdiv(R, block_r), B, ks)](x2, scale, down, z_part, thr, n_in, R, k_per,
-                                                        x2.stride(0), down.stride(0), z_part.stride(0),
-                                                        z_part.stride(1), BLOCK_R=block_r, BLOCK_K=block_k)
+        with device_guard(x2):
+            _lowrank_down[(triton.cdiv(R, block_r), B, ks)](x2, scale, down, z_part, thr, n_in, R, k_per,
+                                                            x2.stride(0), down.stride(0), z_part.stride(0),
+                                                            z_part.stride(1), BLOCK_R=block_r, BLOCK_K=block_k)
         z = z_part.sum(0) if ks > 1 else z_part[0]
     else:
         z = up = y_part  # placeholders, never read (HAS_LR=False)
     b_ptr = bias.contiguous() if bias is not None else y_part
-    _sparse_gemv_up[(n_blocks, B, ks)](
-        x2, scale, weight_t, up, z, b_ptr, y_part, thr, n_in, n_out, R, k_per,
-        x2.stride(0), weight_t.stride(0), up.stride(0) if R > 0 else 0, z.stride(0) if R > 0 else 0,
-        y_part.stride(0), y_part.stride(1),
-        HAS_LR=R > 0, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r)
+    with device_guard(x2):
+        _sparse_gemv_up[(n_blocks, B, ks)](
+            x2, scale, weight_t, up, z, b_ptr, y_part, thr, n_in, n_out, R, k_per,
+            x2.stride(0), weight_t.stride(0), up.stride(0) if R > 0 else 0, z.stride(0) if R > 0 else 0,
+            y_part.stride(0), y_part.stride(1),
+            HAS_LR=R > 0, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r)
     y = y_part.sum(0) if ks > 1 else y_part[0]
     return y.to(x.dtype).view(*lead, n_out)
