@@ -2,15 +2,18 @@
 
     import accel
     model, tok = accel.models.load("smollm2-135m")
-    accel.patch(model, "artifact_dir")      # or model.patch(...), or `with accel.patched(...)`
+    accel.patch(model, "artifact_dir")      # or `with accel.patched(...)`
     print(accel.report(model))
     accel.unpatch(model)
-"""
-__version__ = "0.1.0"
 
+Importing accel changes nothing in transformers. `accel.install_model_methods()` adds
+`model.patch(...)` / `model.unpatch()` to every PreTrainedModel, for those who want them.
+"""
 import logging as _logging
 
-from . import configs, models  # noqa: F401
+from ._version import __version__  # noqa: F401
+
+from . import calibrate, configs, models  # noqa: F401  (calibrate: the callable package, lazy)
 from .artifact import Artifact, ArtifactError
 from .configs import ConfigError, IdentityConfig, MethodConfig
 from .errors import AccelError
@@ -30,9 +33,7 @@ from .patches import (  # noqa: E402
     unpatch,
 )
 
-install_model_methods()
-
 __all__ = [
-    "AccelError", "Artifact", "ArtifactError", "ConfigError", "IdentityConfig", "MethodConfig", "PatchConflictError", "Report",
-    "TargetError", "UnsupportedModelError", "is_patched", "models", "patch", "patched", "report", "unpatch",
+    "AccelError", "Artifact", "ArtifactError", "calibrate", "ConfigError", "IdentityConfig", "MethodConfig", "PatchConflictError", "Report",
+    "TargetError", "UnsupportedModelError", "install_model_methods", "is_patched", "models", "patch", "patched", "report", "unpatch",
 ]

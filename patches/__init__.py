@@ -1,4 +1,11 @@
-"""The only package that touches transformers: registries, cache layers and module swaps."""
+"""The runtime (`accel.patches`): the patch engine and its undo log (core.py), each method's applier,
+the attention handlers, cache layers and module swaps they install, and `accel.report`.
+
+Inside accel.patches, transformers is reached only through compat.py (every version check lives
+there). Other parts of accel use transformers too: models.py loads models, calibrate/ and eval/
+run them. Importing this package changes nothing in transformers: `install_model_methods()` is
+the explicit opt-in for `model.patch(...)`.
+"""
 from . import identity as _identity  # noqa: F401  (registers the identity method)
 from . import methods as _methods  # noqa: F401  (registers every built-in method's runtime)
 from .core import (
@@ -16,7 +23,10 @@ from .report import Report, report
 
 
 def install_model_methods() -> None:
-    """Add `model.patch(...)` / `model.unpatch()` to every PreTrainedModel."""
+    """Add `model.patch(...)` / `model.unpatch()` to every PreTrainedModel (idempotent).
+
+    Opt-in (`accel.install_model_methods()`), not done on import: adding methods to a class of
+    another library is a side effect a program should ask for, not get by importing accel."""
     from .compat import PreTrainedModel
 
     if getattr(PreTrainedModel, "_accel_methods", False):

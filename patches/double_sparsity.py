@@ -1,122 +1,21 @@
-"""Double Sparsity runtime: an attention handler per full-attention layer plus a label cache.
-
-- Decode steps (one query token, KV cache present, context >= min_context) attend to `budget`
-  tokens chosen by the r calibrated channels (`ds_decode_attention`), reading the labels from
-  the cache layer (`DSLabelLayer`), which each plain `DynamicLayer` is upgraded to on first use.
-- Prefill (several query tokens with a cache) is dense; the cache layer labels the prompt.
-- Scoring forwards (no cache: perplexity, lm-eval loglikelihood) apply the same selection
-  causally to every query row when `score_mode="sparse"`, so perplexity measures the sparsity.
-- The first `n_dense` layers and sliding-window layers (Gemma3) stay dense.
+"""Double Sparsity runtime: the applier. Every full-attention layer past the first `n_dense` gets a
+`DSAttention` handler (patches/ds_handler.py, on the `kv_press` base) with its calibrated channels;
+the first `n_dense` layers and sliding-window layers (Gemma3) stay dense. With `offload`, the
+handler is `OffloadDSAttention` and the cache layers move to a slow tier (patches/ds_offload.py).
+The math is in accel/kernels/ds_attention.
 """
 from __future__ import annotations
-
-import logging
 
 import torch
 
 from accel.artifact import ArtifactError
 from accel.configs.double_sparsity import DoubleSparsityConfig
-from accel.kernels.dispatch import select_path
 
 from . import compat
 from .core import PatchContext, register_method
-from .ds_cache import DSLabelLayer, fake_quantize_labels
-from .ds_offload import install_offload, offload_handler_class
-from .ds_select import allowed_from_mask, causal_select_attention, gather_labels
-
-log = logging.getLogger(__name__)
-
-
-def decode_attention_fn():
-    """`ds_decode_attention` from the kernels package, or the local torch spec when it is absent."""
-    try:
-        from accel.kernels.ds_attention import ds_decode_attention
-        return ds_decode_attention, True
-    except ImportError:
-        from .ds_select import ds_decode_attention_spec
-        return ds_decode_attention_spec, False
-
-
-def model_dims(model) -> dict:
-    tc = compat.text_config(model.config)
-    H = tc.num_attention_heads
-    D = getattr(tc, "head_dim", None) or tc.hidden_size // H
-    return {"layers": tc.num_hidden_layers, "heads": H, "kv_heads": getattr(tc, "num_key_value_heads", None) or H,
-            "head_dim": D}
-
-
-def is_sliding_layer(model, i: int, attn) -> bool:
-    types = getattr(compat.text_config(model.config), "layer_types", None)
-    if types is not None and i < len(types):
-        return types[i] == "sliding_attention"
-    return getattr(attn, "sliding_window", None) is not None
-
-
-class DSAttention:
-    """The attention handler of one sparse layer. channels: [KVH, r] int64."""
-
-    def __init__(self, cfg: DoubleSparsityConfig, channels: torch.Tensor, layer_idx: int, device):
-        self.cfg, self.channels, self.layer_idx = cfg, channels, layer_idx
-        self.decode_fn, from_kernels = decode_attention_fn()
-        self.kernel_path = f"ds-{select_path(device) if from_kernels else 'torch-spec'}"
-        self.counts = {"sparse_decode": 0, "dense_decode": 0, "sparse_score": 0, "dense": 0}
-
-    def _dense(self, module, query, key, value, attention_mask, **kwargs):
-        self.counts["dense"] += 1
-        return compat.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    def _labels(self, cache, key: torch.Tensor) -> torch.Tensor:
-        """The label cache for this layer, [B, KVH, T, r], kept in step with `key`."""
-        layers = getattr(cache, "layers", None)
-        layer = layers[self.layer_idx] if layers is not None and self.layer_idx < len(layers) else None
-        if layer is not None and type(layer) is compat.DynamicLayer:
-            layer = DSLabelLayer.from_layer(layer, self.channels.to(key.device), self.cfg.label_bits)
-            layers[self.layer_idx] = layer
-        if isinstance(layer, DSLabelLayer) and layer.keys is key:
-            if layer.label_length() != key.shape[2]:
-                # Someone changed the keys behind the cache layer's back: relabel everything.
-                layer.label_parts = layer._make_parts(key)
-            return layer.labels(key.dtype)
-        # A cache type without labels (static, quantized, offloaded): label on the fly.
-        log.debug("layer %d: cache layer %s has no label cache; gathering labels from K", self.layer_idx,
-                  type(layer).__name__)
-        return fake_quantize_labels(gather_labels(key, self.channels.to(key.device)), self.cfg.label_bits)
-
-    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        B, H, Tq, D = query.shape
-        Tk = key.shape[2]
-        cache = module.__dict__.get("_ds_cache")
-        cfg = self.cfg
-        if cache is not None:
-            labels = self._labels(cache, key)
-            if Tq != 1 or Tk < max(cfg.min_context, 1):
-                return self._dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-            key_mask = allowed_from_mask(attention_mask, B, 1, Tk, query.device)[:, 0]
-            out = self.decode_fn(query, key, value, labels, self.channels.to(query.device), cfg.budget_tokens(Tk),
-                                 sink=cfg.sink, recent=cfg.recent, scaling=scaling, group_reduce=cfg.group_reduce,
-                                 key_mask=key_mask)
-            self.counts["sparse_decode"] += 1
-            return out.transpose(1, 2).contiguous(), None
-        budget = cfg.budget_tokens(Tk)
-        if Tq > 1 and cfg.score_mode == "sparse" and budget < Tk:
-            labels = fake_quantize_labels(gather_labels(key, self.channels.to(key.device)), cfg.label_bits)
-            allowed = allowed_from_mask(attention_mask, B, Tq, Tk, query.device)
-            out = causal_select_attention(query, key, value, labels, self.channels.to(query.device), budget,
-                                          cfg.sink, cfg.recent, scaling if scaling is not None else D ** -0.5,
-                                          cfg.group_reduce, allowed)
-            self.counts["sparse_score"] += 1
-            return out.transpose(1, 2).contiguous(), None
-        return self._dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-
-
-def _stash_cache(module, args, kwargs):
-    # The attention forward receives the cache as a keyword; the handler needs it to find the
-    # label cache, and transformers does not pass it on to attention functions.
-    module.__dict__["_ds_cache"] = compat.cache_from_kwargs(kwargs)
-
-
-def _drop_cache(module, args, kwargs, output):
-    module.__dict__.pop("_ds_cache", None)
+from .ds_handler import DSAttention
+from .ds_offload import OffloadDSAttention, install_offload
+from .kv_press import install_press, is_sliding_layer, model_dims
 
 
 def check_channel_order(order, key: str, L: int, KVH: int, D: int, r: int) -> torch.Tensor:
@@ -157,24 +56,23 @@ def apply_double_sparsity(ctx: PatchContext, cfg: DoubleSparsityConfig, tensors:
                             f"(has {sorted(tensors)}); re-run `accel calibrate double-sparsity`")
     order = check_channel_order(tensors[key], key, L, KVH, D, r)
     device = next(model.parameters()).device
-    prefix = compat.SUPPORTED_MODEL_TYPES[compat.text_config(model.config).model_type]
     # Unquantized labels are stored in the KV dtype; quantized ones add an fp16 scale and offset.
     elt = next(model.parameters()).element_size()
     label_bytes = r * elt if cfg.label_bits >= 16 else r * cfg.label_bits // 8 + 4
     label_kind = "KV-dtype" if cfg.label_bits >= 16 else f"{cfg.label_bits}-bit"
-    handler_cls, sparse = (offload_handler_class() if cfg.offload else DSAttention), {}
-    for i, layer in enumerate(compat.decoder_layers(model)):
-        attn, name = layer.self_attn, f"{prefix}.{i}.self_attn"
-        if i < cfg.n_dense or is_sliding_layer(model, i, attn):
-            ctx.add_row(name, "attention", detail="dense (" + ("first n_dense" if i < cfg.n_dense else "sliding") + ")")
-            continue
-        channels = order[i, :, :r].to(device=device, dtype=torch.long).contiguous()
-        handler, sparse[i] = handler_cls(cfg, channels, i, device), channels
-        ctx.set_attention_handler(name, attn, handler,
-                                  detail=f"budget={cfg.budget:g} r={r}/{D} labels {label_kind} "
-                                         f"({label_bytes} B/token/head) sink={cfg.sink} recent={cfg.recent} "
-                                         f"reduce={cfg.group_reduce}")
-        ctx.add_hook(attn, _stash_cache, pre=True, name=name)
-        ctx.add_hook(attn, _drop_cache, pre=False, name=name)
+    handler_cls = OffloadDSAttention if cfg.offload else DSAttention
+
+    def skip(i, attn):
+        if i < cfg.n_dense:
+            return "first n_dense"
+        return "sliding" if is_sliding_layer(model, i, attn) else None
+
+    def make_handler(i, attn):
+        return handler_cls(cfg, order[i, :, :r].to(device=device, dtype=torch.long).contiguous(), i, device)
+
+    handlers = install_press(ctx, make_handler, skip=skip,
+                             detail=f"budget={cfg.budget:g} r={r}/{D} labels {label_kind} ({label_bytes} B/token/head) "
+                                    f"sink={cfg.sink} recent={cfg.recent} reduce={cfg.group_reduce}")
     if cfg.offload:
-        install_offload(ctx, cfg, model, sparse, lambda i: is_sliding_layer(model, i, compat.decoder_layers(model)[i].self_attn))
+        install_offload(ctx, cfg, model, {i: h.channels for i, h in handlers.items()},
+                        lambda i: is_sliding_layer(model, i, compat.decoder_layers(model)[i].self_attn))

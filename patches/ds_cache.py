@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from accel.kernels.ds_attention import gather_labels
+
 from .compat import DynamicLayer
-from .ds_select import gather_labels
 
 
 def quantize_labels(x: torch.Tensor, bits: int):

@@ -21,41 +21,17 @@ import logging
 import weakref
 
 import torch
-import torch.nn.functional as F
 
+from accel.kernels.ds_attention import ds_attend_rows, ds_select
 from accel.offload.store import OffloadError
 
 from . import compat
+from .ds_handler import DSAttention
 from .ds_offload_cache import OffloadedDSLayer, OffloadSession
-from .ds_select import allowed_from_mask
+from .kv_press import key_mask_from, layer_of
 
 log = logging.getLogger(__name__)
 FLUSH_TOKENS = 64
-
-
-def _ds_select():
-    try:
-        from accel.kernels.ds_attention import ds_select
-    except ImportError as e:  # pragma: no cover - the kernels ship with this package
-        raise ImportError("Double Sparsity offload needs accel.kernels.ds_attention") from e
-    return ds_select
-
-
-def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor, scaling) -> torch.Tensor:
-    """Exact attention over gathered tokens. q: [B, H, 1, D], k/v: [B, KVH, n, D], ok: [B, KVH, n]
-    -> [B, H, 1, D] in q.dtype (fp32 math; the G query heads of a group are its query rows)."""
-    B, H, _, D = q.shape
-    KVH = k.shape[1]
-    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qg = q[:, :, 0].reshape(B, KVH, H // KVH, D).to(cd)
-    out = F.scaled_dot_product_attention(qg, k.to(cd), v.to(cd), attn_mask=ok[:, :, None, :],
-                                         scale=D ** -0.5 if scaling is None else scaling)
-    return out.reshape(B, H, 1, D).to(q.dtype)
-
-
-def _key_mask(attention_mask, B: int, T: int, device) -> torch.Tensor | None:
-    m = allowed_from_mask(attention_mask, B, 1, T, device)[:, 0]
-    return None if bool(m.all()) else m
 
 
 def _hits(session: OffloadSession, pred: torch.Tensor, exact: torch.Tensor, T: int, forced: int) -> None:
@@ -84,70 +60,47 @@ def predict_query(attn, hidden: torch.Tensor, position_embeddings) -> torch.Tens
     return q * cos + _rotate_half(q) * sin
 
 
-def _layer_of(cache, i: int):
-    layers = getattr(cache, "layers", None)
-    return layers[i] if layers is not None and i < len(layers) else None
+class OffloadDSAttention(DSAttention):
+    """The DS handler for a layer whose cache is offloaded (an `OffloadedDSLayer`; any other cache
+    layer is served as in memory)."""
 
-
-def _make_dsattention_subclass():
-    from .double_sparsity import DSAttention
-
-    class OffloadDSAttention(DSAttention):
-        """The DS handler for a layer whose cache is offloaded."""
-
-        def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-            layer = _layer_of(module.__dict__.get("_ds_cache"), self.layer_idx)
-            if not isinstance(layer, OffloadedDSLayer):
-                return super().__call__(module, query, key, value, attention_mask, scaling=scaling,
-                                        dropout=dropout, **kwargs)
-            session, cfg = layer.session, self.cfg
-            session.check()
-            B, H, Tq, D = query.shape
-            T = layer.length
-            try:
-                if Tq != 1 or T < max(cfg.min_context, 1):
-                    layer.pending = None
-                    if Tq == 1:
-                        key, value = layer.read_all()
-                    out = self._dense(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-                else:
-                    out = (self._decode(layer, query, attention_mask, scaling).transpose(1, 2).contiguous(), None)
-                layer.settle()
-            except OffloadError as e:
-                session.fail(e)
-                raise
-            return out
-
-        def _decode(self, layer, query, attention_mask, scaling):
-            cfg, session = self.cfg, layer.session
-            B, T = query.shape[0], layer.length
-            key_mask = _key_mask(attention_mask, B, T, query.device)
-            budget = cfg.budget_tokens(T)
-            channels = self.channels.to(query.device)
-            exact = _ds_select()(query, layer.labels(query.dtype), channels, budget, cfg.sink, cfg.recent,
-                                 cfg.group_reduce, key_mask)
-            plan, layer.pending = layer.pending, None
-            if plan is not None and plan.get("T") == T:
-                _hits(session, plan["idx"], exact, T, min(budget, cfg.sink + cfg.recent))
+    def with_cache(self, module, query, key, value, attention_mask, layer, **kwargs):
+        if not isinstance(layer, OffloadedDSLayer):
+            return super().with_cache(module, query, key, value, attention_mask, layer, **kwargs)
+        session, cfg = layer.session, self.cfg
+        session.check()
+        Tq = query.shape[2]
+        try:
+            if Tq != 1 or layer.length < max(cfg.min_context, 1):
+                layer.pending = None
+                if Tq == 1:
+                    key, value = layer.read_all()
+                out = self.dense(module, query, key, value, attention_mask, **kwargs)
             else:
-                plan = layer.fetch_plan(exact, key_mask)
-            k, v, ok = layer.assemble(plan)
-            self.counts["sparse_decode"] += 1
-            return attend_rows(query, k, v, ok, scaling)
+                out = (self._decode(layer, query, attention_mask, kwargs.get("scaling")).transpose(1, 2).contiguous(),
+                       None)
+            layer.settle()
+        except OffloadError as e:
+            session.fail(e)
+            raise
+        return out
 
-    return OffloadDSAttention
-
-
-_HANDLER_CLASS = None
-
-
-def offload_handler_class():
-    """`OffloadDSAttention` (built lazily: patches/double_sparsity.py imports this module)."""
-    global _HANDLER_CLASS
-    if _HANDLER_CLASS is None:
-        _HANDLER_CLASS = _make_dsattention_subclass()
-    return _HANDLER_CLASS
+    def _decode(self, layer, query, attention_mask, scaling):
+        cfg, session = self.cfg, layer.session
+        B, T = query.shape[0], layer.length
+        key_mask = key_mask_from(attention_mask, B, T, query.device)
+        budget = cfg.budget_tokens(T)
+        channels = self.channels.to(query.device)
+        exact = ds_select(query, layer.labels(query.dtype), channels, budget, cfg.sink, cfg.recent,
+                          cfg.group_reduce, key_mask)
+        plan, layer.pending = layer.pending, None
+        if plan is not None and plan.get("T") == T:
+            _hits(session, plan["idx"], exact, T, min(budget, cfg.sink + cfg.recent))
+        else:
+            plan = layer.fetch_plan(exact, key_mask)
+        k, v, ok = layer.assemble(plan)
+        self.counts["sparse_decode"] += 1
+        return ds_attend_rows(query, k, v, ok, scaling)
 
 
 class OffloadReport:
@@ -199,10 +152,6 @@ def session_stats(s: OffloadSession) -> dict:
         "hit_rate": s.hits / s.hit_total if s.hit_total else None,
         "hits": s.hits, "hit_total": s.hit_total,
     }
-
-
-def cache_session(cache) -> OffloadSession | None:
-    return None if cache is None else cache.__dict__.get("_accel_offload")
 
 
 def _session_for(cache, cfg, device, report: OffloadReport) -> OffloadSession:
@@ -261,7 +210,7 @@ class _PredictHook:
 
     def __call__(self, module, args, kwargs):
         cfg = self.cfg
-        layer = _layer_of(compat.cache_from_kwargs(kwargs), self.j)
+        layer = layer_of(compat.cache_from_kwargs(kwargs), self.j)
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         pe = kwargs.get("position_embeddings")
         if not isinstance(layer, OffloadedDSLayer) or not layer.is_initialized or hidden is None or pe is None \
@@ -272,10 +221,10 @@ class _PredictHook:
             return
         with torch.no_grad():
             q = predict_query(self.target_attn, hidden, pe)
-            key_mask = _key_mask(kwargs.get("attention_mask"), q.shape[0], T, q.device)
+            key_mask = key_mask_from(kwargs.get("attention_mask"), q.shape[0], T, q.device)
             # Layer j has not appended this step's token yet: one zero label row stands in for it
             # (it is always kept as a recent token).
-            idx = _ds_select()(q, layer.labels(q.dtype, extra=1), self.channels.to(q.device), cfg.budget_tokens(T),
+            idx = ds_select(q, layer.labels(q.dtype, extra=1), self.channels.to(q.device), cfg.budget_tokens(T),
                                cfg.sink, cfg.recent, cfg.group_reduce, key_mask)
             plan = layer.fetch_plan(idx, key_mask)
         plan["T"] = T
@@ -285,7 +234,6 @@ class _PredictHook:
 def install_offload(ctx, cfg, model, sparse: dict[int, torch.Tensor], is_sliding) -> None:
     """Hook every full-attention layer: cache conversion, and with offload_select="predicted" the
     next layer's prediction. sparse: {layer index: channels [KVH, r]} of the DS layers."""
-    _ds_select()
     if cfg.offload == "disk":
         # Fail at patch time, not inside generate(), when the directory cannot take files.
         OffloadSession("disk", cfg.offload_dir).close()

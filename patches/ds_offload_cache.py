@@ -19,11 +19,11 @@ import weakref
 
 import torch
 
+from accel.kernels.ds_attention import gather_labels
 from accel.offload.store import DiskStore, HostStore, OffloadError
 
 from .compat import CacheLayerMixin
 from .ds_cache import dequantize_labels, quantize_labels
-from .ds_select import gather_labels
 
 
 def to_rows(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

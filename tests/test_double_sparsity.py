@@ -8,13 +8,13 @@ import torch.nn.functional as F
 import accel
 from accel.artifact import ArtifactError
 from accel.calibrate.double_sparsity import (
-    block_stats, calibrate_double_sparsity, channel_order, collect_stats, kv_head_scores, sglang_channel_config)
+    block_stats, calibrate_double_sparsity, channel_order, collect_stats, kv_head_scores)
 from accel.configs import ConfigError
 from accel.configs.double_sparsity import DoubleSparsityConfig
 from accel.patches import compat
 from accel.patches.ds_cache import DSLabelLayer, dequantize_labels, quantize_labels
-from accel.patches.ds_select import (
-    allowed_from_mask, causal_select_attention, ds_decode_attention_spec, gather_labels)
+from accel.kernels.ds_attention import ds_causal_attention, ds_decode_attention, gather_labels
+from accel.patches.kv_press import allowed_from_mask
 
 
 def _calibrated(model, cfg, n=3, L=48, seed=0):
@@ -99,7 +99,29 @@ def test_artifact_and_sglang_export(tmp_path):
         for row in rows:
             assert sorted(row) == list(range(16))
     assert doc["model.layers.0.self_attn.q_proj"][3][0] == int(t["scores_q"][0, 3].argmax())
-    assert doc == sglang_channel_config(t)
+
+
+def test_sglang_export_of_hand_built_scores(tmp_path):
+    """2 layers, 2 query heads, 1 KV head, head_dim 4: channels by descending score, ties to the
+    lower index; the expected JSON is written out by hand."""
+    from accel.artifact import Artifact
+    from accel.cli import main
+    scores = {
+        "scores_q": [[[0.1, 0.9, 0.5, 0.3], [2.0, 2.0, 1.0, 3.0]], [[1.0, 1.0, 1.0, 1.0], [-1.0, -2.0, 0.0, -3.0]]],
+        "scores_k": [[[0.0, -1.0, 5.0, 5.0]], [[0.5, 0.25, 0.75, 0.0]]],
+        "scores_qk": [[[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]], [[0.0, 9.0, 0.0, 8.0], [7.0, 0.0, 6.0, 0.0]]],
+    }
+    tensors = {f"double-sparsity/{k}": torch.tensor(v) for k, v in scores.items()}
+    Artifact(configs=[DoubleSparsityConfig(heavy_channels=2)], tensors=tensors).save(tmp_path / "a")
+    assert main(["export", "--format", "sglang-ds", str(tmp_path / "a"), "--output", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text()) == {
+        "model.layers.0.self_attn.q_proj": [[1, 2, 3, 0], [3, 0, 1, 2]],
+        "model.layers.0.self_attn.k_proj": [[2, 3, 0, 1]],
+        "model.layers.0.self_attn.qk_proj": [[0, 1, 2, 3], [3, 2, 1, 0]],
+        "model.layers.1.self_attn.q_proj": [[0, 1, 2, 3], [2, 0, 1, 3]],
+        "model.layers.1.self_attn.k_proj": [[2, 0, 1, 3]],
+        "model.layers.1.self_attn.qk_proj": [[1, 3, 0, 2], [0, 2, 1, 3]],
+    }
 
 
 # ---- label cache -----------------------------------------------------------------------------
@@ -157,13 +179,15 @@ def _brute_decode(q, k, v, ch, budget, sink, recent, reduce, scale):
     return out.unsqueeze(2)
 
 
+@pytest.mark.parametrize("path", ["reference", "cpu"])
 @pytest.mark.parametrize("reduce", ["max", "sum"])
 @pytest.mark.parametrize("T,budget", [(63, 16), (63, 80), (100, 30)], ids=["T63-b16", "T63-b80", "T100-b30"])
-def test_decode_spec_matches_brute_force(T, budget, reduce):
+def test_decode_spec_matches_brute_force(T, budget, reduce, path):
     torch.manual_seed(42)
     q, k, v = torch.randn(2, 6, 1, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
     ch = torch.tensor([[1, 4, 9], [0, 15, 7]])
-    got = ds_decode_attention_spec(q, k, v, gather_labels(k, ch), ch, budget, sink=3, recent=5, group_reduce=reduce)
+    got = ds_decode_attention(q, k, v, gather_labels(k, ch), ch, budget, sink=3, recent=5, group_reduce=reduce,
+                              path=path)
     exp = _brute_decode(q, k, v, ch, budget, 3, 5, reduce, 16 ** -0.5)
     torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
 
@@ -177,12 +201,15 @@ def test_decode_spec_left_padding_equals_unpadded():
     vp = torch.cat([torch.randn(1, 2, pad, 16), v], 2)
     mask = torch.ones(1, 40 + pad, dtype=torch.bool)
     mask[:, :pad] = False
-    a = ds_decode_attention_spec(q, k, v, gather_labels(k, ch), ch, 12, sink=2, recent=3)
-    b = ds_decode_attention_spec(q, kp, vp, gather_labels(kp, ch), ch, 12, sink=2, recent=3, key_mask=mask)
+    a = ds_decode_attention(q, k, v, gather_labels(k, ch), ch, 12, sink=2, recent=3, path="reference")
+    b = ds_decode_attention(q, kp, vp, gather_labels(kp, ch), ch, 12, sink=2, recent=3, key_mask=mask,
+                            path="reference")
     torch.testing.assert_close(a, b)
 
 
 def test_eval_mode_rows_equal_decode_steps():
+    """Evaluation mode (the causal op: row selection + masked SDPA) against decode steps of the
+    fast CPU decode path (its own selection and attention): two implementations of one rule."""
     torch.manual_seed(42)
     T = 63
     q, k, v = torch.randn(1, 4, T, 16), torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16)
@@ -190,11 +217,11 @@ def test_eval_mode_rows_equal_decode_steps():
     lab = gather_labels(k, ch)
     allowed = allowed_from_mask(None, 1, T, T, "cpu")
     # A small max_elems forces several row chunks.
-    out = causal_select_attention(q, k, v, lab, ch, 10, 2, 3, 0.25, "max", allowed, max_elems=4 * T * 7)
-    for i in (0, 5, 9, 10, 31, 62):
-        exp = ds_decode_attention_spec(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], lab[:, :, :i + 1], ch, 10,
-                                       sink=2, recent=3, scaling=0.25)
-        torch.testing.assert_close(out[:, :, i:i + 1], exp, atol=1e-6, rtol=1e-5)
+    out = ds_causal_attention(q, k, v, lab, ch, 10, 2, 3, 0.25, "max", allowed, max_elems=4 * T * 7)
+    for i in range(T):
+        exp = ds_decode_attention(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], lab[:, :, :i + 1], ch, 10,
+                                  sink=2, recent=3, scaling=0.25, path="cpu")
+        torch.testing.assert_close(out[:, :, i:i + 1], exp, atol=1e-6, rtol=1e-5, msg=f"row {i}")
 
 
 # ---- runtime on five architectures ---------------------------------------------------------------

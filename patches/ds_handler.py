@@ -1,0 +1,81 @@
+"""The Double Sparsity attention handler of one sparse layer (a `kv_press.PressHandler`).
+
+- Decode steps (one query token, a KV cache, context >= min_context) attend to `budget` tokens
+  chosen by the r calibrated channels (`accel.kernels.ds_attention.ds_decode_attention`), reading
+  the labels from the cache layer (`DSLabelLayer`, which each plain `DynamicLayer` is upgraded to
+  on first use).
+- Prefill (several query tokens with a cache) is dense; the cache layer labels the prompt.
+- Scoring forwards (no cache: perplexity, lm-eval loglikelihood) apply the same selection causally
+  to every query row when `score_mode="sparse"` (`ds_causal_attention`), so perplexity measures
+  the sparsity.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from accel.configs.double_sparsity import DoubleSparsityConfig
+from accel.kernels.dispatch import select_path
+from accel.kernels.ds_attention import ds_causal_attention, ds_decode_attention, gather_labels
+
+from .ds_cache import DSLabelLayer, fake_quantize_labels
+from .kv_press import PressHandler, allowed_from_mask
+
+log = logging.getLogger(__name__)
+
+
+class DSAttention(PressHandler):
+    """The attention handler of one sparse layer. channels: [KVH, r] int64."""
+
+    def __init__(self, cfg: DoubleSparsityConfig, channels: torch.Tensor, layer_idx: int, device):
+        super().__init__(layer_idx)
+        self.cfg, self.channels = cfg, channels
+        self.kernel_path = f"ds-{select_path(device)}"
+        self.counts.update(sparse_decode=0, dense_decode=0, sparse_score=0)
+
+    def upgrade_layer(self, layer):
+        keys = getattr(layer, "keys", None)
+        device = keys.device if isinstance(keys, torch.Tensor) else self.channels.device
+        return DSLabelLayer.from_layer(layer, self.channels.to(device), self.cfg.label_bits)
+
+    def _labels(self, layer, key: torch.Tensor) -> torch.Tensor:
+        """The label cache for this layer, [B, KVH, T, r], kept in step with `key`."""
+        if isinstance(layer, DSLabelLayer) and layer.keys is key:
+            if layer.label_length() != key.shape[2]:
+                # Someone changed the keys behind the cache layer's back: relabel everything.
+                layer.label_parts = layer._make_parts(key)
+            return layer.labels(key.dtype)
+        # A cache type without labels (static, quantized, offloaded): label on the fly.
+        log.debug("layer %d: cache layer %s has no label cache; gathering labels from K", self.layer_idx,
+                  type(layer).__name__)
+        return fake_quantize_labels(gather_labels(key, self.channels.to(key.device)), self.cfg.label_bits)
+
+    def with_cache(self, module, query, key, value, attention_mask, layer, **kwargs):
+        B, H, Tq, D = query.shape
+        Tk = key.shape[2]
+        cfg = self.cfg
+        if Tq != 1 or Tk < max(cfg.min_context, 1):
+            return self.dense(module, query, key, value, attention_mask, **kwargs)
+        labels = self._labels(layer, key)
+        key_mask = allowed_from_mask(attention_mask, B, 1, Tk, query.device)[:, 0]
+        out = ds_decode_attention(query, key, value, labels, self.channels.to(query.device), cfg.budget_tokens(Tk),
+                                  sink=cfg.sink, recent=cfg.recent, scaling=kwargs.get("scaling"),
+                                  group_reduce=cfg.group_reduce, key_mask=key_mask)
+        self.counts["sparse_decode"] += 1
+        return out.transpose(1, 2).contiguous(), None
+
+    def without_cache(self, module, query, key, value, attention_mask, **kwargs):
+        B, H, Tq, D = query.shape
+        Tk = key.shape[2]
+        cfg = self.cfg
+        budget = cfg.budget_tokens(Tk)
+        if Tq == 1 or cfg.score_mode != "sparse" or budget >= Tk:
+            return self.dense(module, query, key, value, attention_mask, **kwargs)
+        channels = self.channels.to(key.device)
+        labels = fake_quantize_labels(gather_labels(key, channels), cfg.label_bits)
+        allowed = allowed_from_mask(attention_mask, B, Tq, Tk, query.device)
+        out = ds_causal_attention(query, key, value, labels, channels, budget, cfg.sink, cfg.recent,
+                                  kwargs.get("scaling"), cfg.group_reduce, allowed)
+        self.counts["sparse_score"] += 1
+        return out.transpose(1, 2).contiguous(), None
