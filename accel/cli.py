@@ -1,8 +1,11 @@
 """The `accel` command line: thin argparse shims over typed library functions.
 
 Command groups: `calibrate <method>`, `eval <what>`, `bench <what>`, `export --format F`, `demo`.
-Each module listed in COMMAND_MODULES defines `register(cli: CLI)` and adds its subcommands, so
-method code never imports this file's internals and library code never sees argparse objects.
+COMMAND_MODULES below is the one list of command modules: each defines `register(cli: CLI)` and
+adds its subcommands (`cli.add(group, name)`, top-level ones with `cli.command(name)`,
+exporters with `cli.exporter(fmt)`), so method code never imports this file's internals and
+library code never sees argparse objects. Every `calibrate` subcommand takes the shared options
+of `add_calibration_args` (one spelling each; old spellings still work with a note on stderr).
 
 Exit codes: 0 success; 2 bad input, as one line `accel: error: <Class>: <message>` (an
 accel.errors.AccelError, or a ValueError/RuntimeError/OSError: library code raises those for
@@ -22,34 +25,71 @@ from typing import Any, Callable
 
 from accel.errors import AccelError
 
+# The one command registry. calibrate/<method>_cli.py: `calibrate <method>` (and the exporters of
+# that method's artifacts); eval/<method>_cli.py: its `eval` and `bench` commands.
 COMMAND_MODULES = [
-    "accel.eval.cli",
-    "accel.calibrate.cli",
-    "accel.eval.bench_ds_attention",
-    "accel.eval.gqsa_cli",
-    "accel.eval.bench_ds_offload",
+    "accel.eval.cli",               # eval ppl, demo
+    "accel.calibrate.ds_cli",       # calibrate double-sparsity, export sglang-ds
+    "accel.calibrate.prune_cli",    # calibrate wanda|magnitude|dsnot, export hf
+    "accel.calibrate.rsparse_cli",  # calibrate rsparse
+    "accel.calibrate.gqsa_cli",     # calibrate gqsa
+    "accel.eval.ds_cli",            # eval ds-sweep|ds-retrieval, bench ds-attention|ds-offload
+    "accel.eval.prune_cli",         # eval prune-sweep
+    "accel.eval.rsparse_cli",       # eval rsparse-sweep, bench rsparse-linear
+    "accel.eval.gqsa_cli",          # eval gqsa-sweep, bench gqsa-gemv
 ]
+
+DTYPES = ("float32", "bfloat16", "float16")
+GROUPS = {"calibrate": ("METHOD", "compute an artifact for a method (see `accel calibrate --help`)"),
+          "eval": ("WHAT", "perplexity, sweeps and retrieval evaluations"),
+          "bench": ("WHAT", "speed and memory benchmarks (ratios measured in one run)")}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (None and off flags say nothing); descriptions
+    and epilogs keep their line breaks (the export format list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        d = action.default
+        if ("%(default)" in help_ or "default" in help_.lower() or action.required or not action.option_strings
+                or d is None or d is False or d is argparse.SUPPRESS):
+            return help_
+        return f"{help_} (default: %(default)s)" if help_ else "(default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with accel's help formatter on every (sub)parser, and a help line for every option
+    (argparse prints nothing, not even the default, for an option without help)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and action.option_strings:
+            action.help = HelpFormatter._get_help_string(None, action) or None  # type: ignore[arg-type]
+        return action
 
 
 class CLI:
     def __init__(self) -> None:
-        self.parser = argparse.ArgumentParser(prog="accel", description="Post-training sparsity and "
-                                              "quantization for HuggingFace transformers.")
+        self.parser = Parser(prog="accel", description="Post-training sparsity and quantization for "
+                                                       "HuggingFace transformers.")
         self.parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         self.sub = self.parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
         self.groups: dict[str, argparse._SubParsersAction] = {}
-        helps = {"calibrate": "compute an artifact for a method (see `accel calibrate --help`)",
-                 "eval": "perplexity, sweeps and retrieval evaluations",
-                 "bench": "speed and memory benchmarks (ratios measured in one run)"}
-        for name, help_ in helps.items():
+        for name, (metavar, help_) in GROUPS.items():
             p = self.sub.add_parser(name, help=help_, description=help_)
-            self.groups[name] = p.add_subparsers(dest=f"{name}_command", required=True, metavar="METHOD"
-                                                 if name == "calibrate" else "WHAT")
+            self.groups[name] = p.add_subparsers(dest=f"{name}_command", required=True, metavar=metavar)
         self.exporters: dict[str, tuple[Callable[..., Any], str]] = {}
-        exp = self.sub.add_parser("export", help="write an artifact in another format")
-        exp.add_argument("--format", required=True, dest="export_format", help="output format")
+        self._export_parser = exp = self.sub.add_parser("export", help="write an artifact in another format",
+                                                        description="write an artifact in another format")
+        exp.add_argument("--format", required=True, dest="export_format", metavar="FORMAT",
+                         help="output format (listed below)")
         exp.add_argument("artifact", help="artifact directory")
-        exp.add_argument("--output", required=True, help="output file or directory")
+        exp.add_argument("--output", required=True, metavar="PATH", help="output file or directory")
         add_overwrite(exp)
         exp.add_argument("--model", default=None,
                          help="base model, for formats that need one (hf); checked against the artifact's "
@@ -57,14 +97,26 @@ class CLI:
         exp.set_defaults(func=self._export)
 
     def add(self, group: str, name: str, help: str) -> argparse.ArgumentParser:
+        """`accel <group> <name>`; group is one of GROUPS."""
         if group not in self.groups:
-            return self.sub.add_parser(name, help=help, description=help)
+            raise ValueError(f"unknown command group {group!r} for {name!r} (groups: {', '.join(self.groups)}; "
+                             f"a top-level command uses cli.command)")
         return self.groups[group].add_parser(name, help=help, description=help)
+
+    def command(self, name: str, help: str) -> argparse.ArgumentParser:
+        """A top-level command, `accel <name>` (like `demo`)."""
+        return self.sub.add_parser(name, help=help, description=help)
 
     def exporter(self, fmt: str, fn: Callable[..., Any], help: str) -> None:
         """Register `accel export --format fmt`: fn(artifact, output, model=None, overwrite=False)
         writes `output` and must call accel.artifact.check_output_path before writing anything."""
         self.exporters[fmt] = (fn, help)
+
+    def finish(self) -> None:
+        """After every module registered: `accel export --help` lists the formats."""
+        width = max((len(f) for f in self.exporters), default=0)
+        self._export_parser.epilog = "formats:\n" + "\n".join(
+            f"  {fmt.ljust(width)}  {help_}" for fmt, (_, help_) in sorted(self.exporters.items()))
 
     def _export(self, args) -> int:
         if args.export_format not in self.exporters:
@@ -76,10 +128,94 @@ class CLI:
         return 0
 
 
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: stores into the same dest and says the new spelling on stderr.
+    Hidden from help (the new option's help names it)."""
+
+    def __init__(self, option_strings, dest, canonical: str, **kwargs) -> None:
+        kwargs.update(default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+        self.canonical = canonical
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"accel: note: {option_string} is deprecated; use {self.canonical}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_option(p: argparse.ArgumentParser, name: str, *old: str, help: str = "", **kwargs) -> None:
+    """`name`, plus deprecated spellings `old` that keep working (with a note on stderr)."""
+    if old:
+        help = f"{help} (old spelling{'s' * (len(old) > 1)} {', '.join(old)} still work{'s' * (len(old) == 1)})"
+    action = p.add_argument(name, help=help.strip(), **kwargs)
+    if old:
+        p.add_argument(*old, dest=action.dest, action=DeprecatedAlias, canonical=name, type=kwargs.get("type"))
+
+
+def name_list(s: str) -> list[str]:
+    """`--targets`/`--ignore`: a comma list of module names, class names or `re:` regexes (the
+    matching of accel.patches.targets). A comma inside (), [] or {} is part of a regex."""
+    items, depth, cur = [], 0, ""
+    for ch in s:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth <= 0:
+            items.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur.strip())
+    items = [i for i in items if i]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma list of names or re:regexes, got {s!r}")
+    return items
+
+
 def add_overwrite(p: argparse.ArgumentParser) -> None:
     """The --overwrite flag of every command that takes --output."""
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing accel output at --output (never anything accel did not write)")
+
+
+def add_calibration_args(p: argparse.ArgumentParser, method: str, *, linears: bool = True,
+                         checkpoints: bool = True) -> None:
+    """The options every `accel calibrate <method>` shares, one spelling each (llm-compressor's
+    where it has one). Defaults: the library's (`accel.calibrate.registry.default_spec(method)`:
+    accel.data.CalibrationSpec and the method's measured departures), so the CLI cannot drift.
+    linears: the method replaces linears, so it takes --targets/--ignore (into its config's
+    `targets`/`ignore`). checkpoints: the method checkpoints per layer (--checkpoint-dir)."""
+    from accel.calibrate.registry import default_spec
+
+    spec = default_spec(method)
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), a hub name or a local dir")
+    p.add_argument("--output", required=True, metavar="DIR", help="artifact directory to write")
+    add_overwrite(p)
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype the model is loaded in")
+    p.add_argument("--source", default=spec.source, help="calibration text: wiki (offline) or "
+                                                         "wikitext2/c4/pileval (online)")
+    add_option(p, "--num-calibration-samples", "--n-samples", "--samples", type=int, default=spec.n_samples,
+               metavar="N", help="calibration windows")
+    add_option(p, "--max-seq-length", "--seq-len", type=int, default=spec.seq_len, metavar="TOKENS",
+               help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=spec.seed, help="seed of the calibration sample draw")
+    if linears:
+        p.add_argument("--targets", type=name_list, default=None, metavar="LIST",
+                       help="linears to change: comma list of module names, class names or re:regexes "
+                            "(default: every linear in the decoder layers)")
+        p.add_argument("--ignore", type=name_list, default=[], metavar="LIST",
+                       help="linears to leave dense: comma list of module names, class names or re:regexes")
+    if checkpoints:
+        p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                       help="per-layer checkpoints; rerun the same command to resume (default OUTPUT.partial, "
+                            "removed after success)")
+    p.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
+
+
+def calibration_spec(args):
+    """The accel.data.CalibrationSpec of a calibrate command's arguments."""
+    from accel.data import CalibrationSpec
+
+    return CalibrationSpec(source=args.source, n_samples=args.num_calibration_samples,
+                           seq_len=args.max_seq_length, seed=args.seed)
 
 
 def check_output(args, kind: str = "artifact") -> None:
@@ -101,6 +237,7 @@ def build() -> CLI:
     cli = CLI()
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).register(cli)
+    cli.finish()
     return cli
 
 

@@ -8,43 +8,50 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def run_calibration(model_name: str, output: str, channel_type: str = "qk", heavy_channels: int | None = None,
-                    n_samples: int = 32, seq_len: int = 512, seed: int = 0, source: str = "wiki",
-                    dtype: str = "float32", budget: float = 1 / 16, progress: bool = True,
-                    overwrite: bool = False) -> dict:
-    """Calibrate, save the artifact to `output` and the SGLang JSON beside it; returns a summary.
-    Both outputs are checked (accel.artifact.check_output_path) before the model is loaded."""
+def run_calibration(model_name: str, output: str, config=None, spec=None, dtype: str = "float32",
+                    progress: bool = True, overwrite: bool = False) -> dict:
+    """Calibrate `config` (a DoubleSparsityConfig) on `spec` (accel.data.CalibrationSpec), save the
+    artifact to `output` and the SGLang JSON beside it; returns a summary. Both outputs are checked
+    (accel.artifact.check_output_path) before the model is loaded."""
     import accel
     from accel.artifact import check_output_path
     from accel.configs.double_sparsity import DoubleSparsityConfig
+    from .api import _calibrate  # accel.calibrate, with its before-save hook
+    from .double_sparsity import SGLANG_JSON, write_sglang_json
+    from .registry import default_spec
 
-    from .double_sparsity import SGLANG_JSON, calibrate_double_sparsity, write_sglang_json
-
+    cfg = config or DoubleSparsityConfig()
+    spec = spec or default_spec(cfg.method)
     json_out = Path(str(output).rstrip("/") + "." + SGLANG_JSON)
     check_output_path(output, overwrite, "artifact")
     check_output_path(json_out, overwrite, "file")
-    cfg = DoubleSparsityConfig(channel_type=channel_type, heavy_channels=heavy_channels, budget=budget)
     t0 = time.perf_counter()
     model, tok = accel.models.load(model_name, dtype=dtype)
-    art = calibrate_double_sparsity(model, tok, cfg, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                                    source=source, progress=progress)
-    # The JSON first: the artifact check re-runs in save(), and a refused JSON leaves no artifact.
-    check_output_path(json_out, overwrite, "file")
-    path = art.save(output, overwrite=overwrite)
+    # The JSON is checked again just before the artifact is saved: a refused JSON leaves no artifact.
+    # No checkpoints: the calibration is one plain forward, nothing to resume.
+    art = _calibrate(model, cfg, spec, output, tokenizer=tok, overwrite=overwrite, progress=progress,
+                     checkpoint_dir=False, before_save=lambda art, x: check_output_path(json_out, overwrite, "file"))
+    path = art.path
     # Beside the artifact directory, not inside it: the artifact's file list is checksummed.
     json_path = write_sglang_json(art.tensors_for(cfg.method), json_out)
-    return {"artifact": str(path), "sglang_json": str(json_path), "channel_type": channel_type,
+    return {"artifact": str(path), "sglang_json": str(json_path), "channel_type": cfg.channel_type,
             "heavy_channels": cfg.channels_for(model.config.head_dim if getattr(model.config, "head_dim", None)
                                                else model.config.hidden_size // model.config.num_attention_heads),
             "tokens": art.calibration["tokens"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _cmd_calibrate(args) -> int:
-    from accel.cli import emit
+def config_from_args(args):
+    from accel.configs.double_sparsity import DoubleSparsityConfig
 
-    r = run_calibration(args.model, args.output, args.channel_type, args.heavy_channels, args.n_samples,
-                        args.seq_len, args.seed, args.source, args.dtype, args.budget, progress=not args.json,
-                        overwrite=args.overwrite)
+    return DoubleSparsityConfig(channel_type=args.channel_type, heavy_channels=args.heavy_channels,
+                                budget=args.budget)
+
+
+def _cmd_calibrate(args) -> int:
+    from accel.cli import calibration_spec, emit
+
+    r = run_calibration(args.model, args.output, config_from_args(args), calibration_spec(args), args.dtype,
+                        progress=not args.json, overwrite=args.overwrite)
     emit(r, args.json, f"wrote {r['artifact']} ({r['channel_type']} channels, r={r['heavy_channels']}, "
                        f"{r['tokens']} calibration tokens, {r['seconds']}s)\nwrote {r['sglang_json']}")
     return 0
@@ -73,21 +80,14 @@ def _export_sglang(artifact: str, output: str, model: str | None = None, overwri
 
 
 def register(cli) -> None:
-    from accel.cli import add_overwrite
+    from accel.cli import add_calibration_args
 
     p = cli.add("calibrate", "double-sparsity", "rank key channels per KV head for Double Sparsity")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--output", required=True, help="artifact directory to write")
-    add_overwrite(p)
+    # Attention only (no --targets/--ignore); one statistics pass, nothing to checkpoint.
+    add_calibration_args(p, "double-sparsity", linears=False, checkpoints=False)
     p.add_argument("--channel-type", default="qk", choices=["q", "k", "qk"])
     p.add_argument("--heavy-channels", type=int, default=None, help="r label channels (default head_dim/8)")
     p.add_argument("--budget", type=_budget, default=1 / 16,
                    help="runtime token budget stored in the config: fraction like 1/16, or a token count")
-    p.add_argument("--n-samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", default="wiki")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_calibrate)
+    p.set_defaults(func=_cmd_calibrate, make_config=config_from_args)
     cli.exporter("sglang-ds", _export_sglang, "SGLang --ds-channel-config-path JSON from a double-sparsity artifact")

@@ -1,28 +1,32 @@
-"""`accel calibrate gqsa`: thin shim over `accel.calibrate.gqsa.calibrate_gqsa`."""
+"""`accel calibrate gqsa`: a GQSAConfig from the arguments, through `accel.calibrate`."""
 from __future__ import annotations
+
+
+def config_from_args(args):
+    from accel.configs.gqsa import GQSAConfig
+
+    return GQSAConfig(bits=args.bits, sparsity=args.sparsity, group_size=args.group_size,
+                      tile_rows=args.tile_rows, init=args.init, allocation=args.allocation,
+                      owl_lambda=args.owl_lambda, bqpo_steps=args.bqpo_steps, bqpo_lr=args.bqpo_lr,
+                      bqpo_batch=args.bqpo_batch, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr,
+                      targets=args.targets, ignore=args.ignore)
 
 
 def _cmd(args) -> int:
     import torch
 
     import accel
-    from accel.cli import check_output, emit
-    from accel.configs.gqsa import GQSAConfig
-    from accel.data import CalibrationSpec
-
-    from .gqsa import calibrate_gqsa
+    from accel.cli import calibration_spec, check_output, emit
 
     check_output(args)  # before hours of calibration, not after
+    cfg = config_from_args(args)  # a bad value fails here, before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = GQSAConfig(bits=args.bits, sparsity=args.sparsity, group_size=args.group_size,
-                     tile_rows=args.tile_rows, init=args.init, allocation=args.allocation,
-                     owl_lambda=args.owl_lambda, bqpo_steps=args.bqpo_steps, bqpo_lr=args.bqpo_lr,
-                     bqpo_batch=args.bqpo_batch, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr)
-    spec = CalibrationSpec(source=args.source, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    model, tok = accel.models.load(args.model)
-    art = calibrate_gqsa(model, tok, cfg, spec, checkpoint_dir=args.checkpoint_dir, progress=not args.json)
-    path = art.save(args.output, overwrite=args.overwrite)
+    model, tok = accel.models.load(args.model, dtype=args.dtype)
+    # Checkpoints in --checkpoint-dir (default OUTPUT.partial), removed after success.
+    art = accel.calibrate(model, cfg, calibration_spec(args), args.output, tokenizer=tok,
+                          checkpoint_dir=args.checkpoint_dir, overwrite=args.overwrite, progress=not args.json)
+    path = art.path
     c = art.calibration
     emit({"output": str(path), "config": cfg.to_dict(), **{k: c[k] for k in ("stage1_seconds", "stage2_seconds")}},
          args.json, f"wrote {path} (stage 1 {c['stage1_seconds']}s, stage 2 {c['stage2_seconds']}s)")
@@ -30,10 +34,10 @@ def _cmd(args) -> int:
 
 
 def register(cli) -> None:
-    from accel.cli import add_overwrite
+    from accel.cli import add_calibration_args
 
     p = cli.add("calibrate", "gqsa", "GQSA: group-sparse int-N weights, BQPO (+ optional E2E-OQP)")
-    p.add_argument("--model", default="smollm2-135m")
+    add_calibration_args(p, "gqsa")
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of groups pruned per row, [0, 1)")
     p.add_argument("--group-size", type=int, default=16, help="input channels per group (divides in_features)")
@@ -45,17 +49,9 @@ def register(cli) -> None:
                    help="layer sparsities: owl = spread by outlier ratio (same mean); uniform = all at --sparsity")
     p.add_argument("--owl-lambda", type=float, default=0.25, help="OWL spread: layer sparsity within ±lambda")
     p.add_argument("--bqpo-steps", type=int, default=8, help="stage-1 Adam steps per decoder block")
-    p.add_argument("--bqpo-lr", type=float, default=3e-4)
+    p.add_argument("--bqpo-lr", type=float, default=3e-4, help="stage-1 Adam learning rate")
     p.add_argument("--bqpo-batch", type=int, default=2, help="calibration samples per BQPO step")
     p.add_argument("--e2e-steps", type=int, default=0, help="stage-2 (E2E-OQP) steps; 0 = stage 1 only")
-    p.add_argument("--e2e-lr", type=float, default=2e-5)
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", default="wiki")
-    p.add_argument("--checkpoint-dir", default=None, help="per-layer checkpoints; rerun to resume")
+    p.add_argument("--e2e-lr", type=float, default=2e-5, help="stage-2 learning rate")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    p.add_argument("--output", required=True)
-    add_overwrite(p)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd)
+    p.set_defaults(func=_cmd, make_config=config_from_args)

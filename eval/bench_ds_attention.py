@@ -284,28 +284,3 @@ def format_table(res: dict) -> str:
                              f"(greedy tokens equal to dense: {e[f'{n}_greedy_agreement']:.0%})")
     lines.append(f"load average at start/end: {res['load_avg_start_end'][0]:.1f} / {res['load_avg_start_end'][1]:.1f}")
     return "\n".join(lines)
-
-
-def _cmd(args) -> int:
-    from accel.cli import emit
-
-    res = run_bench(contexts=tuple(args.contexts), dtypes=tuple(args.dtypes), fraction=1 / args.inv_fraction,
-                    rounds=args.rounds, e2e_context=args.e2e_context, e2e_tokens=args.e2e_tokens,
-                    e2e=not args.no_e2e, threads=args.threads)
-    emit(res, args.json, format_table(res))
-    return 0
-
-
-def register(cli) -> None:
-    p = cli.add("bench", "ds-attention", "Double Sparsity CPU decode attention and SmolLM2 decode speed vs dense")
-    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
-                   help="first one is used for speedup_8k/32k and the end-to-end run")
-    p.add_argument("--inv-fraction", type=int, default=16, help="budget = T / this (default 16)")
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--e2e-context", type=int, default=4096)
-    p.add_argument("--e2e-tokens", type=int, default=16)
-    p.add_argument("--no-e2e", action="store_true", help="skip the SmolLM2 end-to-end run")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: ratios on a shared VM)")
-    p.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
-    p.set_defaults(func=_cmd)

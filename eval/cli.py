@@ -64,7 +64,7 @@ def _gqsa_step(model, tok, ids, seq_len):
 
 
 # The main job's method steps: `fn(model, tok, eval_ids, seq_len) -> dict`, each printing its own
-# line and leaving `model` unpatched. Each method issue appends one.
+# line and leaving `model` unpatched.
 DEMO_STEPS = [
     ("double_sparsity", _ds_step),
     ("wanda", _wanda_step),
@@ -119,7 +119,7 @@ def register(cli) -> None:
     p.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
     p.set_defaults(func=_cmd_ppl)
 
-    d = cli.add("", "demo", "main job: load SmolLM2, generate, dense perplexity (each method adds a step)")
+    d = cli.command("demo", "main job: load SmolLM2, generate, dense perplexity, then one step per method")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--max-tokens", type=int, default=16384)
     d.add_argument("--seq-len", type=int, default=512)

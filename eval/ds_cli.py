@@ -1,4 +1,4 @@
-"""`accel eval ds-sweep` and `accel eval ds-retrieval` (Double Sparsity evaluations)."""
+"""Double Sparsity evaluations and benchmarks: `accel eval ds-sweep|ds-retrieval`, `accel bench ds-attention|ds-offload`."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +79,49 @@ def _cmd_retrieval(args) -> int:
     return 0
 
 
+def _cmd_bench_attention(args) -> int:
+    from accel.cli import emit
+
+    from .bench_ds_attention import format_table, run_bench
+
+    res = run_bench(contexts=tuple(args.contexts), dtypes=tuple(args.dtypes), fraction=1 / args.inv_fraction,
+                    rounds=args.rounds, e2e_context=args.e2e_context, e2e_tokens=args.e2e_tokens,
+                    e2e=not args.no_e2e, threads=args.threads)
+    emit(res, args.json, format_table(res))
+    return 0
+
+
+def _cmd_bench_offload(args) -> int:
+    import torch
+
+    from accel.cli import emit
+
+    from .bench_ds_offload import run_bench
+
+    torch.set_num_threads(args.threads)
+    res = run_bench(tuple(args.contexts), args.steps, args.inv_fraction, args.mem_cap_mb, args.smol_context,
+                    not args.no_smol, args.offload_dir)
+    lines = [f"setup: {res['setup']}"]
+    for r in res["synthetic"]:
+        lines.append(f"ctx {r['context']:>6}: dense KV {r['dense_kv_mb']:.0f} MiB, device {r['device_mb']:.1f} MiB "
+                     f"(ratio {r['device_bytes_ratio']:.3f}), moved/token ratio {r['moved_bytes_ratio']:.4f}, "
+                     f"tok/s DS {r['tokens_per_s_ds']:.1f} vs offload {r['tokens_per_s_offload']:.1f} "
+                     f"(ratio {r['tokens_per_s_ratio']:.2f}), tokens equal {r['tokens_equal']}, "
+                     f"max |dlogit| {r['max_logit_diff']:.2e}")
+    c = res["mem_cap"]
+    lines.append(f"mem cap {c['mem_cap_mb']:.0f} MB, ctx {c['context']} (dense KV {c['dense_kv_mb']:.0f} MiB): "
+                 f"peak RSS {c['peak_rss_mb']:.0f} MB = {c['base_rss_mb']:.0f} after load + {c['added_rss_mb']:.0f} "
+                 f"added -> within cap {c['within_cap']}, logits vs in-memory DS max |d| {c['max_logit_diff']:.2e}")
+    if "smollm2" in res:
+        s = res["smollm2"]
+        lines.append(f"SmolLM2 ctx {s['context']}: predicted-selection hit rate {s['hit_rate']:.3f}, offload(exact) "
+                     f"tokens equal in-memory DS {s['tokens_equal_exact']}, predicted tokens agree "
+                     f"{s['predicted_tokens_agree']:.2f}, device ratio {s['device_bytes_ratio']:.3f}, "
+                     f"moved ratio {s['moved_bytes_ratio']:.3f}")
+    emit(res, args.json, "\n".join(lines))
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--artifact", default=None, help="double-sparsity artifact (default: calibrate first)")
@@ -117,3 +160,28 @@ def register(cli) -> None:
     q.add_argument("--heavy-channels", type=int, default=None,
                    help="r label channels (default: the artifact's; its full channel scores are stored)")
     q.set_defaults(func=_cmd_retrieval)
+
+    b = cli.add("bench", "ds-attention", "Double Sparsity CPU decode attention and SmolLM2 decode speed vs dense")
+    b.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                   help="first one is used for speedup_8k/32k and the end-to-end run")
+    b.add_argument("--inv-fraction", type=int, default=16, help="budget = T / this (default 16)")
+    b.add_argument("--rounds", type=int, default=9)
+    b.add_argument("--e2e-context", type=int, default=4096)
+    b.add_argument("--e2e-tokens", type=int, default=16)
+    b.add_argument("--no-e2e", action="store_true", help="skip the SmolLM2 end-to-end run")
+    b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: ratios on a shared VM)")
+    b.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
+    b.set_defaults(func=_cmd_bench_attention)
+
+    o = cli.add("bench", "ds-offload", "Double Sparsity-Offload: device/moved bytes, decode speed, hit rate, mem cap")
+    o.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
+    o.add_argument("--steps", type=int, default=8, help="decode steps per run")
+    o.add_argument("--inv-fraction", type=int, default=16, help="budget = context / this")
+    o.add_argument("--mem-cap-mb", type=float, default=256)
+    o.add_argument("--smol-context", type=int, default=2048)
+    o.add_argument("--no-smol", action="store_true", help="skip the SmolLM2 hit-rate run")
+    o.add_argument("--offload-dir", default=None, help="directory for the slow tier (default: temp dir)")
+    o.add_argument("--threads", type=int, default=1)
+    o.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
+    o.set_defaults(func=_cmd_bench_offload)
