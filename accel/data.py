@@ -35,6 +35,11 @@ class DataError(ValueError, AccelError):
 
 @dataclass(frozen=True)
 class CalibrationSpec:
+    """The one set of calibration defaults (`accel.calibrate`, every method and CLI read them
+    here; a method's measured departure is in `accel.calibrate.registry.METHOD_DEFAULTS`).
+
+    source: a data source name (`texts`), or "given" / "texts" for samples the caller passed."""
+
     source: str = "wiki"
     n_samples: int = 128
     seq_len: int = 512
@@ -159,3 +164,25 @@ def calibration_samples(tokenizer, spec: CalibrationSpec | None = None, **kwargs
         raise DataError(f"calibration source {spec.source!r} has only {have} tokens; "
                         f"{spec.n_samples} x {spec.seq_len} = {need} requested")
     return torch.tensor(chunks[:need], dtype=torch.long).view(spec.n_samples, spec.seq_len)
+
+
+def samples_from_texts(tokenizer, docs, n_samples: int | None, seq_len: int) -> torch.Tensor:
+    """`[n, seq_len]` token ids from the caller's texts: the texts (in order) joined by blank
+    lines, cut into consecutive non-overlapping windows. n_samples None: every full window.
+    DataError if the texts are not strings or give fewer tokens than requested."""
+    if isinstance(docs, str) or not all(isinstance(d, str) for d in docs):
+        raise DataError("calibration data given as text must be a list of strings")
+    if tokenizer is None:
+        raise DataError("calibration data given as text needs a tokenizer (tokenizer=...)")
+    for name, v, lo in (("num_calibration_samples", n_samples, 1), ("max_seq_length", seq_len, 2)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+            raise DataError(f"calibration {name} must be an integer >= {lo}, got {v!r}")
+    ids = []
+    for d in docs:
+        if d.strip():
+            ids.extend(tokenizer(d + "\n\n", add_special_tokens=False).input_ids)
+    n = len(ids) // seq_len if n_samples is None else n_samples
+    if n < 1 or len(ids) < n * seq_len:
+        raise DataError(f"the calibration texts give {len(ids)} tokens; {max(n, 1)} x {seq_len} requested "
+                        f"(pass more text, or a smaller max_seq_length / num_calibration_samples)")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)

@@ -187,14 +187,24 @@ class CheckpointDir:
                 p.unlink()
 
 
+# Other files accel's calibrators write into a checkpoint directory: R-Sparse's evolutionary
+# search state (and its temp file), and the sub-directory of its statistics pass.
+_EXTRA = re.compile(r"evo_[a-z]+_[0-9.]+_[0-9.]+\.(json|tmp)")
+_SUBDIRS = ("stats",)
+
+
 def remove_checkpoints(path: str | os.PathLike) -> None:
-    """Delete accel's checkpoint files in `path`, then the directory if that leaves it empty.
-    Anything else in it stays (accel does not delete files it did not write)."""
+    """Delete accel's checkpoint files in `path` (and in its `stats/` sub-directory), then the
+    directories that this leaves empty. Anything else in them stays (accel does not delete files
+    it did not write)."""
     path = Path(path)
     if not path.is_dir():
         return
+    for sub in _SUBDIRS:
+        if (path / sub).is_dir() and not (path / sub).is_symlink():
+            remove_checkpoints(path / sub)
     for p in path.iterdir():
-        if _OURS.fullmatch(p.name) and p.is_file():
+        if (_OURS.fullmatch(p.name) or _EXTRA.fullmatch(p.name)) and p.is_file():
             p.unlink()
     try:
         path.rmdir()

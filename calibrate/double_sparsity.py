@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .registry import register_calibrator
+
 log = logging.getLogger(__name__)
 
 STAT_KINDS = ("q", "k", "qk")
@@ -126,29 +128,56 @@ def artifact_tensors(stats: list[dict], n_kv: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def calibrate_double_sparsity(model, tokenizer, config=None, n_samples: int = 64, seq_len: int = 512,
-                              seed: int = 0, source: str = "wiki", batch_size: int = 4, progress: bool = True,
-                              samples: torch.Tensor | None = None):
-    """Calibrate channels for `model`; returns an `accel.Artifact` (not yet saved)."""
-    from accel.artifact import Artifact
+def calibrate_double_sparsity(model, tokenizer, config=None, n_samples: int | None = None,
+                              seq_len: int | None = None, seed: int | None = None, source: str | None = None,
+                              batch_size: int = 4, progress: bool = True, samples: torch.Tensor | None = None):
+    """Calibrate channels for `model`; returns an `accel.Artifact` (not yet saved).
+
+    Kept for existing callers; `accel.calibrate(model, config, ...)` is the entry. Unset
+    calibration settings come from the one set of defaults (registry.default_spec)."""
     from accel.configs.double_sparsity import DoubleSparsityConfig
     from accel.data import CalibrationSpec, calibration_samples
-    from accel.patches.double_sparsity import model_dims
 
+    from .registry import default_spec
     from .runner import check_model, check_seq_len
 
     cfg = config or DoubleSparsityConfig()
     check_model(model)  # before model_dims, which assumes a supported architecture
+    _check_channels(model, cfg)
+    spec = default_spec(cfg.method, n_samples=n_samples, seq_len=seq_len, seed=seed, source=source)
+    if samples is None:
+        check_seq_len(model, spec.seq_len)
+        samples = calibration_samples(tokenizer, spec)
+    elif isinstance(samples, torch.Tensor) and samples.dim() == 2:
+        spec = CalibrationSpec(source="given", n_samples=samples.size(0), seq_len=samples.size(1), seed=spec.seed)
+    return calibrate_ds(model, cfg, samples, spec=spec, checkpoint_dir=None, progress=progress,
+                        batch_size=batch_size)
+
+
+def _check_channels(model, cfg) -> dict:
+    from accel.patches.double_sparsity import model_dims
+
     dims = model_dims(model)
     cfg.channels_for(dims["head_dim"])
-    spec = CalibrationSpec(source=source, n_samples=n_samples, seq_len=seq_len, seed=seed)
-    if samples is None:
-        check_seq_len(model, seq_len)
-        samples = calibration_samples(tokenizer, spec)
+    return dims
+
+
+@register_calibrator("double-sparsity", check=lambda model, cfg: _check_channels(model, cfg) and None)
+def calibrate_ds(model, config, samples: torch.Tensor, *, spec, checkpoint_dir=None, progress: bool = True,
+                 batch_size: int = 4):
+    """The registered calibrator (registry.py's calling shape). One forward pass over the
+    samples, nothing changed in the model; there is no per-layer state worth resuming, so
+    `checkpoint_dir` is not written (the cost is one plain forward over the calibration set)."""
+    from accel.artifact import Artifact
+
+    from .runner import check_model
+
+    check_model(model)
+    dims = _check_channels(model, config)
     stats = collect_stats(model, samples, batch_size=batch_size, progress=progress)
-    tensors = {f"{cfg.method}/{k}": v for k, v in artifact_tensors(stats, dims["kv_heads"]).items()}
+    tensors = {f"{config.method}/{k}": v for k, v in artifact_tensors(stats, dims["kv_heads"]).items()}
     calib = {**spec.to_dict(), "tokens": int(samples.numel()), "statistics": "post-RoPE mean |q|, |k|, |q*k|"}
-    return Artifact.for_model(model, [cfg], tensors=tensors, calibration=calib)
+    return Artifact.for_model(model, [config], tensors=tensors, calibration=calib)
 
 
 # ---- SGLang export ------------------------------------------------------------------------

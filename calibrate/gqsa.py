@@ -1,8 +1,7 @@
 """GQSA calibration: the model walk (layer-sequential runner) around the math in gqsa_opt.
 
-    art = calibrate_gqsa(model, tok, GQSAConfig(bits=4, sparsity=0.5, group_size=16),
-                         CalibrationSpec(n_samples=32, seq_len=512))
-    art.save("out/gqsa")
+    art = accel.calibrate(model, GQSAConfig(bits=4, sparsity=0.5, group_size=16), output="out/gqsa",
+                          tokenizer=tok)      # the model is left unchanged
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from accel.artifact import Artifact
+from accel.artifact import Artifact, fingerprint
 from accel.configs import ConfigError
 from accel.configs.gqsa import GQSAConfig
 from accel.data import CalibrationSpec, calibration_samples
@@ -24,6 +23,7 @@ from accel.patches.targets import iter_linears
 from .gqsa_obs import obs_group_prune_quant
 from .gqsa_opt import FakeQuantLinear, _swap, bqpo_block, e2e_oqp
 from .owl import outlier_ratios, owl_sparsities
+from .registry import default_spec, preserved_weights, register_calibrator
 from .runner import CalibrationError, LayerData, check_model, check_samples, check_seq_len, run_layerwise
 
 log = logging.getLogger(__name__)
@@ -189,16 +189,9 @@ def check_reachable(lins: dict[str, nn.Linear], cfg: GQSAConfig, prefix: str,
     return reach
 
 
-def calibrate_gqsa(model, tok, cfg: GQSAConfig, spec: CalibrationSpec | None = None, *,
-                   checkpoint_dir=None, progress: bool = True, samples: torch.Tensor | None = None) -> Artifact:
-    """Stage 1 (+ stage 2 when cfg.e2e_steps > 0) on `model` in place; returns the artifact.
-
-    The model ends up holding the dequantized GQSA weights (what the artifact computes).
-    samples: [N, L] token ids to use instead of drawing them from `spec` (tests, custom data).
-    """
-    spec = spec or CalibrationSpec(n_samples=32, seq_len=512)
-    t0 = time.perf_counter()
-    # Everything that can be checked without data is checked before any data is drawn.
+def _check(model, cfg: GQSAConfig):
+    """Everything that can be checked without data: the model, the targets, the group sizes and
+    the reachable sparsity. Returns (target linears, decoder-layer prefix)."""
     check_model(model, [])
     lins = target_linears(model, cfg)
     if not lins:
@@ -206,9 +199,51 @@ def calibrate_gqsa(model, tok, cfg: GQSAConfig, spec: CalibrationSpec | None = N
     check_model(model, list(lins.items()))
     prefix = compat.SUPPORTED_MODEL_TYPES[compat.text_config(model.config).model_type]
     check_reachable(lins, cfg, prefix)
+    return lins, prefix
+
+
+@register_calibrator("gqsa", check=lambda model, cfg: _check(model, cfg) and None)
+def calibrate_gqsa_model(model, config: GQSAConfig, samples: torch.Tensor, *, spec: CalibrationSpec,
+                         checkpoint_dir=None, progress: bool = True) -> Artifact:
+    """registry.py's calling shape: stage 1 (+ stage 2 when config.e2e_steps > 0). The method works
+    layer by layer on the model itself (each layer's compressed outputs feed the next), so the
+    targeted weights are copied to the CPU first and restored afterwards, also on error: the model
+    is left unchanged at the cost of one host copy of its linear weights."""
+    lins, prefix = _check(model, config)
+    with preserved_weights(lins.items()):
+        tensors, calib = _run(model, config, samples, spec, lins, prefix, checkpoint_dir, progress)
+    return Artifact.for_model(model, [config], tensors, calibration=calib)
+
+
+def calibrate_gqsa(model, tok, cfg: GQSAConfig, spec: CalibrationSpec | None = None, *,
+                   checkpoint_dir=None, progress: bool = True, samples: torch.Tensor | None = None,
+                   keep_changes: bool = False) -> Artifact:
+    """Kept for existing callers; `accel.calibrate(model, cfg, ...)` is the entry.
+
+    spec: default registry.default_spec("gqsa"). samples: [N, L] token ids to use instead of
+    drawing them from `spec`. The model is left unchanged unless keep_changes=True (sweeps that
+    evaluate the calibrated model): then it ends up holding the dequantized GQSA weights."""
+    lins, prefix = _check(model, cfg)
+    if spec is None:
+        spec = default_spec("gqsa")
+        if isinstance(samples, torch.Tensor) and samples.dim() == 2:
+            spec = CalibrationSpec(source="given", n_samples=samples.size(0), seq_len=samples.size(1), seed=spec.seed)
     if samples is None:
         check_seq_len(model, spec.seq_len)
         samples = calibration_samples(tok, spec)
+    if not keep_changes:
+        return calibrate_gqsa_model(model, cfg, samples, spec=spec, checkpoint_dir=checkpoint_dir, progress=progress)
+    fp = fingerprint(model)
+    tensors, calib = _run(model, cfg, samples, spec, lins, prefix, checkpoint_dir, progress)
+    art = Artifact.for_model(model, [cfg], tensors, calibration=calib)
+    art.fingerprint = fp
+    return art
+
+
+def _run(model, cfg: GQSAConfig, samples, spec, lins, prefix, checkpoint_dir, progress):
+    """Calibrate in place (the model ends up holding the dequantized GQSA weights); returns the
+    artifact's (tensors, calibration record)."""
+    t0 = time.perf_counter()
     check_samples(model, samples)
     layer_sparsity = None
     if cfg.allocation == "owl" and cfg.sparsity > 0:
@@ -231,7 +266,7 @@ def calibrate_gqsa(model, tok, cfg: GQSAConfig, spec: CalibrationSpec | None = N
              "bqpo_mse": {str(k): list(v) for k, v in method.mse.items()},
              "layer_sparsity": {str(k): round(v, 4) for k, v in (layer_sparsity or {}).items()},
              "sparsity_requested": cfg.sparsity, "model_sparsity": round(_model_sparsity(packed), 4)}
-    return Artifact.for_model(model, [cfg], tensors, calibration=calib)
+    return tensors, calib
 
 
 def rtn_artifact(model, cfg: GQSAConfig) -> Artifact:

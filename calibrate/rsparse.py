@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ from accel.patches.rsparse import RSparseLinear, channel_scale, swapped
 from accel.patches.targets import iter_linears
 
 from .checkpoint import CheckpointDir, checkpoint_key
+from .registry import register_calibrator
 from .runner import (CalibrationError, LayerData, check_model, check_samples, check_seq_len, linear_input_stats,
                      run_layerwise)
 from .rsparse_search import EvoSettings, evolutionary_search, greedy_at, greedy_layer, project_budget
@@ -45,6 +47,9 @@ class RSparseStats:
     errors: dict[str, torch.Tensor] = field(default_factory=dict)      # "<mode>:<layer>" -> [L_i, G]
     layer_of: dict[str, int] = field(default_factory=dict)
     rho_grid: float = 0.95
+    # Truncated-SVD factors of the targeted weights (not saved): the statistics pass computes
+    # them and building the artifact reuses them, so each weight is decomposed once per run.
+    svd: "_SVDCache | None" = field(default=None, repr=False, compare=False)
 
     def threshold(self, mode: str, name: str, s: float, rho: float) -> float:
         """Score quantile at 1 − active fraction, linearly interpolated in the table."""
@@ -97,7 +102,8 @@ class _StatsMethod:
     def __init__(self, model, stats: RSparseStats, modes, grid, greedy_tokens: int):
         self.model, self.stats, self.modes, self.grid = model, stats, modes, grid
         self.greedy_tokens = greedy_tokens
-        self.svd = _SVDCache(model)
+        self.svd = stats.svd if stats.svd is not None else _SVDCache(model)
+        stats.svd = self.svd
         self.gen = torch.Generator().manual_seed(0)
 
     def _names(self, i):
@@ -126,6 +132,7 @@ class _StatsMethod:
                 out[f"q:{mode}:{n}"] = q
                 self.stats.quantiles[f"{mode}:{n}"] = q
         if self.grid:
+            t0 = time.perf_counter()
             sub = _subset(data, self.greedy_tokens)
             ref = sub.forward(layer, i)
             for mode in self.modes:
@@ -141,6 +148,9 @@ class _StatsMethod:
                         e[j, g] = sum(float(((a - b) ** 2).sum()) for a, b in zip(y, ref))
                 out[f"e:{mode}:{i}"] = e
                 self.stats.errors[f"{mode}:{i}"] = e
+            log.info("rsparse stats: layer %d block-error grid (%d linears x %d levels x %d modes, %d tokens) "
+                     "in %.1fs", i, len(names), len(self.grid) - 1, len(self.modes),
+                     sum(h.size(0) * h.size(1) for h in sub.hidden), time.perf_counter() - t0)
         return out
 
     def restore_layer(self, i, layer, tensors):
@@ -236,7 +246,8 @@ def allocate(model, stats: RSparseStats, cfg: RSparseConfig, *, search: str | No
         raise ValueError(f"unknown search {search!r}")
     if eval_samples is None:
         raise CalibrationError("evolutionary search needs calibration samples for its objective")
-    svd = _SVDCache(model)
+    svd = stats.svd if stats.svd is not None else _SVDCache(model)
+    stats.svd = svd
 
     def fitness(s_, rho_):
         return calibration_nll(model, stats, svd, cfg.mode, s_, rho_, eval_samples)
@@ -257,7 +268,7 @@ def calibration_nll(model, stats, svd, mode, s, rho, samples: torch.Tensor) -> f
 
 
 def build_tensors(model, stats: RSparseStats, s: torch.Tensor, rho: torch.Tensor, mode: str) -> dict:
-    svd = _SVDCache(model)
+    svd = stats.svd if stats.svd is not None else _SVDCache(model)
     t = {}
     for j, nm in enumerate(stats.names):
         out_f, in_f = stats.shapes[nm]
@@ -271,24 +282,63 @@ def build_tensors(model, stats: RSparseStats, s: torch.Tensor, rho: torch.Tensor
     return t
 
 
-def calibrate_rsparse(model, tok, cfg: RSparseConfig, *, n_samples: int = 8, seq_len: int = 512, seed: int = 0,
-                      greedy_tokens: int = 512, evo: EvoSettings | None = None, eval_samples: int = 2,
-                      checkpoint_dir=None, progress: bool = True, stats: RSparseStats | None = None):
-    """Calibrate `model` (left unchanged) and return an in-memory `Artifact` (call `.save(dir)`).
+GREEDY_TOKENS = 512  # most tokens the greedy block-error grid uses (fewer if the calibration set is smaller)
 
-    checkpoint_dir: the statistics pass checkpoints per layer there and the evolutionary search
-    per generation, so an interrupted run resumes. `stats` reuses a previous pass (sweeps).
+
+def greedy_tokens_for(samples: torch.Tensor, greedy_tokens: int | None = None) -> int:
+    """Tokens the greedy grid runs on: `greedy_tokens` (default GREEDY_TOKENS), at most the
+    calibration set's, so the grid's cost follows the calibration set."""
+    want = GREEDY_TOKENS if greedy_tokens is None else int(greedy_tokens)
+    if want < 1:
+        raise CalibrationError(f"rsparse: greedy_tokens must be >= 1, got {greedy_tokens!r}")
+    return min(want, int(samples.numel()))
+
+
+def calibrate_rsparse(model, tok, cfg: RSparseConfig, *, n_samples: int | None = None, seq_len: int | None = None,
+                      seed: int | None = None, greedy_tokens: int | None = None, evo: EvoSettings | None = None,
+                      eval_samples: int = 2, checkpoint_dir=None, progress: bool = True,
+                      stats: RSparseStats | None = None):
+    """Kept for existing callers; `accel.calibrate(model, cfg, ...)` is the entry. Draws the
+    calibration samples (unset settings: registry.default_spec("rsparse")) and runs
+    `calibrate_rsparse_model`. The model is left unchanged."""
+    from accel.data import calibration_samples
+
+    from .registry import default_spec
+
+    spec = default_spec("rsparse", n_samples=n_samples, seq_len=seq_len, seed=seed)
+    check_model(model, [])
+    check_seq_len(model, spec.seq_len)
+    samples = calibration_samples(tok, spec)
+    return calibrate_rsparse_model(model, cfg, samples, spec=spec, checkpoint_dir=checkpoint_dir, progress=progress,
+                                   greedy_tokens=greedy_tokens, evo=evo, eval_samples=eval_samples, stats=stats)
+
+
+def _check(model, cfg: RSparseConfig) -> None:
+    check_model(model, [])
+    names = target_names(model, cfg)[0]
+    check_model(model, [(n, model.get_submodule(n)) for n in names])
+
+
+@register_calibrator("rsparse", check=_check)
+def calibrate_rsparse_model(model, config: RSparseConfig, samples: torch.Tensor, *, spec, checkpoint_dir=None,
+                            progress: bool = True, greedy_tokens: int | None = None, evo: EvoSettings | None = None,
+                            eval_samples: int = 2, stats: RSparseStats | None = None):
+    """registry.py's calling shape. Returns an in-memory `Artifact`; the model is left unchanged
+    (statistics are read on the dense model, candidate linears are swapped in temporarily).
+
+    checkpoint_dir: the statistics pass checkpoints per layer under `stats/` there and the
+    evolutionary search per generation, so an interrupted run resumes. greedy_tokens: see
+    greedy_tokens_for. `stats` reuses a previous pass (sweeps).
     """
     import json
     from pathlib import Path
 
     from accel.artifact import Artifact
-    from accel.data import CalibrationSpec, calibration_samples
 
-    spec = CalibrationSpec(source="wiki", n_samples=n_samples, seq_len=seq_len, seed=seed)
+    cfg = config
     check_model(model, [])
-    check_seq_len(model, seq_len)
-    samples = calibration_samples(tok, spec)
+    check_samples(model, samples)
+    greedy_tokens = greedy_tokens_for(samples, greedy_tokens)
     if stats is None:
         greedy_modes = (cfg.mode,) if cfg.search != "uniform" else ()
         stats = collect_stats(model, samples, cfg, greedy_modes=greedy_modes, greedy_tokens=greedy_tokens,

@@ -306,11 +306,13 @@ def run_layerwise(model, samples: torch.Tensor, method: LayerMethod, *, batch_si
     for i, layer in enumerate(layers):
         if stop_after is not None and i >= stop_after:
             break
+        t_layer, restored = time.perf_counter(), False
         tensors = ck.load(i) if ck is not None and not recompute else None
         if tensors is not None:
             try:
                 method.restore_layer(i, layer, tensors)
                 resumed += 1
+                restored = True
             except (KeyError, ValueError, CalibrationError) as e:
                 # Methods check a checkpoint completely before changing the layer.
                 log.warning("layer checkpoint %s does not fit layer %d (%s); recomputing from layer %d",
@@ -327,6 +329,9 @@ def run_layerwise(model, samples: torch.Tensor, method: LayerMethod, *, batch_si
         if data.advanced != i:
             data.advance(layer, i)
         bar.update(1)
+        # Progress in the log too (a bar is off under --json and in notebooks' logs).
+        log.info("%s: layer %d/%d %s in %.1fs", desc, i + 1, len(layers),
+                 "restored from its checkpoint" if restored else "done", time.perf_counter() - t_layer)
     bar.close()
     stats = RunStats(len(layers), resumed, time.perf_counter() - t0, _peak_rss_mb(), act_mb, t_cap)
     log.info("layer-wise calibration: %d layers (%d resumed) in %.1fs, peak RSS %.0f MB, activations %.0f MB",

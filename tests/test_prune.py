@@ -6,7 +6,7 @@ import torch
 
 import accel
 from accel.calibrate.prune import export_hf, prune_model
-from accel.calibrate.prune_cli import calibrate_prune
+from accel.calibrate.prune_artifact import calibrate_prune
 from accel.calibrate.runner import CalibrationError
 from accel.calibrate.wanda import magnitude_mask, nm_mask, row_mask, variant_mask, wanda_mask
 from accel.configs import ConfigError
