@@ -78,6 +78,10 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
     mean, var: [in] per-token mean and population variance of the inputs; sq_norm: [in] sum of x^2
     (Wanda's statistic); tokens_per_sample: calibration sequence length (threshold units, above);
     objective: "mean" | "mse-diag" | "mse" (above); gram: [in, in] E[x x^T], needed for "mse".
+
+    Each cycle: growth candidates (`_Growth`) and pruning candidates (`_PruneUnstructured` or
+    `_PruneNM`) propose one swap per row, the objective (`_OBJECTIVES[objective]`) accepts or
+    rejects it, then the mask and the pointers advance.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"DSnoT objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -94,47 +98,16 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
     eps = (c.double() * pruned0).sum(dim=1)
     eps0 = eps.clone()
     # Every tensor below lives on the weight's device (the runner may calibrate on an accelerator).
-    dev = w.device
-    rows = torch.arange(out, device=dev)
-    inf = torch.tensor(float("inf"), device=dev)
-    if objective == "mse-diag":
-        # Per-token units: the mean error is eps / L; Var term d_i = sum_{j pruned} W_ij^2 Var_j.
-        wv = w.double().pow(2) * var.double().clamp_min(0).unsqueeze(0)
-        dvar = (wv * pruned0).sum(dim=1)
-        inv_l2 = 1.0 / float(tokens_per_sample) ** 2
-    elif objective == "mse":
-        # fp32: the [out, in] x [in, in] product and the per-swap row updates dominate the cost,
-        # and fp64 doubled it. Rounding is covered by accepting only a clear decrease (below).
-        h = gram.float()
-        u = (w * pruned0) @ h               # [out, in]: (H w_P) per row; the objective is w_P . u
-        hdiag = h.diagonal()
-        obj = (w * pruned0 * u).sum(dim=1).double()
-
+    rows = torch.arange(out, device=w.device)
+    obj = _OBJECTIVES[objective](w, pruned0, var, tokens_per_sample, gram)
     # Each pointer advances at most once per cycle, so only the first max_cycles entries of every
     # candidate list can ever be reached: top-k instead of full sorts (the sorts dominated the cost).
     k = max(1, min(max_cycles, n_in))
-    # Growth candidates (initially pruned weights): most positive and most negative g first.
-    g = torch.where(pruned0, c / var.float().clamp_min(1e-12).pow(pow_var).unsqueeze(0), torch.zeros(()))
-    g_hi = g.topk(k, dim=1, largest=True).indices
-    g_lo = g.topk(k, dim=1, largest=False).indices
-    top = torch.zeros(out, dtype=torch.long, device=dev)
-    bot = torch.zeros(out, dtype=torch.long, device=dev)
+    grow = _Growth(c, var, pruned0, pow_var, k)
+    prune = _PruneUnstructured(keep, c, wscore, k) if nm is None else _PruneNM(keep, wscore, nm[1])
 
-    if nm is None:
-        # Pruning candidates: kept weights of each sign, lowest Wanda score first.
-        key_neg = torch.where(keep & (c < 0), wscore, inf)
-        key_pos = torch.where(keep & (c > 0), wscore, inf)
-        neg_order = key_neg.topk(k, dim=1, largest=False).indices
-        pos_order = key_pos.topk(k, dim=1, largest=False).indices
-        pn = torch.zeros(out, dtype=torch.long, device=dev)
-        pp = torch.zeros(out, dtype=torch.long, device=dev)
-    else:
-        m = nm[1]
-        # Kept weights that may still be pruned; a grown weight is never pruned again.
-        key_nm = torch.where(keep, wscore, inf)
-
-    swaps = torch.zeros(out, dtype=torch.long, device=dev)
-    active = torch.ones(out, dtype=torch.bool, device=dev)
+    swaps = torch.zeros(out, dtype=torch.long, device=w.device)
+    active = torch.ones(out, dtype=torch.bool, device=w.device)
     cycles = 0
     for cycles in range(1, max_cycles + 1):
         active &= eps.abs() > threshold
@@ -142,52 +115,148 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
             cycles -= 1
             break
         up = eps > 0
-        gi = torch.where(up, g_hi[rows, top.clamp(max=k - 1)], g_lo[rows, bot.clamp(max=k - 1)])
-        gval = g[rows, gi]
-        valid_g = torch.where(up, (gval > 0) & (top < k), (gval < 0) & (bot < k))
-        if nm is None:
-            pi_up = neg_order[rows, pn.clamp(max=k - 1)]
-            pi_dn = pos_order[rows, pp.clamp(max=k - 1)]
-            pi = torch.where(up, pi_up, pi_dn)
-            valid_p = torch.where(up, torch.isfinite(key_neg[rows, pi_up]) & (pn < k),
-                                  torch.isfinite(key_pos[rows, pi_dn]) & (pp < k))
-        else:
-            block = gi // m
-            blk = key_nm.view(out, n_in // m, m)[rows, block]
-            best = blk.argmin(dim=1)
-            pi = block * m + best
-            valid_p = torch.isfinite(blk[rows, best])
+        gi, valid_g = grow.propose(rows, up)
+        pi, valid_p = prune.propose(rows, up, gi)
         trying = active & valid_g & valid_p
         eps_new = eps + c[rows, pi].double() - c[rows, gi].double()
-        if objective == "mean":
-            accept = trying & (eps_new.abs() < eps.abs())
-        elif objective == "mse-diag":
-            dvar_new = dvar + wv[rows, pi] - wv[rows, gi]
-            accept = trying & ((eps_new.pow(2) - eps.pow(2)) * inv_l2 + dvar_new - dvar < 0)
-            dvar = torch.where(accept, dvar_new, dvar)
-        else:
-            # Swap: w_P -> w_P - a e_g + b e_p (a = W_ig grown, b = W_ip pruned).
-            a, b = w[rows, gi].double(), w[rows, pi].double()
-            delta = (b * b * hdiag[pi] + a * a * hdiag[gi] - 2 * a * b * h[gi, pi]
-                     + 2 * b * u[rows, pi] - 2 * a * u[rows, gi])
-            # A swap must lower the row's error by more than fp32 rounding of u could hide.
-            accept = trying & (delta < -MSE_RTOL * obj.abs())
-            obj = torch.where(accept, obj + delta, obj)
+        accept = obj.accept(rows, trying, gi, pi, eps, eps_new)
         active &= valid_g & valid_p
         ra = rows[accept]
         keep[ra, gi[accept]] = True
         keep[ra, pi[accept]] = False
-        if objective == "mse" and len(ra):
+        eps = torch.where(accept, eps_new, eps)
+        swaps += accept.long()
+        grow.advance(trying, up)
+        prune.advance(accept, up, ra, pi)
+    return DSnoTResult(keep, eps0, eps, swaps, cycles)
+
+
+# ---- candidates ---------------------------------------------------------------------------
+class _Growth:
+    """Growth candidates (initially pruned weights), most positive and most negative
+    g = c / Var^p first; a row whose error is positive grows a positive one, and vice versa."""
+
+    def __init__(self, c, var, pruned0, pow_var: float, k: int):
+        out = c.size(0)
+        self.k = k
+        self.g = torch.where(pruned0, c / var.float().clamp_min(1e-12).pow(pow_var).unsqueeze(0), torch.zeros(()))
+        self.hi = self.g.topk(k, dim=1, largest=True).indices
+        self.lo = self.g.topk(k, dim=1, largest=False).indices
+        self.top = torch.zeros(out, dtype=torch.long, device=c.device)
+        self.bot = torch.zeros(out, dtype=torch.long, device=c.device)
+
+    def propose(self, rows, up):
+        k = self.k
+        gi = torch.where(up, self.hi[rows, self.top.clamp(max=k - 1)], self.lo[rows, self.bot.clamp(max=k - 1)])
+        gval = self.g[rows, gi]
+        return gi, torch.where(up, (gval > 0) & (self.top < k), (gval < 0) & (self.bot < k))
+
+    def advance(self, trying, up) -> None:
+        # A rejected swap advances the growth pointer too: the next cycle tries the next weight.
+        self.top += (trying & up).long()
+        self.bot += (trying & ~up).long()
+
+
+class _PruneUnstructured:
+    """Pruning candidates: kept weights whose c has the sign opposite to the row's error,
+    lowest Wanda score first."""
+
+    def __init__(self, keep, c, wscore, k: int):
+        out, dev = c.size(0), c.device
+        inf = torch.tensor(float("inf"), device=dev)
+        self.k = k
+        self.key_neg = torch.where(keep & (c < 0), wscore, inf)
+        self.key_pos = torch.where(keep & (c > 0), wscore, inf)
+        self.neg = self.key_neg.topk(k, dim=1, largest=False).indices
+        self.pos = self.key_pos.topk(k, dim=1, largest=False).indices
+        self.pn = torch.zeros(out, dtype=torch.long, device=dev)
+        self.pp = torch.zeros(out, dtype=torch.long, device=dev)
+
+    def propose(self, rows, up, gi):
+        k = self.k
+        pi_up = self.neg[rows, self.pn.clamp(max=k - 1)]
+        pi_dn = self.pos[rows, self.pp.clamp(max=k - 1)]
+        valid = torch.where(up, torch.isfinite(self.key_neg[rows, pi_up]) & (self.pn < k),
+                            torch.isfinite(self.key_pos[rows, pi_dn]) & (self.pp < k))
+        return torch.where(up, pi_up, pi_dn), valid
+
+    def advance(self, accept, up, ra, pi) -> None:
+        self.pn += (accept & up).long()
+        self.pp += (accept & ~up).long()
+
+
+class _PruneNM:
+    """N:M pruning candidates: the lowest-Wanda kept weight in the grown weight's M-block, so the
+    pattern holds; a grown weight is never pruned again."""
+
+    def __init__(self, keep, wscore, m: int):
+        self.m = m
+        self.inf = torch.tensor(float("inf"), device=wscore.device)
+        self.key = torch.where(keep, wscore, self.inf)
+
+    def propose(self, rows, up, gi):
+        out, n_in = self.key.shape
+        block = gi // self.m
+        blk = self.key.view(out, n_in // self.m, self.m)[rows, block]
+        best = blk.argmin(dim=1)
+        return block * self.m + best, torch.isfinite(blk[rows, best])
+
+    def advance(self, accept, up, ra, pi) -> None:
+        self.key[ra, pi[accept]] = self.inf
+
+
+# ---- objectives: when a proposed swap is accepted -------------------------------------------
+class _MeanObjective:
+    """The paper's: the swap strictly lowers |eps_i|."""
+
+    def __init__(self, w, pruned0, var, tokens_per_sample, gram):
+        pass
+
+    def accept(self, rows, trying, gi, pi, eps, eps_new):
+        return trying & (eps_new.abs() < eps.abs())
+
+
+class _MseDiagObjective:
+    """The swap strictly lowers eps^2 / L^2 + sum_{j pruned} W_ij^2 Var_j (per-token units)."""
+
+    def __init__(self, w, pruned0, var, tokens_per_sample, gram):
+        self.wv = w.double().pow(2) * var.double().clamp_min(0).unsqueeze(0)
+        self.dvar = (self.wv * pruned0).sum(dim=1)
+        self.inv_l2 = 1.0 / float(tokens_per_sample) ** 2
+
+    def accept(self, rows, trying, gi, pi, eps, eps_new):
+        dvar_new = self.dvar + self.wv[rows, pi] - self.wv[rows, gi]
+        accept = trying & ((eps_new.pow(2) - eps.pow(2)) * self.inv_l2 + dvar_new - self.dvar < 0)
+        self.dvar = torch.where(accept, dvar_new, self.dvar)
+        return accept
+
+
+class _MseObjective:
+    """The swap lowers w_P^T H w_P (H = gram) by more than MSE_RTOL of it."""
+
+    def __init__(self, w, pruned0, var, tokens_per_sample, gram):
+        # fp32: the [out, in] x [in, in] product and the per-swap row updates dominate the cost,
+        # and fp64 doubled it. Rounding is covered by accepting only a clear decrease.
+        self.w, self.h = w, gram.float()
+        self.u = (w * pruned0) @ self.h               # [out, in]: (H w_P) per row; objective w_P . u
+        self.hdiag = self.h.diagonal()
+        self.obj = (w * pruned0 * self.u).sum(dim=1).double()
+
+    def accept(self, rows, trying, gi, pi, eps, eps_new):
+        w, h, u = self.w, self.h, self.u
+        # Swap: w_P -> w_P - a e_g + b e_p (a = W_ig grown, b = W_ip pruned).
+        a, b = w[rows, gi].double(), w[rows, pi].double()
+        delta = (b * b * self.hdiag[pi] + a * a * self.hdiag[gi] - 2 * a * b * h[gi, pi]
+                 + 2 * b * u[rows, pi] - 2 * a * u[rows, gi])
+        # A swap must lower the row's error by more than fp32 rounding of u could hide.
+        accept = trying & (delta < -MSE_RTOL * self.obj.abs())
+        self.obj = torch.where(accept, self.obj + delta, self.obj)
+        ra = rows[accept]
+        if len(ra):
             upd = h.index_select(0, pi[accept]).mul_(b[accept].float().unsqueeze(1))
             upd.sub_(h.index_select(0, gi[accept]).mul_(a[accept].float().unsqueeze(1)))
             u.index_add_(0, ra, upd)
-        eps = torch.where(accept, eps_new, eps)
-        swaps += accept.long()
-        top += (trying & up).long()
-        bot += (trying & ~up).long()
-        if nm is None:
-            pn += (accept & up).long()
-            pp += (accept & ~up).long()
-        else:
-            key_nm[ra, pi[accept]] = inf
-    return DSnoTResult(keep, eps0, eps, swaps, cycles)
+        return accept
+
+
+_OBJECTIVES = {"mean": _MeanObjective, "mse-diag": _MseDiagObjective, "mse": _MseObjective}
