@@ -94,7 +94,8 @@ def _row(name: str, base, tok, spec, samples, opts: dict, cache: dict):
             model, packed = cache[base_name]
             model = copy.deepcopy(model)
         else:
-            art = calibrate_gqsa(model, tok, cfg, spec, samples=samples, progress=True)
+            art = calibrate_gqsa(model, tok, cfg, spec, samples=samples, progress=True,
+                                 keep_changes=True)  # this row evaluates the calibrated model
             from accel.kernels.gqsa_linear.format import GQSAWeight
             packed = {n[len("gqsa/"):-len(".meta")]: None for n in art.tensors if n.endswith(".meta")}
             t = {k[len("gqsa/"):]: v for k, v in art.tensors.items()}

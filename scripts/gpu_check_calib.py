@@ -23,7 +23,7 @@ def calibration_sections(section, check, _sqnr, DEV) -> dict:
         for dev in ("cpu", DEV):
             model = accel.models.tiny("llama").to(dev)
             cfg = GQSAConfig(bits=4, sparsity=0.5, group_size=16, bqpo_steps=0)
-            arts[dev] = calibrate_gqsa(model, None, cfg, samples=x, progress=False)
+            arts[dev] = calibrate_gqsa(model, None, cfg, samples=x, progress=False, keep_changes=True)
             with torch.no_grad():
                 logits[dev] = model(input_ids=ids.to(dev)).logits.float().cpu()
         s = _sqnr(logits["cpu"], logits[DEV])
@@ -32,7 +32,7 @@ def calibration_sections(section, check, _sqnr, DEV) -> dict:
               bool(torch.isfinite(logits[DEV]).all()), sqnr_db=s, model_sparsity=ms)
         model = accel.models.tiny("llama").to(DEV)
         art = calibrate_gqsa(model, None, GQSAConfig(bits=4, sparsity=0.5, group_size=16, bqpo_steps=2, e2e_steps=2),
-                             samples=x, progress=False)
+                             samples=x, progress=False, keep_changes=True)
         import tempfile
 
         from accel.artifact import Artifact
