@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .runner import CalibrationError
+from .errors import CalibrationError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def samples_digest(samples: torch.Tensor) -> dict:
 
 def checkpoint_key(model, samples: torch.Tensor, run_key: dict | None) -> dict:
     """What a checkpoint is valid for. `run_key`: the method's settings (config, batch size...)."""
-    from accel import __version__
+    from accel._version import __version__
     from accel.artifact import fingerprint
 
     key = {"format": KEY_FORMAT, "accel": __version__, "model": fingerprint(model),

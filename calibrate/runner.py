@@ -29,14 +29,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from accel.errors import AccelError
 from accel.patches import compat
 
+from .errors import CalibrationError  # noqa: F401  (its import path since the start)
+
 log = logging.getLogger(__name__)
-
-
-class CalibrationError(RuntimeError, AccelError):
-    """Calibration cannot proceed (bad data, NaN activations, mismatched checkpoint)."""
 
 
 class _StopForward(Exception):
