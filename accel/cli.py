@@ -1,9 +1,10 @@
 """The `accel` command line: thin argparse shims over typed library functions.
 
 Command groups: `calibrate <method>`, `eval <what>`, `bench <what>`, `export --format F`, `demo`.
-COMMAND_MODULES below is the one list of command modules: each defines `register(cli: CLI)` and
-adds its subcommands (`cli.add(group, name)`, top-level ones with `cli.command(name)`,
-exporters with `cli.exporter(fmt)`), so method code never imports this file's internals and
+The command modules are COMMAND_MODULES below plus each method's `cli` modules in the manifest
+(accel/methods.py), see `command_modules()`: each defines `register(cli: CLI)` and adds its
+subcommands (`cli.add(group, name)`, top-level ones with `cli.command(name)`, exporters with
+`cli.exporter(fmt)`), so method code never imports this file's internals and
 library code never sees argparse objects. Every `calibrate` subcommand takes the shared options
 of `add_calibration_args` (one spelling each; old spellings still work with a note on stderr).
 
@@ -25,19 +26,22 @@ from typing import Any, Callable
 
 from accel.errors import AccelError
 
-# The one command registry. calibrate/<method>_cli.py: `calibrate <method>` (and the exporters of
-# that method's artifacts); eval/<method>_cli.py: its `eval` and `bench` commands.
+# Commands that belong to no one method. Each method's command modules are in its manifest row
+# (accel/methods.py, `cli`: calibrate/<method>_cli.py for `calibrate <method>` and its exporters,
+# eval/<method>_cli.py for its `eval` and `bench` commands); generic_cli gives every method
+# without one a `calibrate <method>` built from its config's fields.
 COMMAND_MODULES = [
-    "accel.eval.cli",               # eval ppl, demo
-    "accel.calibrate.ds_cli",       # calibrate double-sparsity, export sglang-ds
-    "accel.calibrate.prune_cli",    # calibrate wanda|magnitude|dsnot, export hf
-    "accel.calibrate.rsparse_cli",  # calibrate rsparse
-    "accel.calibrate.gqsa_cli",     # calibrate gqsa
-    "accel.eval.ds_cli",            # eval ds-sweep|ds-retrieval, bench ds-attention|ds-offload
-    "accel.eval.prune_cli",         # eval prune-sweep
-    "accel.eval.rsparse_cli",       # eval rsparse-sweep, bench rsparse-linear
-    "accel.eval.gqsa_cli",          # eval gqsa-sweep, bench gqsa-gemv
+    "accel.eval.cli",                # eval ppl, demo
+    "accel.calibrate.generic_cli",   # calibrate <method> of the methods with no cli module
 ]
+
+
+def command_modules() -> list[str]:
+    """COMMAND_MODULES, then every method's cli modules in manifest order: the one command registry."""
+    from accel import methods
+
+    return COMMAND_MODULES + [m for r in methods.methods().values() for m in r.cli]
+
 
 DTYPES = ("float32", "bfloat16", "float16")
 GROUPS = {"calibrate": ("METHOD", "compute an artifact for a method (see `accel calibrate --help`)"),
@@ -233,9 +237,27 @@ def emit(result: dict, as_json: bool, text: str | None = None) -> None:
         print(json.dumps(result, default=float))
 
 
+PLUGINS_ENV = "ACCEL_PLUGINS"
+
+
+def import_plugins() -> list[str]:
+    """Import the packages named in $ACCEL_PLUGINS (a comma list), so that the methods they add
+    to the manifest (accel.methods.add_method on import) have their commands. Returns the names."""
+    from accel.methods import MethodError
+
+    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise MethodError(f"{PLUGINS_ENV}: cannot import {name!r}: {e}") from e
+    return names
+
+
 def build() -> CLI:
+    import_plugins()
     cli = CLI()
-    for mod in COMMAND_MODULES:
+    for mod in command_modules():
         importlib.import_module(mod).register(cli)
     cli.finish()
     return cli

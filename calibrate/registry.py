@@ -17,39 +17,50 @@
     returns:        an in-memory accel.Artifact (not saved).
 
 Defaults: `accel.data.CalibrationSpec` is the one source of calibration defaults. A method
-whose measured default differs says so once, in `METHOD_DEFAULTS` below, and nowhere else.
+whose measured default differs says so once, in its manifest row (accel/methods.py,
+`calibration=`; `METHOD_DEFAULTS` below reads them), and nowhere else.
+
+The manifest names each method's calibrator module; `get_calibrator` imports it on first use,
+so `import accel` stays light.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
+from accel import methods as _methods
 from accel.errors import AccelError
 
 log = logging.getLogger(__name__)
 
-# Per-method departures from CalibrationSpec's defaults (128 x 512 tokens, the Wanda/DSnoT
-# default measured in the README: 1.4x / 2.3x one plain forward). Why each differs:
-#   double-sparsity: 32 x 512 — channel statistics converge fast (the README's DS numbers);
-#   gqsa:            16 x 256 — the README's measured GQSA default; BQPO cost grows with the
-#                    tokens (64 x 256 is better but ~4x slower, see the README's GQSA section);
-#   rsparse:         8 x 512 — the README's R-Sparse table.
-METHOD_DEFAULTS: dict[str, dict] = {
-    "double-sparsity": {"n_samples": 32},
-    "gqsa": {"n_samples": 16, "seq_len": 256},
-    "rsparse": {"n_samples": 8},
-}
 
-# Modules that register the built-in methods (imported on the first lookup, so that
-# `import accel` stays light). A new method registers by being imported; built-ins are listed here.
-BUILTIN_MODULES = ("accel.calibrate.double_sparsity", "accel.calibrate.prune_artifact",
-                   "accel.calibrate.gqsa", "accel.calibrate.rsparse")
+class _MethodDefaults(Mapping):
+    """Per-method departures from CalibrationSpec's defaults, read live from the manifest
+    (accel/methods.py: each row's `calibration`, with why each differs); only methods that have one."""
+
+    def _rows(self) -> dict[str, dict]:
+        return {m: dict(r.calibration) for m, r in _methods.methods().items() if r.calibration}
+
+    def __getitem__(self, method: str) -> dict:
+        return self._rows()[method]
+
+    def __iter__(self):
+        return iter(self._rows())
+
+    def __len__(self) -> int:
+        return len(self._rows())
+
+    def __repr__(self) -> str:
+        return repr(self._rows())
+
+
+METHOD_DEFAULTS: Mapping[str, dict] = _MethodDefaults()
 
 
 class UnknownMethodError(KeyError, AccelError):
@@ -68,7 +79,6 @@ class Calibrator:
 
 
 _REGISTRY: dict[str, Calibrator] = {}
-_loaded = False
 
 
 def register_calibrator(method: str, *, needs_data: Callable[[object], bool] | None = None,
@@ -91,34 +101,30 @@ def register_calibrator(method: str, *, needs_data: Callable[[object], bool] | N
     return deco
 
 
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        for mod in BUILTIN_MODULES:
-            importlib.import_module(mod)
-        _loaded = True
-
-
 def get_calibrator(method: str) -> Calibrator:
-    _load_builtins()
+    """The method's Calibrator, importing its calibrator module from the manifest on first use."""
+    if method not in _REGISTRY and _methods.load(method, "calibrator") and method not in _REGISTRY:
+        raise _methods.not_registered(method, "calibrator", "calibrator (@register_calibrator)")
     if method not in _REGISTRY:
+        known = sorted(set(_REGISTRY) | {m for m, r in _methods.methods().items() if r.calibrator})
         raise UnknownMethodError(f"no calibrator is registered for method {method!r}; registered: "
-                                 f"{', '.join(sorted(_REGISTRY))}")
+                                 f"{', '.join(known)}")
     return _REGISTRY[method]
 
 
 def calibrators() -> dict[str, Calibrator]:
-    """Every registered method -> its Calibrator."""
-    _load_builtins()
+    """Every registered method -> its Calibrator (the manifest's calibrator modules are imported)."""
+    _methods.load_all("calibrator")
     return dict(_REGISTRY)
 
 
 def default_spec(method: str | None = None, **overrides):
     """The CalibrationSpec a method uses when the caller does not say: CalibrationSpec's
-    defaults, then METHOD_DEFAULTS[method], then `overrides` whose value is not None."""
+    defaults, then the method's manifest row (`calibration`), then `overrides` whose value is
+    not None."""
     from accel.data import CalibrationSpec
 
-    spec = dataclasses.replace(CalibrationSpec(), **METHOD_DEFAULTS.get(method, {}))
+    spec = dataclasses.replace(CalibrationSpec(), **_methods.calibration_defaults(method))
     given = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(spec, **given) if given else spec
 

@@ -7,7 +7,8 @@ run them. Importing this package changes nothing in transformers: `install_model
 the explicit opt-in for `model.patch(...)`.
 """
 from . import identity as _identity  # noqa: F401  (registers the identity method)
-from . import methods as _methods  # noqa: F401  (registers every built-in method's runtime)
+# Each method's runtime module is imported by accel.patch on first use (the manifest,
+# accel/methods.py, names it), so importing accel loads no method's kernels.
 from .core import (
     PatchConflictError,
     PatchContext,

@@ -2,8 +2,10 @@
 collects the report rows.
 
 A method registers an applier `fn(ctx: PatchContext, config, tensors) -> None` with
-`@register_method("name")`. The applier changes the model only through `ctx` (module swaps,
-attention handlers, the attention implementation), so `unpatch` can restore it exactly.
+`@register_method("name", claims=...)` in the runtime module the manifest (accel/methods.py)
+names; `accel.patch` imports that module the first time it meets the method. The applier
+changes the model only through `ctx` (module swaps, attention handlers, the attention
+implementation), so `unpatch` can restore it exactly.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from accel import methods as _methods
 from accel.artifact import Artifact, ArtifactError
 from accel.errors import AccelError
 from accel.configs import ConfigError, MethodConfig
@@ -45,6 +48,24 @@ def register_method(name: str, claims=()):
         _CLAIMS[name] = claims
         return fn
     return deco
+
+
+def get_applier(method: str) -> Callable[["PatchContext", MethodConfig, dict], None]:
+    """The applier of `method`, importing its runtime module from the manifest on first use;
+    ArtifactError when there is none (an artifact names a method this accel cannot run)."""
+    fn = _APPLIERS.get(method)
+    if fn is None:
+        try:
+            if _methods.load(method, "runtime"):
+                fn = _APPLIERS.get(method)
+                if fn is None:
+                    raise _methods.not_registered(method, "runtime", "applier (@register_method)")
+        except _methods.MethodError as e:
+            raise ArtifactError(str(e)) from e
+    if fn is None:
+        known = sorted(set(_APPLIERS) | {m for m, r in _methods.methods().items() if r.runtime})
+        raise ArtifactError(f"method {method!r} has no runtime in this accel; available: {', '.join(known)}")
+    return fn
 
 
 def claims_of(cfg: MethodConfig) -> tuple[str, ...]:
@@ -240,10 +261,7 @@ def patch(model, spec=None, *, check_fingerprint: bool = True, offload: str | No
     mark = state.mark()
     try:
         for cfg in configs:
-            fn = _APPLIERS.get(cfg.method)
-            if fn is None:
-                raise ArtifactError(f"method {cfg.method!r} has no runtime in this accel; "
-                                    f"available: {', '.join(sorted(_APPLIERS))}")
+            fn = get_applier(cfg.method)
             check_stack(model, state.claims, cfg, claims_of(cfg), source)
             prefix = cfg.method + "/"
             fn(PatchContext(model, state, cfg.method, source, cfg), cfg,

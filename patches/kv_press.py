@@ -1,8 +1,9 @@
 """The base of every KV-cache method ("press"): what one needs from transformers, written once.
 
-A press is three things: a config (`accel/configs/<method>.py`), an applier registered with
-`@register_method` that calls `install_press`, and a kernel folder (`accel/kernels/<op>/`) that
-owns the math. The handler subclasses `PressHandler` and overrides what it changes:
+A press is the five places of any method (docs/adding_a_method.md): a config, a kernel folder
+that owns the math, an applier registered with `@register_method` that calls `install_press`, a
+calibrator, and a row in the manifest (accel/methods.py). The handler subclasses
+`PressHandler` and overrides what it changes:
 
     class KeepLastN(PressHandler):
         def with_cache(self, module, query, key, value, attention_mask, layer, **kwargs):

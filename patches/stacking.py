@@ -1,10 +1,15 @@
 """Which methods may share a module, checked before a method touches the model.
 
+A method's kind is what its applier claims (`@register_method(name, claims=("attention",))`, or
+("linear",), or a function of the config): nothing here lists methods, so a new one (a KV press
+is an attention method) stacks by its claims alone.
+
 Rules (see `accel.patch`):
 - a linear takes at most one weight method (prune, gqsa, rsparse, identity's linears): a second
   one would either silently apply to nothing (appliers only replace plain `nn.Linear`s) or stack
   two weight formats that no kernel computes;
-- the attention takes at most one attention method (double-sparsity, identity's attention);
+- the attention takes at most one attention method (double-sparsity or another KV press,
+  identity's attention);
 - one attention method composes with one weight method, in either order;
 - the same method from the same artifact (or an equal config) again is refused too: re-patching
   is not idempotent, so that a changed artifact on disk never becomes a silent no-op.
@@ -40,8 +45,8 @@ def conflict_message(claim: Claim, method: str, source: str, config) -> str:
         return (f"{claim.module} is already patched by {method} from the same {source}: patching it again is "
                 f"refused (re-patching is not idempotent); call accel.unpatch(model) first")
     return (f"cannot stack {method} ({source}) on {claim.method} ({claim.source}) at {claim.module}: both replace "
-            f"the {what}. A model takes one attention method (double-sparsity) and one weight method "
-            f"(prune, gqsa or rsparse) per linear; call accel.unpatch(model) first to change methods")
+            f"the {what}. A model takes one attention method (such as double-sparsity) and one weight method "
+            f"(such as prune, gqsa or rsparse) per linear; call accel.unpatch(model) first to change methods")
 
 
 def planned_linears(model, cfg) -> list[str]:

@@ -8,6 +8,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .. import methods as _methods
 from ..errors import AccelError
 
 
@@ -104,16 +105,27 @@ def register_config(cls: type["MethodConfig"]) -> type["MethodConfig"]:
 
 
 def registered_methods() -> list[str]:
+    """Every method with a config: the manifest's (accel/methods.py; their config modules are
+    imported here) and any registered directly."""
+    _methods.load_all("config")
     return sorted(_REGISTRY)
 
 
 def get_config_class(method: str) -> type["MethodConfig"]:
-    # The registry is complete here: accel/configs/__init__.py imports every built-in method's
-    # config module (via _builtin.py), and Python runs it before any module of the package.
+    # A method in the manifest (accel/methods.py) is looked up by importing its config module on
+    # first use, so `import accel` imports no method's config.
+    cls = _REGISTRY.get(method)
     try:
-        return _REGISTRY[method]
-    except KeyError:
-        raise ConfigError(f"unknown method {method!r}; known methods: {', '.join(sorted(_REGISTRY))}") from None
+        if cls is None and _methods.load(method, "config"):
+            cls = _REGISTRY.get(method)
+            if cls is None:
+                raise _methods.not_registered(method, "config", "config class (@register_config, method = ...)")
+    except _methods.MethodError as e:  # a config error to its callers (an artifact names the file)
+        raise ConfigError(str(e)) from e
+    if cls is None:
+        known = sorted(set(_REGISTRY) | set(_methods.methods()))
+        raise ConfigError(f"unknown method {method!r}; known methods: {', '.join(known)}")
+    return cls
 
 
 @dataclass
