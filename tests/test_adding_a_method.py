@@ -352,3 +352,16 @@ def test_a_row_whose_modules_do_not_register_is_a_clear_error(scratch_rows, tmp_
     (tmp_path / "a" / "accel_config.json").write_text(json.dumps(doc))
     with pytest.raises(accel.ArtifactError, match=r"accel_config.json: methods\[0\]: .*'hollow'"):
         accel.Artifact.load(tmp_path / "a")
+
+
+def test_import_accel_imports_no_method_module():
+    """The registries load method modules from the manifest on first use, not on `import accel`."""
+    import subprocess
+
+    code = ("import sys, accel, accel.methods as M; "
+            "mods = {m for r in M.BUILTIN_METHODS.values() for m in (r.config, r.runtime, r.calibrator, *r.cli)}; "
+            "loaded = sorted(mods & set(sys.modules)); assert not loaded, loaded; "
+            "accel.configs.get_config_class('gqsa'); assert 'accel.configs.gqsa' in sys.modules; "
+            "assert 'accel.patches.gqsa' not in sys.modules and 'accel.calibrate.gqsa' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
