@@ -174,6 +174,20 @@ def name_list(s: str) -> list[str]:
     return items
 
 
+def add_sweep_calibration_args(p: argparse.ArgumentParser, n_samples: int, seq_len: int | None = None,
+                               old_samples: tuple[str, ...] = ("--n-samples",)) -> None:
+    """The calibration options of an `accel eval <method>-sweep` (or another eval command that
+    calibrates): the same spellings as `accel calibrate`, `--num-calibration-samples` and
+    `--max-seq-length` (calibration window; the eval window stays `--seq-len`). Each sweep keeps its
+    own measured defaults; old spellings still work with a note. seq_len None: the command uses its
+    eval window for calibration too and takes no --max-seq-length."""
+    add_option(p, "--num-calibration-samples", *old_samples, type=int, default=n_samples, metavar="N",
+               help="calibration windows")
+    if seq_len is not None:
+        add_option(p, "--max-seq-length", "--calib-seq-len", type=int, default=seq_len, metavar="TOKENS",
+                   help="tokens per calibration window")
+
+
 def add_overwrite(p: argparse.ArgumentParser) -> None:
     """The --overwrite flag of every command that takes --output."""
     p.add_argument("--overwrite", action="store_true",

@@ -54,7 +54,7 @@ def _cmd_sweep(args) -> int:
 
     from .sweep_ds import format_table, plot_sweep, run_sweep
 
-    model, tok, art = _load(args.model, args.dtype, args.artifact, args.calib_samples)
+    model, tok, art = _load(args.model, args.dtype, args.artifact, args.num_calibration_samples)
     tokens = eval_tokens(tok, args.source, args.max_tokens)
     res = run_sweep(model, tokens, art, budgets=args.budgets, channels=args.channels, rows=args.rows,
                     seq_len=args.seq_len, batch_size=args.batch_size, base=_base_config(art, args),
@@ -72,7 +72,7 @@ def _cmd_retrieval(args) -> int:
 
     from .ds_retrieval import format_retrieval, run_retrieval
 
-    model, tok, art = _load(args.model, args.dtype, args.artifact, args.calib_samples)
+    model, tok, art = _load(args.model, args.dtype, args.artifact, args.num_calibration_samples)
     res = run_retrieval(model, tok, art, tasks=args.tasks, contexts=args.contexts, n=args.n, budget=args.budget,
                         base=_base_config(art, args), seed=args.seed, progress=not args.json)
     emit(res, args.json, format_retrieval(res))
@@ -123,9 +123,12 @@ def _cmd_bench_offload(args) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from accel.cli import add_sweep_calibration_args
+
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--artifact", default=None, help="double-sparsity artifact (default: calibrate first)")
-    p.add_argument("--calib-samples", type=int, default=32, help="512-token blocks when calibrating here")
+    # 512-token calibration windows when no --artifact is given.
+    add_sweep_calibration_args(p, n_samples=32, old_samples=("--calib-samples", "--n-samples"))
     p.add_argument("--group-reduce", default=None, choices=["max", "sum"])
     p.add_argument("--channel-type", default=None, choices=["q", "k", "qk"])
     p.add_argument("--sink", type=int, default=None)

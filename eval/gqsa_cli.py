@@ -19,8 +19,8 @@ def _cmd_sweep(args) -> int:
         if args.partial:
             with open(args.partial, "a") as f:
                 f.write(json.dumps(r) + "\n")
-    res = gqsa_sweep(args.rows.split(","), args.model, args.max_tokens, args.seq_len, args.samples,
-                     args.calib_seq_len, args.bqpo_steps, args.bqpo_batch, args.bqpo_lr, args.e2e_steps,
+    res = gqsa_sweep(args.rows.split(","), args.model, args.max_tokens, args.seq_len, args.num_calibration_samples,
+                     args.max_seq_length, args.bqpo_steps, args.bqpo_batch, args.bqpo_lr, args.e2e_steps,
                      args.e2e_lr, progress=not args.json, on_row=show, eval_dtype=args.eval_dtype, seed=args.seed)
     emit(res, args.json, f"{res['tokens']} tokens x seq {res['seq_len']}, calibration {res['calibration']}")
     return 0
@@ -57,6 +57,8 @@ def _cmd_bench(args) -> int:
 
 
 def register(cli) -> None:
+    from accel.cli import add_sweep_calibration_args
+
     from .sweep_gqsa import ROWS
 
     p = cli.add("eval", "gqsa-sweep", "SmolLM2 perplexity: dense, RTN W4/W2, Wanda 2:4, GQSA rows")
@@ -64,8 +66,7 @@ def register(cli) -> None:
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma list from {', '.join(ROWS)}")
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--samples", type=int, default=32, help="calibration samples")
-    p.add_argument("--calib-seq-len", type=int, default=512)
+    add_sweep_calibration_args(p, n_samples=32, seq_len=512, old_samples=("--samples", "--n-samples"))
     p.add_argument("--bqpo-steps", type=int, default=8)
     p.add_argument("--bqpo-batch", type=int, default=2)
     p.add_argument("--bqpo-lr", type=float, default=3e-4)

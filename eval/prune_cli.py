@@ -9,7 +9,7 @@ def _cmd_sweep(args) -> int:
 
     cols = [c.strip() for c in args.sparsities.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    r = prune_sweep(args.model, cols, methods, args.max_tokens, args.seq_len, args.n_samples, args.calib_seq_len,
+    r = prune_sweep(args.model, cols, methods, args.max_tokens, args.seq_len, args.num_calibration_samples, args.max_seq_length,
                     args.seed, args.dtype, args.batch_size, progress=not args.json,
                     fp32_check=not args.no_fp32_check, dense=not args.no_dense)
     meta = r["meta"]
@@ -30,6 +30,8 @@ def _cmd_sweep(args) -> int:
 
 
 def register(cli) -> None:
+    from accel.cli import add_sweep_calibration_args
+
     s = cli.add("eval", "prune-sweep", "perplexity table: dense / magnitude / wanda / wanda+dsnot x sparsities")
     s.add_argument("--model", default="smollm2-135m")
     s.add_argument("--sparsities", default="0.5,0.6,0.7,2:4,4:8", help="columns: sparsities and N:M patterns")
@@ -37,8 +39,7 @@ def register(cli) -> None:
                    help="rows; a DSnoT objective may follow, e.g. wanda+dsnot:mean,wanda+dsnot:mse")
     s.add_argument("--max-tokens", type=int, default=16384)
     s.add_argument("--seq-len", type=int, default=512)
-    s.add_argument("--n-samples", type=int, default=16, help="calibration samples")
-    s.add_argument("--calib-seq-len", type=int, default=512)
+    add_sweep_calibration_args(s, n_samples=16, seq_len=512)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="calibration and evaluation dtype (dense fp32 ppl is printed beside it)")

@@ -10,7 +10,7 @@ def _cmd_sweep(args) -> int:
 
     levels = [float(v) for v in args.levels.split(",")]
     r = run_sweep(args.model, levels, max_tokens=args.max_tokens, seq_len=args.seq_len, search=args.search,
-                  n_samples=args.n_samples, greedy_tokens=args.greedy_tokens, evo=evo_settings(args),
+                  n_samples=args.num_calibration_samples, greedy_tokens=args.greedy_tokens, evo=evo_settings(args),
                   sparse_share=args.sparse_share, checkpoint_dir=args.checkpoint_dir, progress=not args.json,
                   dense=not args.no_dense, rows=tuple(args.rows.split(",")))
     emit(r, args.json, format_table(r))
@@ -29,11 +29,13 @@ def _cmd_bench(args) -> int:
 
 
 def register(cli) -> None:
+    from accel.cli import add_sweep_calibration_args
+
     from accel.calibrate.rsparse_cli import add_search_args
 
     s = cli.add("eval", "rsparse-sweep", "perplexity of dense / TEAL / R-Sparse uniform / R-Sparse searched")
     s.add_argument("--model", default="smollm2-135m")
-    s.add_argument("--n-samples", type=int, default=8, help="calibration windows")
+    add_sweep_calibration_args(s, n_samples=8)
     s.add_argument("--seq-len", type=int, default=512, help="tokens per calibration and evaluation window")
     add_search_args(s)
     s.add_argument("--levels", default="0.4,0.5,0.6", help="model-level sparsity budgets (columns)")

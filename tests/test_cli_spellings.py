@@ -275,3 +275,26 @@ def test_report_of_an_unpatched_model_has_no_totals():
     assert str(rep) == "model is not patched by accel"
     t = rep.totals()
     assert (t.linears, t.weight_bytes, t.kernels, t.ratio) == (0, 0, {}, None)
+
+
+# The eval commands that calibrate spell the calibration options like `accel calibrate`, and
+# their old spellings still work with a note.
+SWEEP_OLD = [("prune-sweep", "--n-samples", "--num-calibration-samples"),
+             ("prune-sweep", "--calib-seq-len", "--max-seq-length"),
+             ("gqsa-sweep", "--samples", "--num-calibration-samples"),
+             ("gqsa-sweep", "--calib-seq-len", "--max-seq-length"),
+             ("ds-sweep", "--calib-samples", "--num-calibration-samples"),
+             ("ds-retrieval", "--calib-samples", "--num-calibration-samples"),
+             ("rsparse-sweep", "--n-samples", "--num-calibration-samples")]
+
+
+@pytest.mark.parametrize("cmd,old,new", SWEEP_OLD, ids=[f"{c}{o}" for c, o, _ in SWEEP_OLD])
+def test_sweeps_share_the_calibration_spellings(cmd, old, new, capsys):
+    from accel.cli import build
+
+    parser = build().parser
+    dest = new.lstrip("-").replace("-", "_")
+    assert getattr(parser.parse_args(["eval", cmd, new, "7"]), dest) == 7
+    capsys.readouterr()
+    assert getattr(parser.parse_args(["eval", cmd, old, "7"]), dest) == 7
+    assert f"{old} is deprecated; use {new}" in capsys.readouterr().err
