@@ -9,9 +9,9 @@ library code never sees argparse objects. Every `calibrate` subcommand takes the
 of `add_calibration_args` (one spelling each; old spellings still work with a note on stderr).
 
 Exit codes: 0 success; 2 bad input, as one line `accel: error: <Class>: <message>` (an
-accel.errors.AccelError, or a ValueError/RuntimeError/OSError: library code raises those for
-the user too), and argparse usage errors; 1 an unexpected exception, one line saying so (a bug:
-rerun with -v for the traceback); 130 interrupted (Ctrl-C). With -v every error re-raises with
+accel.errors.AccelError, or a ValueError/OSError: bad values and unreadable paths), and argparse
+usage errors; 1 an unexpected exception (any other, a plain RuntimeError from torch included), one
+line saying so (a bug: rerun with -v for the traceback); 130 interrupted (Ctrl-C). With -v every error re-raises with
 its traceback.
 """
 from __future__ import annotations
@@ -125,7 +125,9 @@ class CLI:
     def _export(self, args) -> int:
         if args.export_format not in self.exporters:
             known = ", ".join(sorted(self.exporters)) or "none"
-            raise SystemExit(f"accel export: unknown format {args.export_format!r} (known: {known})")
+            from accel.configs import ConfigError
+
+            raise ConfigError(f"accel export: unknown format {args.export_format!r} (known: {known})")
         out = self.exporters[args.export_format][0](args.artifact, args.output, model=args.model,
                                                     overwrite=args.overwrite)
         print(f"wrote {out or args.output}")
@@ -293,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("accel: interrupted", file=sys.stderr)
         return 130
-    except (AccelError, ValueError, RuntimeError, OSError) as e:
-        # Errors meant for the user: the message names the problem; a traceback adds nothing.
+    except (AccelError, ValueError, OSError) as e:
+        # Errors meant for the user (accel's own, bad values, unreadable paths): the message names
+        # the problem; a traceback adds nothing. A plain RuntimeError (a torch shape error, out of
+        # memory) is not bad input: it falls through to the unexpected-error branch below.
         if verbose:
             raise
         print(f"accel: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)

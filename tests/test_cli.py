@@ -16,9 +16,35 @@ def test_calibrate_help_lists_group(capsys):
     assert "METHOD" in capsys.readouterr().out
 
 
-def test_unknown_export_format(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="unknown format 'bogus'"):
-        main(["export", "--format", "bogus", str(tmp_path), "--output", str(tmp_path / "o")])
+def test_unknown_export_format_is_one_line_exit_2(tmp_path, capsys):
+    rc = main(["export", "--format", "bogus", str(tmp_path), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "ConfigError" in err and "unknown format 'bogus'" in err and "known:" in err
+
+
+def test_a_plain_runtime_error_is_unexpected_not_bad_input(tmp_path, capsys):
+    """A RuntimeError that is not an accel error (a torch shape error, out of memory) is a bug
+    or a resource problem, not bad input: exit 1 with the -v hint, not exit 2."""
+    from accel import cli as cli_mod
+
+    def boom(artifact, output, **kw):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    real = cli_mod.build
+
+    def build():
+        c = real()
+        c.exporter("boom", boom, "raises")
+        return c
+
+    cli_mod.build = build
+    try:
+        rc = main(["export", "--format", "boom", str(tmp_path), "--output", str(tmp_path / "o")])
+    finally:
+        cli_mod.build = real
+    err = capsys.readouterr().err
+    assert rc == 1 and "unexpected" in err and "-v" in err and "mat1 and mat2" in err
 
 
 def test_ppl_with_missing_artifact_is_a_clear_error(capsys, tmp_path):

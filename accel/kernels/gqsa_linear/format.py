@@ -231,8 +231,14 @@ class GQSAWeight:
                 mask = cols_to_mask(cols, in_f // g)
             w = cls(tensors[f"{prefix}.qweight"], mask, tensors[f"{prefix}.scales"],
                     tensors[f"{prefix}.zeros"], in_f, g, bits, tile)
+        except GQSAFormatError:
+            raise
         except KeyError as e:
             raise GQSAFormatError(f"GQSA tensors for {prefix!r} are incomplete: missing {e}") from None
+        except (ValueError, TypeError) as e:
+            # e.g. a .meta tensor of the wrong length or rank: bad input, not a bug.
+            raise GQSAFormatError(f"GQSA tensors for {prefix!r} are malformed ({prefix}.meta must hold "
+                                  f"[in_features, group_size, bits, tile_rows]): {e}") from None
         w.validate()
         return w
 
