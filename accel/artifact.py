@@ -14,6 +14,7 @@ accel never replaces what it did not write. Files are created with the process u
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -68,6 +69,27 @@ def _accel_written(path: Path, kind: str) -> set[str] | None:
     names = doc.get("files")
     names = list(names) if isinstance(names, (dict, list)) else []
     return {manifest.name} | {n for n in names if isinstance(n, str)}
+
+
+def write_file(path: str | os.PathLike, write, overwrite: bool = False) -> Path:
+    """Write one output file the user named (a plot, a JSON) the way every accel output is written:
+    `check_output_path(path, overwrite, "file")`, then `write(tmp_path)` into a temp file beside it
+    (mode from the umask), then a rename into place. Nothing is left behind on error."""
+    path = check_output_path(path, overwrite, "file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp makes the file 0600; a plain open() would have followed the umask.
+        os.chmod(tmp, 0o666 & ~output_umask(path.parent))
+        check_output_path(path, overwrite, "file")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False, kind: str = "artifact") -> Path:

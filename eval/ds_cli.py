@@ -52,8 +52,12 @@ def _cmd_sweep(args) -> int:
     from accel.cli import emit
     from accel.data import eval_tokens
 
+    from accel.artifact import check_output_path
+
     from .sweep_ds import format_table, plot_sweep, run_sweep
 
+    if args.plot:  # fail fast, before the sweep
+        check_output_path(args.plot, args.overwrite, "file")
     model, tok, art = _load(args.model, args.dtype, args.artifact, args.num_calibration_samples)
     tokens = eval_tokens(tok, args.source, args.max_tokens)
     res = run_sweep(model, tokens, art, budgets=args.budgets, channels=args.channels, rows=args.rows,
@@ -62,7 +66,7 @@ def _cmd_sweep(args) -> int:
     text = (f"Double Sparsity perplexity, {res['tokens']} tokens in {args.seq_len}-token windows, {args.dtype}\n"
             + format_table(res))
     if args.plot:
-        text += f"\nwrote {plot_sweep(res, args.plot)}"
+        text += f"\nwrote {plot_sweep(res, args.plot, overwrite=args.overwrite)}"
     emit(res["table"], args.json, text)
     return 0
 
@@ -139,6 +143,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(cli) -> None:
+    from accel.cli import add_overwrite
+
     p = cli.add("eval", "ds-sweep", "Double Sparsity perplexity table: budget x channels vs baselines")
     _common(p)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -150,6 +156,7 @@ def register(cli) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--plot", default=None, help="write a PNG of ppl against budget")
+    add_overwrite(p)
     p.set_defaults(func=_cmd_sweep)
 
     q = cli.add("eval", "ds-retrieval", "passkey and key-value retrieval accuracy: dense, Double Sparsity, sink+recent")

@@ -5,8 +5,12 @@ from __future__ import annotations
 def _cmd_sweep(args) -> int:
     from accel.cli import emit
 
+    from accel.artifact import check_output_path
+
     from .sweep_prune import format_table, plot, prune_sweep
 
+    if args.plot:  # fail fast, before the sweep
+        check_output_path(args.plot, args.overwrite, "file")
     cols = [c.strip() for c in args.sparsities.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     r = prune_sweep(args.model, cols, methods, args.max_tokens, args.seq_len, args.num_calibration_samples, args.max_seq_length,
@@ -23,14 +27,14 @@ def _cmd_sweep(args) -> int:
         text += f"\ndense fp32 ppl {meta['dense_fp32']:.4f} vs {meta['dtype']} {r['table']['dense']:.4f}"
     text += f"\ncalibration time vs one plain forward over the calibration set ({fwd:.1f}s): {times}"
     if args.plot:
-        plot(r["table"], cols, args.plot)
+        plot(r["table"], cols, args.plot, overwrite=args.overwrite)
         text += f"\nplot -> {args.plot}"
     emit(r["table"], args.json, text)
     return 0
 
 
 def register(cli) -> None:
-    from accel.cli import add_sweep_calibration_args
+    from accel.cli import add_overwrite, add_sweep_calibration_args
 
     s = cli.add("eval", "prune-sweep", "perplexity table: dense / magnitude / wanda / wanda+dsnot x sparsities")
     s.add_argument("--model", default="smollm2-135m")
@@ -47,5 +51,6 @@ def register(cli) -> None:
     s.add_argument("--no-fp32-check", action="store_true", help="skip the dense fp32 perplexity")
     s.add_argument("--no-dense", action="store_true", help="skip the dense row (split a sweep over processes)")
     s.add_argument("--plot", default=None, help="write ppl-vs-sparsity PNG here")
+    add_overwrite(s)
     s.add_argument("--json", action="store_true", help="last line: {row: {column: ppl}}")
     s.set_defaults(func=_cmd_sweep)

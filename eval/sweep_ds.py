@@ -134,7 +134,7 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(res: dict, path: str, r: int | None = None) -> str:
+def plot_sweep(res: dict, path: str, r: int | None = None, overwrite: bool = False) -> str:
     """Perplexity against budget fraction, one line per method (DS and random at one r)."""
     import matplotlib
 
@@ -159,8 +159,12 @@ def plot_sweep(res: dict, path: str, r: int | None = None) -> str:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from accel.artifact import write_file
+
+    try:
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=120), overwrite)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -90,7 +90,7 @@ def format_table(table: dict, columns) -> str:
     return "\n".join(lines)
 
 
-def plot(table: dict, columns, path: str) -> None:
+def plot(table: dict, columns, path: str, overwrite: bool = False) -> None:
     """Perplexity (log) against sparsity: one line per method over the unstructured columns; N:M
     columns are marked at their sparsity N/M and labelled."""
     import matplotlib
@@ -119,8 +119,12 @@ def plot(table: dict, columns, path: str) -> None:
     ax.set_title("SmolLM2-135M pruning, wiki eval split")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from accel.artifact import write_file
+
+    try:
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=120), overwrite)
+    finally:
+        plt.close(fig)
 
 
 def demo_step(model, tok, ids: torch.Tensor, seq_len: int = 512, sparsity: float = 0.5) -> dict:
