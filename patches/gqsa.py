@@ -26,8 +26,11 @@ class GQSALinear(AccelLinear):
 
     method = "gqsa"
 
-    def __init__(self, w: GQSAWeight, bias: torch.Tensor | None):
+    def __init__(self, w: GQSAWeight, bias: torch.Tensor | None, dtype: torch.dtype = torch.bfloat16):
         super().__init__(w.in_features, w.out_features)
+        # Activation dtype the CPU kernel is prepared for: the replaced linear's weight dtype at patch
+        # time, then the dtype forward actually sees (so kernel_path names the path that runs).
+        self.act_dtype = dtype
         self.group_size, self.bits, self.tile_rows = w.group_size, w.bits, w.tile_rows
         self.register_buffer("qweight", w.qweight)
         self.register_buffer("colmask", w.colmask)
@@ -47,11 +50,20 @@ class GQSALinear(AccelLinear):
                                           self.group_size, self.bits, self.tile_rows)
         return w
 
-    def _cpu_kernel(self):
-        if self._cpu is None:
+    def _cpu_kernel(self, dtype: torch.dtype | None = None):
+        """The CPU kernel for activations of `dtype` (default: the dtype last prepared for). A
+        bf16 / non-bf16 change rebuilds it unless it runs the native kernel, which takes both."""
+        k = self._cpu
+        if dtype is not None and k is not None and k.path != "cpu-avx512" and \
+                (dtype == torch.bfloat16) != (k.dtype == torch.bfloat16):
+            k = None
+        if k is None:
             from accel.kernels.gqsa_linear.cpu import CPUGQSA
-            self._cpu = CPUGQSA(self.packed())
-        return self._cpu
+            if dtype is not None:
+                self.act_dtype = dtype
+            # A local: a concurrent forward keeps the kernel it already holds.
+            k = self._cpu = CPUGQSA(self.packed(), dtype=self.act_dtype)
+        return k
 
     @property
     def kernel_path(self) -> str:
@@ -61,7 +73,7 @@ class GQSALinear(AccelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = select_path(x.device)
         if path == "cpu":
-            return self._cpu_kernel()(x, self.bias)
+            return self._cpu_kernel(x.dtype)(x, self.bias)
         if path == "triton":
             from accel.kernels.gqsa_linear.triton_kernel import gqsa_linear_triton
             return gqsa_linear_triton(x, self.packed(), self.bias)
@@ -91,7 +103,7 @@ def apply_gqsa(ctx: PatchContext, cfg: GQSAConfig, tensors: dict) -> None:
         if (w.out_features, w.in_features) != (lin.out_features, lin.in_features):
             raise ArtifactError(f"gqsa artifact: {name} is {w.out_features}x{w.in_features} in the artifact, "
                                 f"{lin.out_features}x{lin.in_features} in the model")
-        new = GQSALinear(w, lin.bias).to(lin.weight.device)
+        new = GQSALinear(w, lin.bias, dtype=lin.weight.dtype).to(lin.weight.device)
         dense = lin.out_features * lin.in_features * 2
         ctx.swap_module(name, new, detail=f"W{w.bits} S{w.sparsity:.2f} g{w.group_size} tile{w.tile_rows} "
                                           f"{new.weight_bytes()} B ({new.weight_bytes() / dense:.3f}x bf16)")

@@ -225,3 +225,46 @@ def test_dequantize_stays_on_the_weights_device():
     torch.manual_seed(42)
     w = pack_weight(torch.randn(40, 96), sparsity=0.5, group_size=16, bits=4).to("meta")
     assert w.dequantize().device.type == "meta"
+
+
+def test_torch_cpu_path_follows_the_model_dtype(tmp_path, monkeypatch):
+    """Without the native kernel (ACCEL_CPP=0, no AVX-512) the int4 kernels take bf16 only: an fp32
+    model runs cpu-dequant, and the report says so and holds no int4 copy; a bf16 model keeps the
+    int4 path. Found: an fp32 model reported cpu-int4-compact while each forward dequantized."""
+    from accel.kernels.gqsa_linear import cpp_ext
+    from accel.patches.gqsa import GQSALinear
+
+    monkeypatch.setattr(cpp_ext, "available", lambda: False)
+    monkeypatch.setenv("ACCEL_KERNEL", "cpu")
+    model = accel.models.tiny("llama")
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(42))
+    cfg = GQSAConfig(bits=4, sparsity=0.5, group_size=32, tile_rows=16, bqpo_steps=0, allocation="uniform")
+    art = calibrate_gqsa(model, None, cfg, samples=x, progress=False, keep_changes=True)
+    ids = x[:2, :15]
+    for dtype, want, floor in ((torch.float32, "cpu-dequant", 100), (torch.bfloat16, "cpu-int4-compact", 25)):
+        ref_model = accel.models.tiny("llama")
+        ref_model.load_state_dict(model.state_dict())
+        ref_model.to(dtype)
+        with torch.no_grad():
+            ref = ref_model(input_ids=ids).logits.double()
+        fresh = accel.models.tiny("llama").to(dtype)
+        with accel.patched(fresh, art), torch.no_grad():
+            rep = accel.report(fresh)
+            assert rep.totals().kernels == {want: 28}, dtype
+            out = fresh(input_ids=ids).logits.double()
+            assert accel.report(fresh).totals().kernels == {want: 28}, dtype
+            mods = [m for m in fresh.modules() if isinstance(m, GQSALinear)]
+            assert len(mods) == 28
+            for m in mods:
+                k = m._cpu_kernel()
+                if dtype == torch.float32:
+                    # Only the stored format: no repacked int4 copy beside it.
+                    w = m.packed()
+                    stored = sum(t.numel() * t.element_size() for t in (w.qweight, w.cols, w.scales, w.zeros))
+                    assert k.nbytes() == stored, m
+                    assert not hasattr(k, "parts") and not hasattr(k, "packed")
+            if dtype == torch.float32:
+                # The path follows the dtype forward sees: bf16 activations get the int4 kernel.
+                mods[0](torch.randn(3, mods[0].in_features).bfloat16())
+                assert mods[0].kernel_path == "cpu-int4-compact"
+        assert _sqnr_db(ref, out) > floor, dtype

@@ -24,7 +24,8 @@ Rounding, stated: the int4 kernels hold s and z' = (8 - zero) * s in bf16 (the f
 fp16), so their weights differ from the reference's by ~2^-9 relative (SQNR > 35 dB on random
 weights, tests/test_gqsa.py); they take bf16 activations only. fp32 and fp16 activations on an
 int4-path weight run the exact "cpu-dequant" math instead (their rounding to bf16 would cost
-8 or 3 bits). 2/3/8-bit weights never take the int4 kernels: their codes would fit, but the bf16
+8 or 3 bits); a kernel prepared for them (CPUGQSA(dtype=...), which GQSALinear sets from the
+model's dtype) is "cpu-dequant" from the start and builds no int4 copy. 2/3/8-bit weights never take the int4 kernels: their codes would fit, but the bf16
 z' error grows with the scale, i.e. with fewer bits (W3 0.9%, W2 3% off at the logits).
 The native "cpu-avx512" path (4-bit only) splits fp32/fp16 activations into bf16 hi + lo parts
 below PREFILL_ROWS rows: ~16 bits per activation, relative error ~1e-5 (documented in cpp_ext.py);
@@ -85,10 +86,15 @@ BLOCK_ROWS = 256
 
 
 class CPUGQSA:
-    """Prepared CPU form of one GQSAWeight. x: [M, in] (any float dtype) -> [M, out] in x's dtype."""
+    """Prepared CPU form of one GQSAWeight. x: [M, in] (any float dtype) -> [M, out] in x's dtype.
 
-    def __init__(self, w: GQSAWeight, native: bool = True):
+    dtype: the activation dtype it is prepared for. The int4 kernels take bf16 only, so for any
+    other dtype the torch paths choose "cpu-dequant" and build no int4 copy that would never run
+    (`path` then names what runs). Other dtypes still compute correctly (see __call__)."""
+
+    def __init__(self, w: GQSAWeight, native: bool = True, dtype: torch.dtype = torch.bfloat16):
         self.out_features, self.in_features = w.out_features, w.in_features
+        self.dtype = dtype
         # native=False keeps the torch paths (benchmarks compare them with the native kernel).
         if native and cpp_ext.supports(w.group_size, w.bits) and cpp_ext.available():
             self.path = "cpu-avx512"
@@ -98,6 +104,8 @@ class CPUGQSA:
             return
         # Only 4-bit codes are what the int4 kernels compute (see the module docstring).
         ga = aten_group(w.group_size) if w.bits == 4 and w.out_features % 16 == 0 else None
+        if dtype != torch.bfloat16:
+            ga = None  # fp32/fp16 activations would run the exact math anyway (module docstring)
         tiles = _tiles(w) if ga else None
         self.tensors: list[torch.Tensor] = []
         if ga is None:
