@@ -98,10 +98,10 @@ def resolve_samples(model, method: str, data, *, tokenizer=None, num_calibration
     return (x if needs_data else None), spec
 
 
-def _remove_tree(path: Path) -> None:
+def _remove_tree(path: Path, keep_dir: bool = False) -> None:
     from .checkpoint import remove_checkpoints
 
-    remove_checkpoints(path)
+    remove_checkpoints(path, keep_dir=keep_dir)
 
 
 def calibrate(model, config_or_recipe, data=None, output=None, *, tokenizer=None, num_calibration_samples=None,
@@ -154,6 +154,8 @@ def _calibrate(model, config_or_recipe, data=None, output=None, *, tokenizer=Non
                                         num_calibration_samples=num_calibration_samples,
                                         max_seq_length=max_seq_length, seed=seed, needs_data=cal.needs_data(cfg))
         existed = ck is not None and ck.exists()
+        # A directory the user made (empty before this run) is theirs: only its contents go.
+        user_dir = existed and not any(ck.iterdir())
         try:
             art = cal.fn(model, cfg, samples, spec=spec, checkpoint_dir=ck, progress=progress,
                          **(calibrator_kwargs or {}))
@@ -170,7 +172,7 @@ def _calibrate(model, config_or_recipe, data=None, output=None, *, tokenizer=Non
         if out is not None:
             art.path = art.save(out, overwrite=overwrite)
         if ck is not None:
-            _remove_tree(ck)
+            _remove_tree(ck, keep_dir=user_dir)
         return art
     finally:
         if temp:

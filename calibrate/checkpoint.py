@@ -62,13 +62,16 @@ def samples_digest(samples: torch.Tensor) -> dict:
     return {"shape": list(samples.shape), "sha256": h.hexdigest()}
 
 
-def checkpoint_key(model, samples: torch.Tensor, run_key: dict | None) -> dict:
-    """What a checkpoint is valid for. `run_key`: the method's settings (config, batch size...)."""
+def checkpoint_key(model, samples: torch.Tensor, run_key: dict | None, weights: str | None = None) -> dict:
+    """What a checkpoint is valid for. `run_key`: the method's settings (config, batch size...).
+    `weights`: weights_digest(model) when the caller has it already (hashing every weight costs
+    a pass over the whole model, so a run that keys several checkpoints computes it once)."""
     from accel._version import __version__
     from accel.artifact import fingerprint
 
     key = {"format": KEY_FORMAT, "accel": __version__, "model": fingerprint(model),
-           "weights": weights_digest(model), "data": samples_digest(samples), "config": run_key or {}}
+           "weights": weights if weights is not None else weights_digest(model),
+           "data": samples_digest(samples), "config": run_key or {}}
     # Round-trip through JSON so that comparing with a key read back from disk is exact.
     return json.loads(json.dumps(key, sort_keys=True, default=str))
 
@@ -87,6 +90,27 @@ def _fsync_replace(tmp: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
+def refuse_foreign(path: Path, names: list[str] | None = None, *, extra: re.Pattern | None = None,
+                   subdirs: tuple[str, ...] = ()) -> None:
+    """CalibrationError if directory `path` holds anything accel does not write there: its
+    checkpoint files (plus files matching `extra` and the sub-directories `subdirs`)."""
+    if names is None:
+        names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+    def ours(n: str) -> bool:
+        f = path / n
+        if n in subdirs:
+            return f.is_dir() and not f.is_symlink()
+        return f.is_file() and bool(_OURS.fullmatch(n) or (extra is not None and extra.fullmatch(n)))
+
+    foreign = [n for n in names if not ours(n)]
+    if foreign:
+        raise CalibrationError(
+            f"{path} is not an accel checkpoint directory: it holds {', '.join(foreign[:3])}"
+            + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            + "; accel never deletes files it did not write, so choose another checkpoint directory")
+
+
 class CheckpointDir:
     """One run's checkpoint directory (see the module docstring). Use `open`."""
 
@@ -102,12 +126,7 @@ class CheckpointDir:
                                    f"choose another checkpoint directory")
         if path.is_dir():
             names = sorted(p.name for p in path.iterdir())
-            foreign = [n for n in names if not (_OURS.fullmatch(n) and (path / n).is_file())]
-            if foreign:
-                raise CalibrationError(
-                    f"{path} is not an accel checkpoint directory: it holds {', '.join(foreign[:3])}"
-                    + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-                    + "; accel never deletes files it did not write, so choose another checkpoint directory")
+            refuse_foreign(path, names)
             if names:
                 old = cls._read_key(path)
                 if old is None and any(_LAYER.fullmatch(n) for n in names):
@@ -193,10 +212,17 @@ _EXTRA = re.compile(r"evo_[a-z]+_[0-9.]+_[0-9.]+\.(json|tmp)")
 _SUBDIRS = ("stats",)
 
 
-def remove_checkpoints(path: str | os.PathLike) -> None:
+def refuse_foreign_top(path: str | os.PathLike) -> None:
+    """refuse_foreign for a calibrator's top-level checkpoint directory (which may also hold
+    R-Sparse's search state and its `stats/` sub-directory)."""
+    refuse_foreign(Path(path), extra=_EXTRA, subdirs=_SUBDIRS)
+
+
+def remove_checkpoints(path: str | os.PathLike, keep_dir: bool = False) -> None:
     """Delete accel's checkpoint files in `path` (and in its `stats/` sub-directory), then the
-    directories that this leaves empty. Anything else in them stays (accel does not delete files
-    it did not write)."""
+    directories that this leaves empty, except `path` itself when `keep_dir` (a directory the
+    user made: accel removes only directories it created or filled with its checkpoints).
+    Anything else in them stays (accel does not delete files it did not write)."""
     path = Path(path)
     if not path.is_dir():
         return
@@ -206,6 +232,8 @@ def remove_checkpoints(path: str | os.PathLike) -> None:
     for p in path.iterdir():
         if (_OURS.fullmatch(p.name) or _EXTRA.fullmatch(p.name)) and p.is_file():
             p.unlink()
+    if keep_dir:
+        return
     try:
         path.rmdir()
     except OSError:

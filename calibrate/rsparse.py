@@ -25,7 +25,7 @@ from accel.patches import compat
 from accel.patches.rsparse import RSparseLinear, channel_scale, swapped
 from accel.patches.targets import iter_linears
 
-from .checkpoint import CheckpointDir, checkpoint_key
+from .checkpoint import CheckpointDir, checkpoint_key, refuse_foreign_top, weights_digest
 from .registry import register_calibrator
 from .runner import (CalibrationError, LayerData, check_model, check_samples, check_seq_len, linear_input_stats,
                      run_layerwise)
@@ -186,8 +186,10 @@ def target_names(model, cfg: RSparseConfig) -> tuple[list[str], dict, dict]:
 
 
 def collect_stats(model, samples: torch.Tensor, cfg: RSparseConfig, *, greedy_modes=("rsparse",),
-                  grid=GRID, greedy_tokens: int = 512, checkpoint_dir=None, progress: bool = True) -> RSparseStats:
-    """One layer-sequential pass (resumable through `checkpoint_dir`)."""
+                  grid=GRID, greedy_tokens: int = 512, checkpoint_dir=None, progress: bool = True,
+                  weights: str | None = None) -> RSparseStats:
+    """One layer-sequential pass (resumable through `checkpoint_dir`). `weights`: the model's
+    checkpoint.weights_digest when the caller has it (computed here once otherwise)."""
     check_model(model, [])
     names, shapes, layer_of = target_names(model, cfg)
     check_model(model, [(n, model.get_submodule(n)) for n in names])
@@ -197,9 +199,11 @@ def collect_stats(model, samples: torch.Tensor, cfg: RSparseConfig, *, greedy_mo
     # The runner adds the model, the data and the accel version to this key.
     key = {"method": "rsparse-stats", "grid": list(grid), "modes": list(greedy_modes), "rho": stats.rho_grid,
            "greedy_tokens": greedy_tokens, "targets": cfg.targets, "ignore": cfg.ignore}
-    if not _load_complete(checkpoint_dir, checkpoint_key(model, samples, key), method, model):
+    if checkpoint_dir is not None and weights is None:
+        weights = weights_digest(model)
+    if not _load_complete(checkpoint_dir, checkpoint_key(model, samples, key, weights), method, model):
         run_layerwise(model, samples, method, checkpoint_dir=checkpoint_dir, run_key=key, progress=progress,
-                      desc="rsparse stats")
+                      desc="rsparse stats", weights=weights)
     stats.grid = tuple(grid)
     return stats
 
@@ -339,11 +343,17 @@ def calibrate_rsparse_model(model, config: RSparseConfig, samples: torch.Tensor,
     check_model(model, [])
     check_samples(model, samples)
     greedy_tokens = greedy_tokens_for(samples, greedy_tokens)
+    weights = None
+    if checkpoint_dir:
+        # Before any work: the directory must hold only what an R-Sparse run writes there.
+        refuse_foreign_top(checkpoint_dir)
+        # One hash of every weight keys both the statistics pass and the search state.
+        weights = weights_digest(model)
     if stats is None:
         greedy_modes = (cfg.mode,) if cfg.search != "uniform" else ()
         stats = collect_stats(model, samples, cfg, greedy_modes=greedy_modes, greedy_tokens=greedy_tokens,
                               checkpoint_dir=Path(checkpoint_dir) / "stats" if checkpoint_dir else None,
-                              progress=progress)
+                              progress=progress, weights=weights)
     evo_state, on_gen = None, None
     if cfg.search == "evo" and checkpoint_dir:
         import dataclasses
@@ -352,7 +362,7 @@ def calibrate_rsparse_model(model, config: RSparseConfig, samples: torch.Tensor,
         evo_path = Path(checkpoint_dir) / f"evo_{cfg.mode}_{cfg.sparsity:.4f}_{cfg.sparse_share:.4f}.json"
         # A saved generation is only valid for the same model, data, config and search settings.
         ek = checkpoint_key(model, samples, {"config": cfg.to_dict(), "evo": dataclasses.asdict(evo or EvoSettings()),
-                                             "eval_samples": eval_samples, "greedy_tokens": greedy_tokens})
+                                             "eval_samples": eval_samples, "greedy_tokens": greedy_tokens}, weights)
         digest = hashlib.sha256(json.dumps(ek, sort_keys=True).encode()).hexdigest()
         try:
             evo_state = json.loads(evo_path.read_text()) if evo_path.is_file() else None

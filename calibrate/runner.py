@@ -276,14 +276,15 @@ def _peak_rss_mb() -> float:
 def run_layerwise(model, samples: torch.Tensor, method: LayerMethod, *, batch_size: int = 8,
                   checkpoint_dir: str | os.PathLike | None = None, run_key: dict | None = None,
                   progress: bool = True, desc: str = "calibrate",
-                  stop_after: int | None = None) -> RunStats:
+                  stop_after: int | None = None, weights: str | None = None) -> RunStats:
     """Calibrate `model` layer by layer with `method`, in place.
 
     checkpoint_dir: per-layer results go to `layer_XXX.safetensors`; existing ones made for the
     same model, data, `run_key` (the method's settings) and accel version are restored instead of
     recomputed, others are discarded with a warning (see `checkpoint.CheckpointDir`). A layer
     whose checkpoint is unreadable is recomputed, and so is every layer after it.
-    `stop_after` (tests) stops after that many layers as an interruption would.
+    `stop_after` (tests) stops after that many layers as an interruption would. `weights`:
+    checkpoint.weights_digest(model), when the caller computed it already (see checkpoint_key).
     """
     from .checkpoint import CheckpointDir, checkpoint_key
 
@@ -293,7 +294,7 @@ def run_layerwise(model, samples: torch.Tensor, method: LayerMethod, *, batch_si
     ck = None
     if checkpoint_dir is not None:
         # Keyed on the model before any layer changes: a resumed process reloads the original.
-        ck = CheckpointDir.open(checkpoint_dir, checkpoint_key(model, samples, run_key))
+        ck = CheckpointDir.open(checkpoint_dir, checkpoint_key(model, samples, run_key, weights))
     data = capture_inputs(model, samples, batch_size)
     t_cap = time.perf_counter() - t0
     layers = compat.decoder_layers(model)
