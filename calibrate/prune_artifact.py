@@ -90,7 +90,8 @@ def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model
         from .runner import CalibrationError
         raise CalibrationError(f"{partial} (the checkpoint directory of {out}) is an existing file; "
                                f"move it or choose another output")
-    if model is None:
+    loaded = model is None
+    if loaded:
         model, tokenizer = load_source(model_name, getattr(torch, dtype))
     timing = {}
 
@@ -99,7 +100,8 @@ def calibrate_prune(output: str, init: str = "wanda", dsnot: bool = False, model
         fwd = time_forward(model, x, batch_size) if x is not None else None
         cpu_fwd = time.process_time() - cpu0
         c = art.calibration
-        c["model"] = model_name
+        if loaded:  # a given model keeps what _calibrate recorded (its accel_source), not the default name
+            c["model"] = model_name
         c.update(forward_seconds=fwd, time_ratio=c["seconds"] / fwd if fwd else None, forward_cpu_seconds=cpu_fwd,
                  cpu_time_ratio=c["cpu_seconds"] / cpu_fwd if fwd else None)
         timing.update(c)
