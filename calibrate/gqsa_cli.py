@@ -1,6 +1,8 @@
 """`accel calibrate gqsa`: a GQSAConfig from the arguments, through `accel.calibrate`."""
 from __future__ import annotations
 
+import dataclasses
+
 
 def config_from_args(args):
     from accel.configs.gqsa import GQSAConfig
@@ -35,23 +37,27 @@ def _cmd(args) -> int:
 
 def register(cli) -> None:
     from accel.cli import add_calibration_args
+    from accel.configs.gqsa import GQSAConfig
+
+    # Option defaults are the config's own, so the two cannot drift apart.
+    d = {f.name: f.default for f in dataclasses.fields(GQSAConfig)}
 
     p = cli.add("calibrate", "gqsa", "GQSA: group-sparse int-N weights, BQPO (+ optional E2E-OQP)")
     add_calibration_args(p, "gqsa")
-    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of groups pruned per row, [0, 1)")
-    p.add_argument("--group-size", type=int, default=16, help="input channels per group (divides in_features)")
-    p.add_argument("--tile-rows", type=int, default=1,
+    p.add_argument("--bits", type=int, default=d["bits"], help="2, 3, 4 or 8")
+    p.add_argument("--sparsity", type=float, default=d["sparsity"], help="fraction of groups pruned per row, [0, 1)")
+    p.add_argument("--group-size", type=int, default=d["group_size"], help="input channels per group (divides in_features)")
+    p.add_argument("--tile-rows", type=int, default=d["tile_rows"],
                    help="rows sharing kept groups (1 = per row; e.g. 192 lets the CPU path compact)")
-    p.add_argument("--init", default="obs", choices=["obs", "rtn"],
+    p.add_argument("--init", default=d["init"], choices=["obs", "rtn"],
                    help="stage-1 start: obs = second-order group pruning + GPTQ rounding; rtn = Wanda scores + RTN")
-    p.add_argument("--allocation", default="owl", choices=["owl", "uniform"],
+    p.add_argument("--allocation", default=d["allocation"], choices=["owl", "uniform"],
                    help="layer sparsities: owl = spread by outlier ratio (same mean); uniform = all at --sparsity")
-    p.add_argument("--owl-lambda", type=float, default=0.25, help="OWL spread: layer sparsity within ±lambda")
-    p.add_argument("--bqpo-steps", type=int, default=8, help="stage-1 Adam steps per decoder block")
-    p.add_argument("--bqpo-lr", type=float, default=3e-4, help="stage-1 Adam learning rate")
-    p.add_argument("--bqpo-batch", type=int, default=2, help="calibration samples per BQPO step")
-    p.add_argument("--e2e-steps", type=int, default=0, help="stage-2 (E2E-OQP) steps; 0 = stage 1 only")
-    p.add_argument("--e2e-lr", type=float, default=2e-5, help="stage-2 learning rate")
+    p.add_argument("--owl-lambda", type=float, default=d["owl_lambda"], help="OWL spread: layer sparsity within ±lambda")
+    p.add_argument("--bqpo-steps", type=int, default=d["bqpo_steps"], help="stage-1 Adam steps per decoder block")
+    p.add_argument("--bqpo-lr", type=float, default=d["bqpo_lr"], help="stage-1 Adam learning rate")
+    p.add_argument("--bqpo-batch", type=int, default=d["bqpo_batch"], help="calibration samples per BQPO step")
+    p.add_argument("--e2e-steps", type=int, default=d["e2e_steps"], help="stage-2 (E2E-OQP) steps; 0 = stage 1 only")
+    p.add_argument("--e2e-lr", type=float, default=d["e2e_lr"], help="stage-2 learning rate")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     p.set_defaults(func=_cmd, make_config=config_from_args)

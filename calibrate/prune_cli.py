@@ -2,6 +2,8 @@
 `accel.calibrate.prune_artifact.calibrate_prune` (which goes through `accel.calibrate`)."""
 from __future__ import annotations
 
+import dataclasses
+
 import time
 
 from .prune_artifact import calibrate_prune  # noqa: F401  (the old import path of calibrate_prune)
@@ -14,10 +16,11 @@ def config_from_args(args):
     dsnot = args.prune_kind == "dsnot"
     sparsity = args.sparsity
     if sparsity is None and args.pattern in (None, "unstructured"):
-        sparsity = 0.5
+        sparsity = PruneConfig.__dataclass_fields__["sparsity"].default
     extra = {} if args.objective is None else {"dsnot_objective": args.objective}
     return PruneConfig(init=args.init if dsnot else args.prune_kind, dsnot=dsnot, sparsity=sparsity,
-                       pattern=args.pattern or "unstructured", use_variant=args.use_variant,
+                       pattern=args.pattern or PruneConfig.__dataclass_fields__["pattern"].default,
+                       use_variant=args.use_variant,
                        max_cycles=args.max_cycles, threshold=args.threshold, targets=args.targets,
                        ignore=args.ignore, **extra)
 
@@ -55,7 +58,10 @@ def _export_hf(artifact: str, output: str, model: str | None = None, overwrite: 
 
 def register(cli) -> None:
     from accel.cli import add_calibration_args
-    from accel.configs.prune import CALIB_MODES, DSNOT_OBJECTIVES
+    from accel.configs.prune import CALIB_MODES, DSNOT_OBJECTIVES, PruneConfig
+
+    # Option defaults are the config's own, so the two cannot drift apart.
+    d = {f.name: f.default for f in dataclasses.fields(PruneConfig)}
 
     helps = {"wanda": "Wanda pruning masks (|W|*||X_j||, per output row; unstructured or N:M)",
              "magnitude": "magnitude pruning masks (|W| per layer; the baseline)",
@@ -63,13 +69,13 @@ def register(cli) -> None:
     for kind, help_ in helps.items():
         p = cli.add("calibrate", kind, help_)
         add_calibration_args(p, "prune")
-        p.add_argument("--sparsity", type=float, default=None, help="fraction pruned in [0, 1) (default 0.5)")
+        p.add_argument("--sparsity", type=float, default=None, help=f"fraction pruned in [0, 1) (default {d['sparsity']})")
         p.add_argument("--pattern", default=None, help="unstructured (default) or N:M, e.g. 2:4, 4:8")
         p.add_argument("--batch-size", type=int, default=8, help="calibration windows per layer forward")
         p.add_argument("--use-variant", action="store_true", help="Wanda's per-row cumulative-score variant")
-        p.add_argument("--init", default="wanda", choices=["wanda", "magnitude"], help="(dsnot) initial mask")
-        p.add_argument("--max-cycles", type=int, default=50, help="(dsnot) prune-and-grow cycles per layer")
-        p.add_argument("--threshold", type=float, default=0.1, help="(dsnot) stop when |error| <= this")
+        p.add_argument("--init", default=d["init"], choices=["wanda", "magnitude"], help="(dsnot) initial mask")
+        p.add_argument("--max-cycles", type=int, default=d["max_cycles"], help="(dsnot) prune-and-grow cycles per layer")
+        p.add_argument("--threshold", type=float, default=d["threshold"], help="(dsnot) stop when |error| <= this")
         p.add_argument("--mode", default="auto", choices=list(CALIB_MODES),
                        help="joined: one layer forward per layer (memory grows with the calibration "
                             "tokens); two-pass: Wanda's stats-then-recompute pipeline; auto: joined if "

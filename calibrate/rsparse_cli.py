@@ -1,6 +1,8 @@
 """`accel calibrate rsparse`: an RSparseConfig from the arguments, through `accel.calibrate`."""
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 
 
@@ -50,11 +52,15 @@ def _cmd_calibrate(args) -> int:
 def register(cli) -> None:
     from accel.cli import add_calibration_args
 
+    from accel.configs.rsparse import RSparseConfig
+
+    # Option defaults are the config's own, so the two cannot drift apart.
+    d = {f.name: f.default for f in dataclasses.fields(RSparseConfig)}
     p = cli.add("calibrate", "rsparse", "R-Sparse (sparse + low-rank) or TEAL-style activation sparsity")
     add_calibration_args(p, "rsparse")
     add_search_args(p)
-    p.add_argument("--sparsity", type=float, default=0.5, help="model-level budget in [0, 1)")
-    p.add_argument("--search", default="greedy", choices=["greedy", "evo", "uniform"])
-    p.add_argument("--mode", default="rsparse", choices=["rsparse", "teal"])
-    p.add_argument("--sparse-share", type=float, default=0.95, help="uniform rho (sparse share of the budget)")
+    p.add_argument("--sparsity", type=float, default=d["sparsity"], help="model-level budget in [0, 1)")
+    p.add_argument("--search", default=d["search"], choices=["greedy", "evo", "uniform"])
+    p.add_argument("--mode", default=d["mode"], choices=["rsparse", "teal"])
+    p.add_argument("--sparse-share", type=float, default=d["sparse_share"], help="uniform rho (sparse share of the budget)")
     p.set_defaults(func=_cmd_calibrate, make_config=config_from_args)
