@@ -2,10 +2,10 @@
 
     python tests/_calib_child.py METHOD OUTPUT [--model-seed S] [--perturb]
 
-METHOD: wanda | dsnot (prune artifacts, checkpoints in OUTPUT.partial) or gqsa (checkpoints in
-OUTPUT.ckpt). ACCEL_TEST_KILL_AT_LAYER=k: SIGKILL this process right after layer k has been
-computed, before the runner checkpoints it (layers < k are checkpointed). The hook lives here,
-not in library code. `build` is imported by the test, so the in-process reference run uses the
+METHOD: wanda | dsnot (prune artifacts) or gqsa (through accel.calibrate); checkpoints in
+OUTPUT.partial, the default, removed after success. ACCEL_TEST_KILL_AT_LAYER=k: SIGKILL this
+process right after layer k has been computed, before the runner checkpoints it (layers < k are
+checkpointed). The hook lives here, not in library code. `build` is imported by the test, so the in-process reference run uses the
 very same model, data and settings.
 """
 from __future__ import annotations
@@ -49,13 +49,9 @@ def run(method: str, output: str, model_seed: int = 0, perturb: bool = False) ->
         calibrate_prune(output, init="wanda", dsnot=method == "dsnot", model_name="tiny-llama", sparsity=0.5,
                         model=model, samples=samples, batch_size=2, progress=False, max_cycles=5)
     elif method == "gqsa":
-        from accel.calibrate.gqsa import calibrate_gqsa
-        from accel.data import CalibrationSpec
+        import accel
 
-        spec = CalibrationSpec(source="given", n_samples=N_SAMPLES, seq_len=SEQ_LEN, seed=0)
-        art = calibrate_gqsa(model, None, gqsa_config(), spec, checkpoint_dir=output + ".ckpt", progress=False,
-                             samples=samples)
-        art.save(output)
+        accel.calibrate(model, gqsa_config(), samples, output, progress=False)
     else:
         raise SystemExit(f"unknown method {method!r}")
 

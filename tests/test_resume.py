@@ -33,7 +33,7 @@ def _run_child(method, output, kill_at=None, extra=()):
 
 
 def _ckpt_dir(method, output: Path) -> Path:
-    return Path(str(output) + (".ckpt" if method == "gqsa" else ".partial"))
+    return Path(str(output) + ".partial")
 
 
 def _layer_files(d: Path) -> list[str]:
@@ -69,8 +69,7 @@ def test_sigkill_then_rerun_is_byte_equal(method, tmp_path):
     assert _calibration(out)["resumed_layers"] == k
     ref = _reference(method, tmp_path / "ref")
     assert (out / TENSORS_NAME).read_bytes() == ref
-    if method != "gqsa":  # prune removes its OUTPUT.partial once the artifact is saved
-        assert not _ckpt_dir(method, out).exists()
+    assert not _ckpt_dir(method, out).exists()  # OUTPUT.partial is removed once the artifact is saved
 
 
 @pytest.mark.parametrize("method,other", [("wanda", ["--model-seed", "1"]), ("gqsa", ["--perturb"])],
