@@ -436,3 +436,25 @@ def test_causal_attention_matches_its_reference_with_padding(reduce):
         for b in range(B):
             got, want = out[b][:, rows[b]], ref[b][:, rows[b]]
             assert_within(rel_err(got, want), 0.0, torch.float32, T, what=f"budget {budget} batch {b}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T", [63, 1000])
+def test_cpu_native_label_scores_equal_fp32_reference(dtype, T):
+    """The C++ 16-bit label scorer widens exactly and accumulates in fp32: its scores equal the fp32
+    reference's within fp32 rounding (also over a narrowed view of a bigger label buffer)."""
+    mod = ds_cpu.cpp_ext.load()
+    if mod is None:
+        pytest.skip("no C++ extension")
+    torch.manual_seed(42)
+    B, kvh, G, r = 2, 3, 4, 16
+    big = torch.randn(B, kvh, T + 37, r)
+    big[..., 0] += 20.0
+    labels = big.to(dtype)[:, :, :T]
+    q_lab = torch.randn(B, kvh, G, r)
+    for reduce in ("max", "sum"):
+        got = ds_cpu.cpp_ext.label_scores_16(mod, q_lab, labels, reduce)
+        full = torch.matmul(q_lab.double(), labels.double().transpose(-1, -2))
+        want = full.amax(2) if reduce == "max" else full.sum(2)
+        err = (got.double() - want).abs().max().item()
+        assert err <= 1e-6 * max(1.0, want.abs().max().item()), (reduce, err)

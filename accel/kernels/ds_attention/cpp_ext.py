@@ -1,5 +1,6 @@
 """Optional C++ kernels for the DS CPU path, built on first use: attention over the selected tokens
-(fp32, no padding mask) and an unordered top-k (radix select).
+(fp32, no padding mask), an unordered top-k (radix select) and fp32 label scores over bf16/fp16
+labels.
 
 Why native code: the torch path gathers the selected K and V rows into buffers (`index_select`:
 read + write) and then reads the copies again in two matmuls; at 32K tokens and 1/16 that gather
@@ -155,12 +156,89 @@ torch::Tensor topk_rows_f32(torch::Tensor s, int64_t k) {
   });
   return out;
 }
+
+// Label scores of one decode query over 16-bit (bf16/fp16) labels, in fp32 as the spec: each label is
+// widened exactly and the dot products accumulate in fp32, without an fp32 copy of all T labels
+// (the torch path's upcast of every label on every step cost more than the matmul itself).
+static inline float h2f(uint16_t h, bool bf) {
+  if (bf) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+template <bool BF, int RC>
+static void score_pair(const float* q, const uint16_t* lab, int64_t st, int64_t T, int64_t r_, int64_t G, bool mx, float* out) {
+  constexpr int64_t TB = 64;
+  const int64_t r = RC > 0 ? RC : r_;
+  std::vector<float> buf(r * TB), acc(TB), red(TB);
+  for (int64_t t0 = 0; t0 < T; t0 += TB) {
+    const int64_t nb = std::min(TB, T - t0);
+    // Exact widening into a channel-major tile so that the dot products vectorize over tokens.
+    if (BF && (r % 2 == 0) && (st % 2 == 0) && (reinterpret_cast<uintptr_t>(lab) % 4 == 0) && nb == TB) {
+      // bf16 pairs: one 32-bit word holds channels j (low half) and j+1 (high half); each half
+      // shifted into the top 16 bits is that bf16's fp32 value exactly.
+      const uint32_t* w = reinterpret_cast<const uint32_t*>(lab + t0 * st);
+      const int64_t sw = st / 2;
+      for (int64_t jp = 0; jp < r / 2; ++jp) {
+        float* __restrict__ lo = buf.data() + (2 * jp) * TB;
+        float* __restrict__ hi = lo + TB;
+        #pragma omp simd
+        for (int64_t t = 0; t < TB; ++t) {
+          const uint32_t x = w[t * sw + jp];
+          const uint32_t a = x << 16, b = x & 0xFFFF0000u;
+          float fa, fb; std::memcpy(&fa, &a, 4); std::memcpy(&fb, &b, 4);
+          lo[t] = fa; hi[t] = fb;
+        }
+      }
+    } else {
+      for (int64_t t = 0; t < nb; ++t) {
+        const uint16_t* row = lab + (t0 + t) * st;
+        for (int64_t j = 0; j < r; ++j) buf[j * TB + t] = h2f(row[j], BF);
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + g * r;
+      float* __restrict__ a = acc.data();
+      for (int64_t t = 0; t < TB; ++t) a[t] = 0.f;
+      for (int64_t j = 0; j < r; ++j) {
+        const float w = qg[j];
+        const float* __restrict__ b = buf.data() + j * TB;
+        #pragma omp simd
+        for (int64_t t = 0; t < TB; ++t) a[t] += w * b[t];
+      }
+      float* __restrict__ rr = red.data();
+      if (g == 0) { for (int64_t t = 0; t < TB; ++t) rr[t] = a[t]; }
+      else if (mx) { for (int64_t t = 0; t < TB; ++t) rr[t] = std::max(rr[t], a[t]); }
+      else { for (int64_t t = 0; t < TB; ++t) rr[t] += a[t]; }
+    }
+    std::memcpy(out + t0, red.data(), nb * sizeof(float));
+  }
+}
+// q: [BK, G, r] fp32 contiguous; labels: [BK, T, r] 16-bit with row stride st (inner stride 1). -> [BK, T] fp32
+torch::Tensor label_scores_16(torch::Tensor q, torch::Tensor labels, bool reduce_max) {
+  const bool bf = labels.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf || labels.scalar_type() == torch::kHalf, "labels: bf16/fp16");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && q.is_contiguous() && q.dim() == 3 && labels.dim() == 3, "q fp32 [BK,G,r]");
+  const int64_t BK = q.size(0), G = q.size(1), r = q.size(2), T = labels.size(1);
+  TORCH_CHECK(labels.size(0) == BK && labels.size(2) == r && labels.stride(2) == 1, "labels [BK,T,r], inner stride 1");
+  auto out = torch::empty({BK, T}, q.options());
+  const uint16_t* lp = reinterpret_cast<const uint16_t*>(labels.data_ptr());
+  const int64_t sp = labels.stride(0), st = labels.stride(1);
+  at::parallel_for(0, BK, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* qq = q.data_ptr<float>() + p * G * r; const uint16_t* ll = lp + p * sp; float* oo = out.data_ptr<float>() + p * T;
+      if (bf && r == 16) score_pair<true, 16>(qq, ll, st, T, r, G, reduce_max, oo);
+      else if (bf) score_pair<true, 0>(qq, ll, st, T, r, G, reduce_max, oo);
+      else if (r == 16) score_pair<false, 16>(qq, ll, st, T, r, G, reduce_max, oo);
+      else score_pair<false, 0>(qq, ll, st, T, r, G, reduce_max, oo);
+    }
+  });
+  return out;
+}
 """
 
 
 def load():
     """The built extension, or None (the caller keeps the torch path)."""
-    return _cpp.load("ds_attend_v3", _SRC, ["ds_attend_f32", "topk_rows_f32"],
+    return _cpp.load("ds_attend_v4", _SRC, ["ds_attend_f32", "topk_rows_f32", "label_scores_16"],
                      "DS decode uses torch's gather and topk")
 
 
@@ -168,6 +246,16 @@ def topk_rows_f32(mod, s: torch.Tensor, k: int) -> torch.Tensor:
     """s: [..., T] fp32 -> [..., k] int64 indices of the k largest (unordered; ties broken arbitrarily)."""
     lead = s.shape[:-1]
     return mod.topk_rows_f32(s.reshape(-1, s.shape[-1]).contiguous(), int(k)).view(*lead, int(k))
+
+
+def label_scores_16(mod, q_lab: torch.Tensor, labels: torch.Tensor, group_reduce: str) -> torch.Tensor:
+    """q_lab: [B, KVH, G, r] fp32; labels: [B, KVH, T, r] bf16/fp16 -> [B, KVH, T] fp32 (max/sum over G)."""
+    B, KVH, G, r = q_lab.shape
+    T = labels.shape[2]
+    if labels.stride(3) != 1:
+        labels = labels.contiguous()
+    lab = labels.reshape(B * KVH, T, r)
+    return mod.label_scores_16(q_lab.reshape(B * KVH, G, r).contiguous(), lab, group_reduce == "max").view(B, KVH, T)
 
 
 def ds_attend_f32(mod, q: torch.Tensor, kflat: torch.Tensor, vflat: torch.Tensor, krows: torch.Tensor,

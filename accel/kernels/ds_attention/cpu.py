@@ -7,7 +7,8 @@ Same semantics as `reference.py` (shapes there). What makes it fast, measured on
     (a bf16-output matmul) was ~2x faster, but its rounding (2^-8 of the score, which shares a big
     common part when the heavy channels are outliers) picked worse tokens than the spec in 10 of
     178 random bf16 cases (issue 13); aten has no fp32-output bf16 matmul on CPU, so the labels
-    are upcast (measured here at T = 32K, r = 16: 1.9 ms against 0.84 ms for the bf16 matmul).
+    are upcast (measured here at T = 32K, r = 16: 1.9 ms against 0.84 ms for the bf16 matmul), or,
+    with the C++ extension, widened exactly inside a native fp32-accumulating kernel (`cpp_ext.py`).
   * forced sink/recent tokens are written into the score row in place (no masks over T when there
     is no padding), then one unsorted `topk` (sorting costs 20-35% more and does not speed the gather).
   * one `index_select` per K and V over a flat [rows, D] view of the cache, into preallocated
@@ -90,14 +91,19 @@ def ds_select_cpu(q, labels, channels, budget: int, sink: int = 4, recent: int =
     # fp32 scores (fp64 for fp64 input), as reference.label_scores_reference computes them.
     cd = torch.float64 if torch.float64 in (q.dtype, labels.dtype) else torch.float32
     q_lab = torch.gather(qg, 3, channels[None, :, None, :].expand(B, KVH, G, r)).to(cd)
-    # [B, KVH, G, r] @ [B, KVH, r, T] -> [B, KVH, G, T], then a max/sum over G rows (contiguous);
-    # measured 2-4x faster than the [T, G] orientation, whose reduction runs over a stride-G axis.
-    s = torch.matmul(q_lab, labels.to(cd).transpose(-1, -2))
-    if G == 1:
-        s = s[:, :, 0]
+    mod = cpp_ext.load()
+    if mod is not None and cd == torch.float32 and labels.dtype in (torch.bfloat16, torch.float16):
+        # Native: widens each 16-bit label exactly and accumulates in fp32, no fp32 copy of all T labels.
+        s = cpp_ext.label_scores_16(mod, q_lab, labels, group_reduce)
     else:
-        s = s.amax(2) if group_reduce == "max" else s.sum(2)
-    s = s.float()
+        # [B, KVH, G, r] @ [B, KVH, r, T] -> [B, KVH, G, T], then a max/sum over G rows (contiguous);
+        # measured 2-4x faster than the [T, G] orientation, whose reduction runs over a stride-G axis.
+        s = torch.matmul(q_lab, labels.to(cd).transpose(-1, -2))
+        if G == 1:
+            s = s[:, :, 0]
+        else:
+            s = s.amax(2) if group_reduce == "max" else s.sum(2)
+        s = s.float()
     sink_e, recent_e = forced_budget(budget, sink, recent)
     if key_mask is None:
         # Writes into s's own fresh storage: the forced tokens outrank every score.
@@ -111,7 +117,6 @@ def ds_select_cpu(q, labels, channels, budget: int, sink: int = 4, recent: int =
         s.masked_fill_(~valid[:, None, :], float("-inf"))
         s.masked_fill_((valid & (rank >= n_valid[:, None] - recent_e))[:, None, :], torch.finfo(s.dtype).max)
         s.masked_fill_((valid & (rank < sink_e))[:, None, :], float("inf"))
-    mod = cpp_ext.load()
     if mod is not None:
         # Radix select: ~2 passes over T per row instead of torch.topk's heap.
         return cpp_ext.topk_rows_f32(mod, s, min(budget, T))
