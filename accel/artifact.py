@@ -92,6 +92,16 @@ def write_file(path: str | os.PathLike, write, overwrite: bool = False) -> Path:
     return path
 
 
+def save_figure(fig, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A matplotlib figure as a PNG through `write_file` (checked, atomic); closes the figure."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return write_file(path, lambda tmp: fig.savefig(tmp, dpi=120), overwrite)
+    finally:
+        plt.close(fig)
+
+
 def check_output_path(path: str | os.PathLike, overwrite: bool = False, kind: str = "artifact") -> Path:
     """Raise ArtifactError unless accel may write a `kind` output at `path`; returns it as a Path.
 

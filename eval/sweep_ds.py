@@ -159,12 +159,9 @@ def plot_sweep(res: dict, path: str, r: int | None = None, overwrite: bool = Fal
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    from accel.artifact import write_file
+    from accel.artifact import save_figure
 
-    try:
-        write_file(path, lambda tmp: fig.savefig(tmp, dpi=120), overwrite)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, overwrite)
     return path
 
 

@@ -119,12 +119,9 @@ def plot(table: dict, columns, path: str, overwrite: bool = False) -> None:
     ax.set_title("SmolLM2-135M pruning, wiki eval split")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from accel.artifact import write_file
+    from accel.artifact import save_figure
 
-    try:
-        write_file(path, lambda tmp: fig.savefig(tmp, dpi=120), overwrite)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, overwrite)
 
 
 def demo_step(model, tok, ids: torch.Tensor, seq_len: int = 512, sparsity: float = 0.5) -> dict:

@@ -23,30 +23,6 @@ def test_unknown_export_format_is_one_line_exit_2(tmp_path, capsys):
     assert "ConfigError" in err and "unknown format 'bogus'" in err and "known:" in err
 
 
-def test_a_plain_runtime_error_is_unexpected_not_bad_input(tmp_path, capsys):
-    """A RuntimeError that is not an accel error (a torch shape error, out of memory) is a bug
-    or a resource problem, not bad input: exit 1 with the -v hint, not exit 2."""
-    from accel import cli as cli_mod
-
-    def boom(artifact, output, **kw):
-        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
-
-    real = cli_mod.build
-
-    def build():
-        c = real()
-        c.exporter("boom", boom, "raises")
-        return c
-
-    cli_mod.build = build
-    try:
-        rc = main(["export", "--format", "boom", str(tmp_path), "--output", str(tmp_path / "o")])
-    finally:
-        cli_mod.build = real
-    err = capsys.readouterr().err
-    assert rc == 1 and "unexpected" in err and "-v" in err and "mat1 and mat2" in err
-
-
 def test_ppl_with_missing_artifact_is_a_clear_error(capsys, tmp_path):
     rc = main(["eval", "ppl", "--model", "smollm2-135m", "--artifact", str(tmp_path / "none"),
                "--max-tokens", "64", "--seq-len", "32", "--json"])
@@ -137,11 +113,16 @@ def test_existing_artifact_needs_overwrite_flag(tmp_path, capsys, monkeypatch):
     assert (art / "accel_config.json").read_text() == before
 
 
-def test_unexpected_error_is_one_line_exit_1(tmp_path, capsys):
+# A RuntimeError that is not an accel error (a torch shape error, out of memory) is a bug or a
+# resource problem, not bad input: exit 1 with the -v hint, like any other unexpected exception.
+@pytest.mark.parametrize("exc", [TypeError("something internal"),
+                                 RuntimeError("mat1 and mat2 shapes cannot be multiplied")],
+                         ids=["TypeError", "plain-RuntimeError"])
+def test_unexpected_error_is_one_line_exit_1(tmp_path, capsys, exc):
     from accel import cli as cli_mod
 
     def boom(artifact, output, **kw):
-        raise TypeError("something internal")
+        raise exc
 
     real = cli_mod.build
 
@@ -157,7 +138,7 @@ def test_unexpected_error_is_one_line_exit_1(tmp_path, capsys):
         cli_mod.build = real
     err = capsys.readouterr().err
     assert rc == 1
-    assert "unexpected" in err and "TypeError: something internal" in err and "-v" in err
+    assert "unexpected" in err and f"{type(exc).__name__}: {exc}" in err and "-v" in err
     assert "Traceback" not in err and err.count("\n") == 1
 
 

@@ -44,3 +44,21 @@ def test_write_file_is_atomic_and_needs_overwrite(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(ArtifactError, match="not a regular file"):
         write_file(tmp_path / "d", lambda tmp: None, overwrite=True)
+
+
+def test_save_figure_writes_a_png_and_closes_it(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from accel.artifact import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    out = save_figure(fig, tmp_path / "p.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
+    fig2, _ = plt.subplots()
+    with pytest.raises(ArtifactError, match="pass --overwrite"):
+        save_figure(fig2, out)
+    assert not plt.fignum_exists(fig2.number) and sorted(os.listdir(tmp_path)) == ["p.png"]
