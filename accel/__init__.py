@@ -6,7 +6,9 @@
     print(accel.report(model))
     accel.unpatch(model)
 
-Importing accel changes nothing in transformers. `accel.install_model_methods()` adds
+Importing accel changes no transformers class; it registers the quantization method "accel"
+(transformers' registry for third-party methods), so `from_pretrained` loads checkpoints written
+by `accel.save_pretrained`. `accel.install_model_methods()` adds
 `model.patch(...)` / `model.unpatch()` to every PreTrainedModel, for those who want them.
 """
 import logging as _logging
@@ -17,6 +19,8 @@ from . import calibrate, configs, models  # noqa: F401  (calibrate: the callable
 from .artifact import Artifact, ArtifactError
 from .configs import ConfigError, IdentityConfig, MethodConfig
 from .errors import AccelError
+from .recipe import Recipe  # noqa: F401
+from .compile import compile  # noqa: F401,A004  (light: torch.compile runs only when called)
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
@@ -32,8 +36,11 @@ from .patches import (  # noqa: E402
     report,
     unpatch,
 )
+from .hf_checkpoint import save_pretrained  # noqa: E402
+# Registers quant_method "accel" with transformers (from_pretrained of accel checkpoints); no method code.
+from .patches import hf_quantizer as _hf_quantizer  # noqa: E402,F401
 
 __all__ = [
-    "AccelError", "Artifact", "ArtifactError", "calibrate", "ConfigError", "IdentityConfig", "MethodConfig", "PatchConflictError", "Report",
-    "TargetError", "UnsupportedModelError", "install_model_methods", "is_patched", "models", "patch", "patched", "report", "unpatch",
+    "AccelError", "Artifact", "ArtifactError", "calibrate", "ConfigError", "IdentityConfig", "MethodConfig", "PatchConflictError", "Recipe", "Report",
+    "TargetError", "UnsupportedModelError", "install_model_methods", "is_patched", "models", "patch", "patched", "report", "save_pretrained", "unpatch",
 ]

@@ -33,6 +33,7 @@ from accel.errors import AccelError
 COMMAND_MODULES = [
     "accel.eval.cli",                # eval ppl, demo
     "accel.calibrate.generic_cli",   # calibrate <method> of the methods with no cli module
+    "accel.calibrate.recipe_cli",    # calibrate recipe RECIPE.yaml: several methods in one artifact
 ]
 
 
@@ -196,27 +197,32 @@ def add_overwrite(p: argparse.ArgumentParser) -> None:
                    help="replace an existing accel output at --output (never anything accel did not write)")
 
 
-def add_calibration_args(p: argparse.ArgumentParser, method: str, *, linears: bool = True,
+def add_calibration_args(p: argparse.ArgumentParser, method: str | None, *, linears: bool = True,
                          checkpoints: bool = True) -> None:
     """The options every `accel calibrate <method>` shares, one spelling each (llm-compressor's
     where it has one). Defaults: the library's (`accel.calibrate.registry.default_spec(method)`:
     accel.data.CalibrationSpec and the method's measured departures), so the CLI cannot drift.
     linears: the method replaces linears, so it takes --targets/--ignore (into its config's
-    `targets`/`ignore`). checkpoints: the method checkpoints per layer (--checkpoint-dir)."""
+    `targets`/`ignore`). checkpoints: the method checkpoints per layer (--checkpoint-dir).
+    method None (`calibrate recipe`): the data options default to None, each stage's method default."""
     from accel.calibrate.registry import default_spec
 
     spec = default_spec(method)
+    each = ""
+    if method is None:
+        each = " (default: each stage's own, else its method's default)"
+        spec = argparse.Namespace(source=None, n_samples=None, seq_len=None, seed=None)
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), a hub name or a local dir")
     p.add_argument("--output", required=True, metavar="DIR", help="artifact directory to write")
     add_overwrite(p)
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype the model is loaded in")
     p.add_argument("--source", default=spec.source, help="calibration text: wiki (offline) or "
-                                                         "wikitext2/c4/pileval (online)")
+                                                         "wikitext2/c4/pileval (online)" + each)
     add_option(p, "--num-calibration-samples", "--n-samples", "--samples", type=int, default=spec.n_samples,
-               metavar="N", help="calibration windows")
+               metavar="N", help="calibration windows" + each)
     add_option(p, "--max-seq-length", "--seq-len", type=int, default=spec.seq_len, metavar="TOKENS",
-               help="tokens per calibration window")
-    p.add_argument("--seed", type=int, default=spec.seed, help="seed of the calibration sample draw")
+               help="tokens per calibration window" + each)
+    p.add_argument("--seed", type=int, default=spec.seed, help="seed of the calibration sample draw" + each)
     if linears:
         p.add_argument("--targets", type=name_list, default=None, metavar="LIST",
                        help="linears to change: comma list of module names, class names or re:regexes "

@@ -9,7 +9,14 @@ import types as _types
 
 
 def calibrate(model, config_or_recipe, data=None, output=None, **kwargs):
-    """See `accel.calibrate.api.calibrate`."""
+    """See `accel.calibrate.api.calibrate`; a recipe (an accel.Recipe or a list of several
+    configs) goes to `accel.calibrate.recipe.calibrate_recipe` (docs/recipes.md)."""
+    from accel.recipe import is_recipe
+
+    if is_recipe(config_or_recipe):
+        from .recipe import calibrate_recipe
+
+        return calibrate_recipe(model, config_or_recipe, data, output, **kwargs)
     from .api import calibrate as _calibrate
 
     return _calibrate(model, config_or_recipe, data, output, **kwargs)

@@ -25,19 +25,21 @@ log = logging.getLogger(__name__)
 
 
 def resolve_config(config_or_recipe):
-    """The MethodConfig to calibrate; ConfigError for anything else. A recipe (a list of
-    configs) of one config is that config; longer recipes are issue 16."""
+    """The MethodConfig to calibrate; ConfigError for anything else. A list of one config is
+    that config (accel.calibrate sends longer lists and accel.Recipe to calibrate/recipe.py)."""
     from accel.configs import ConfigError, MethodConfig
 
     cfg = config_or_recipe
     if isinstance(cfg, (list, tuple)):
         if len(cfg) != 1:
-            raise ConfigError(f"accel.calibrate: a recipe of {len(cfg)} configs is not supported yet (issue 16: "
-                              f"stacked methods); calibrate one MethodConfig at a time")
+            raise ConfigError(f"accel.calibrate: a recipe needs at least one config, got an empty "
+                              f"{type(cfg).__name__}" if not cfg else
+                              f"a recipe of {len(cfg)} configs goes through accel.calibrate (the package: "
+                              f"accel.calibrate.recipe.calibrate_recipe), not accel.calibrate.api")
         cfg = cfg[0]
     if not isinstance(cfg, MethodConfig):
         raise ConfigError(f"accel.calibrate: config_or_recipe must be a MethodConfig (e.g. accel.configs.PruneConfig"
-                          f"(...)), got {type(cfg).__name__}")
+                          f"(...)), an accel.Recipe or a list of MethodConfigs, got {type(cfg).__name__}")
     return cfg
 
 
@@ -106,8 +108,10 @@ def _remove_tree(path: Path, keep_dir: bool = False) -> None:
 
 def calibrate(model, config_or_recipe, data=None, output=None, *, tokenizer=None, num_calibration_samples=None,
               max_seq_length=None, seed=None, checkpoint_dir=None, overwrite=False, progress=True):
-    """Calibrate `model` for one method config; returns the `accel.Artifact` (saved at `output`
-    when given). The model is left unchanged.
+    """Calibrate `model` for one method config, or a recipe (an `accel.Recipe` or a list of
+    configs: stages calibrated in order into one artifact, see calibrate/recipe.py and
+    docs/recipes.md); returns the `accel.Artifact` (saved at `output` when given). The model is
+    left unchanged.
 
     data: None | CalibrationSpec | [N, T] token-id tensor | list of strings (see resolve_samples);
         defaults from accel.data.CalibrationSpec and registry.METHOD_DEFAULTS.
@@ -115,7 +119,9 @@ def calibrate(model, config_or_recipe, data=None, output=None, *, tokenizer=None
         an existing artifact there is replaced only with overwrite=True).
     checkpoint_dir: per-layer checkpoints, on by default: `<output>.partial` when output is given
         (rerun the same call to resume after an interruption), else a temp dir; removed after
-        success. False: no checkpoints.
+        success. False: no checkpoints. A recipe keeps one sub-directory per stage there.
+    A recipe is dispatched by the package's `accel.calibrate` (calibrate/__init__.py), which
+    imports this module and calibrate/recipe.py (that one uses resolve_samples from here).
     """
     return _calibrate(model, config_or_recipe, data, output, tokenizer=tokenizer,
                       num_calibration_samples=num_calibration_samples, max_seq_length=max_seq_length, seed=seed,

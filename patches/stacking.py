@@ -13,6 +13,11 @@ Rules (see `accel.patch`):
 - one attention method composes with one weight method, in either order;
 - the same method from the same artifact (or an equal config) again is refused too: re-patching
   is not idempotent, so that a changed artifact on disk never becomes a silent no-op.
+
+Recipes (`accel.calibrate(model, [cfg1, cfg2, ...])`) follow the same rules, checked by
+`check_recipe` on the model before any calibration: at most one attention method, and weight
+methods only on disjoint linears (their targets/ignore resolved on the model), so two weight
+stages on one linear fail up front instead of after the first stage's calibration.
 """
 from __future__ import annotations
 
@@ -70,3 +75,30 @@ def check_stack(model, claims: list[Claim], cfg, kinds: tuple[str, ...], source:
         for name in planned_linears(model, cfg):
             if name in taken:
                 raise PatchConflictError(conflict_message(taken[name], cfg.method, source, cfg))
+
+
+def check_recipe(model, configs, kinds_of) -> None:
+    """PatchConflictError naming both stages' methods (and the module) if the recipe `configs`
+    could not be patched together on `model`: the rules above, checked before any calibration.
+    kinds_of(cfg) -> the method's claims (ATTENTION / LINEAR)."""
+    attention: tuple[int, Any] | None = None
+    owner: dict[str, tuple[int, Any]] = {}
+    for i, cfg in enumerate(configs):
+        kinds = tuple(kinds_of(cfg))
+        if ATTENTION in kinds:
+            if attention is not None:
+                j, prev = attention
+                raise PatchConflictError(
+                    f"recipe stage {i + 1} ({cfg.method}) cannot follow stage {j + 1} ({prev.method}): both replace the "
+                    f"attention; a recipe takes one attention method (such as double-sparsity) and one weight method "
+                    f"per linear")
+            attention = (i, cfg)
+        if LINEAR in kinds:
+            for name in planned_linears(model, cfg):
+                if name in owner:
+                    j, prev = owner[name]
+                    raise PatchConflictError(
+                        f"recipe stage {i + 1} ({cfg.method}) cannot follow stage {j + 1} ({prev.method}) at {name}: "
+                        f"both change the linear's weights (a linear takes one weight method); give them disjoint "
+                        f"targets/ignore, or drop one")
+                owner[name] = (i, cfg)

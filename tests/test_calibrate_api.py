@@ -230,7 +230,7 @@ def test_bad_data_is_an_accel_error_and_writes_nothing(case, tmp_path):
 
 
 @pytest.mark.parametrize("cfg,match", [("prune", "must be a MethodConfig"),
-                                       ([PruneConfig(), GQSAConfig()], "recipe of 2 configs.*issue 16")])
+                                       ([], "at least one config")])
 def test_bad_config_is_a_config_error(cfg, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         accel.calibrate(accel.models.tiny("llama"), cfg, x(), tmp_path / "art", progress=False)
