@@ -267,23 +267,23 @@ def build_artifact(model, cfg: PruneConfig, info: PruneInfo, calibration: dict) 
 
 
 # ---------------------------------------------------------------------------------------------
-# Export to a plain HF checkpoint
+# Export to a plain (dense) HF checkpoint: `accel export --format hf-dense`
 # ---------------------------------------------------------------------------------------------
 def load_source(source: str | None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer or None) for the model name an artifact records."""
-    import accel
+    from accel.hf_checkpoint import _load_source
 
     if not source:
         raise ArtifactError("this artifact does not record its base model (calibration.model); pass the model")
-    if source.startswith("tiny-"):
-        return accel.models.tiny(source[len("tiny-"):], dtype=dtype), None
-    return accel.models.load(source, dtype=dtype)
+    return _load_source(source, dtype)
 
 
 def export_hf(artifact: str | os.PathLike | Artifact, output: str | os.PathLike, model=None, tokenizer=None, *,
               overwrite: bool = False) -> Path:
-    """Write `output` as a plain HF checkpoint of the base model with the artifact's masks applied
-    to its weights. Written into a temp dir and renamed, so a failure leaves nothing behind.
+    """Write `output` as a plain, dense HF checkpoint of the base model with the artifact's masks
+    applied to its weights (`--format hf-dense`, for tools that do not know accel; `--format hf`
+    is the accel checkpoint, accel/hf_checkpoint.py). Written into a temp dir and renamed, so a
+    failure leaves nothing behind.
 
     model: the base model, loaded or as a name/path for `accel.models.load`. When None, the model
     the artifact records is used only if accel ships it (smollm2-135m, tiny-*): an artifact never
@@ -294,24 +294,16 @@ def export_hf(artifact: str | os.PathLike | Artifact, output: str | os.PathLike,
 
     from accel.artifact import (HF_EXPORT_FORMAT, HF_EXPORT_MARKER, check_output_path, make_output_tmpdir,
                                 move_into_place)
-    from accel.models import SMOLLM2_NAMES
+    from accel.hf_checkpoint import base_model_for
 
     output = check_output_path(output, overwrite, "hf")
     art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
     cfgs = [c for c in art.configs if isinstance(c, PruneConfig)]
     if len(cfgs) != 1 or len(art.configs) != 1:
-        raise ArtifactError("export --format hf handles artifacts holding exactly one 'prune' config, got "
-                            + ", ".join(c.method for c in art.configs))
+        raise ArtifactError("export --format hf-dense handles artifacts holding exactly one 'prune' config, got "
+                            + ", ".join(c.method for c in art.configs) + " (--format hf writes any methods)")
     cfg = cfgs[0]
-    if isinstance(model, (str, os.PathLike)):
-        model, tokenizer = load_source(str(model))
-    elif model is None:
-        source = art.calibration.get("model")
-        if not (isinstance(source, str) and (source.startswith("tiny-") or source.lower() in SMOLLM2_NAMES)):
-            raise ArtifactError(f"{art.path}: the artifact names its base model {source!r}; accel does not load "
-                                f"a model an artifact chooses: pass it yourself (--model MODEL, model=...)")
-        model, tokenizer = load_source(source)
-    art.check_model(model)
+    model, tokenizer = base_model_for(art, model, tokenizer)
     tensors = art.tensors_for("prune")
     linears = list(iter_linears(model, cfg.targets, cfg.ignore))
     missing = [n for n, _ in linears if n not in tensors]

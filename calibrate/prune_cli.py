@@ -1,4 +1,4 @@
-"""`accel calibrate wanda|dsnot|magnitude` and `accel export --format hf`: shims over
+"""`accel calibrate wanda|dsnot|magnitude` and `accel export --format hf|hf-dense`: shims over
 `accel.calibrate.prune_artifact.calibrate_prune` (which goes through `accel.calibrate`)."""
 from __future__ import annotations
 
@@ -86,4 +86,10 @@ def register(cli) -> None:
                             "(needs X^T X); default: PruneConfig's")
         p.set_defaults(func=_cmd_calibrate, prune_kind=kind, make_config=config_from_args)
 
-    cli.exporter("hf", _export_hf, "plain HF checkpoint with the pruned weights (prune artifacts)")
+    # The accel checkpoint (every method, not only pruning) is registered here, with the old
+    # dense export it replaced as `hf`.
+    from accel.hf_checkpoint import register as register_hf
+
+    register_hf(cli)
+    cli.exporter("hf-dense", _export_hf, "plain HF checkpoint with the pruned weights zeroed (prune artifacts), "
+                                         "for tools that do not know accel")

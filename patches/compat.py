@@ -81,7 +81,44 @@ def decoder_layers(model):
     return model.get_submodule(path)
 
 
+# -- the quantizer registry (accel as a transformers quantization method: patches/hf_quantizer.py) --
+# Third-party methods register through `register_quantization_config` / `register_quantizer`
+# (transformers >= 4.46); the loading hooks used are HfQuantizer's `preprocess_model` ->
+# `_process_model_before_weight_loading(model, checkpoint_files=...)` on the meta model and
+# `_process_model_after_weight_loading`; saving goes through `is_serializable` and
+# `get_state_dict_and_metadata` (5.x). Checked on 5.24.
+from transformers.quantizers import HfQuantizer  # noqa: E402
+from transformers.quantizers import auto as _quant_auto  # noqa: E402
+from transformers.utils.quantization_config import QuantizationConfigMixin  # noqa: E402
+
+
+def register_quantization_method(name: str, config_cls, quantizer_cls) -> None:
+    """Register a quantization config + quantizer under `quant_method = name` (idempotent: a
+    second import of accel, or a reload, finds its own classes there and leaves them)."""
+    if name not in _quant_auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        _quant_auto.register_quantization_config(name)(config_cls)
+    if name not in _quant_auto.AUTO_QUANTIZER_MAPPING:
+        _quant_auto.register_quantizer(name)(quantizer_cls)
+
+
+def quantizer_checkpoint_files(kwargs: dict, model) -> list[str] | None:
+    """The checkpoint files `from_pretrained` resolved, as the before-weight-loading hook sees them
+    (5.x passes `checkpoint_files`; None where a version does not)."""
+    files = kwargs.get("checkpoint_files")
+    return None if files is None else [str(f) for f in files]
+
+
+def keys_to_ignore_on_load_unexpected(model) -> set:
+    """The model's own set of unexpected checkpoint keys (regexes) not to warn about; added to in place."""
+    keys = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+    keys = set(keys or ())
+    model._keys_to_ignore_on_load_unexpected = keys
+    return keys
+
+
 __all__ = [
+    "HfQuantizer", "QuantizationConfigMixin", "keys_to_ignore_on_load_unexpected", "quantizer_checkpoint_files",
+    "register_quantization_method",
     "AttentionInterface", "AttentionMaskInterface", "CACHE_KWARG", "CACHE_KWARG_NAMES", "Cache", "CacheLayerMixin", "DynamicCache", "DynamicLayer",
     "PreTrainedModel", "SUPPORTED_MODEL_TYPES", "TRANSFORMERS_VERSION", "attn_implementation",
     "cache_from_kwargs", "cache_kwargs", "can_set_attn_implementation", "decoder_layers", "sdpa_attention_forward", "sdpa_mask",

@@ -34,6 +34,43 @@ log = logging.getLogger(__name__)
 _APPLIERS: dict[str, Callable[["PatchContext", MethodConfig, dict], None]] = {}
 # What each method replaces (stacking.ATTENTION / LINEAR): a tuple, or a function of the config.
 _CLAIMS: dict[str, tuple[str, ...] | Callable[[MethodConfig], tuple[str, ...]]] = {}
+# How each method's patch is written to / read from an HF checkpoint (accel/hf_checkpoint*.py).
+_CHECKPOINTS: dict[str, "CheckpointFormat"] = {}
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """How a method's patch goes into an HF checkpoint (accel.save_pretrained) and back.
+
+    kind "linear": each linear the method swapped is stored under its own path as the leaves
+    `export(module) -> {leaf: tensor}` returns; on loading, `linear_leaves` (weight, bias) rebuild
+    the nn.Linear the applier receives (a meta weight when "weight" is not among them, so no
+    dense weight is ever made), `to_tensors(name, leaves)` gives the applier's artifact tensors,
+    `dtype_leaves` load in the model's dtype (the others keep their stored dtype), `required`
+    must all be there.
+    kind "global": `export(model, state, cfg) -> {name: tensor}`, stored as "accel.<method>.<name>"
+    and handed to the applier as its artifact tensors.
+    kind "none": the method stores no tensors (the dense weights are the checkpoint's)."""
+    kind: str
+    export: Callable | None = None
+    linear_leaves: tuple[str, ...] = ()
+    dtype_leaves: frozenset = frozenset()
+    required: frozenset = frozenset()
+    to_tensors: Callable | None = None
+
+
+def register_checkpoint(name: str, fmt: CheckpointFormat) -> CheckpointFormat:
+    """Declare that method `name` can be saved as an HF checkpoint (see CheckpointFormat)."""
+    if fmt.kind not in ("linear", "global", "none"):
+        raise ValueError(f"register_checkpoint({name!r}): kind must be linear, global or none, got {fmt.kind!r}")
+    _CHECKPOINTS[name] = fmt
+    return fmt
+
+
+def checkpoint_format(method: str) -> "CheckpointFormat | None":
+    """The method's checkpoint format (importing its runtime module), or None: it cannot be saved."""
+    get_applier(method)
+    return _CHECKPOINTS.get(method)
 
 
 class UnsupportedModelError(ValueError, AccelError):
@@ -95,6 +132,9 @@ class PatchState:
     methods: list[MethodConfig] = field(default_factory=list)
     artifacts: list[str] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
+    # A model loaded from an accel HF checkpoint is patched from birth: the mark after its
+    # checkpoint's methods, below which unpatch does not go (there is no dense model to restore).
+    base: tuple[int, ...] | None = None
 
     def mark(self) -> tuple[int, ...]:
         return len(self.undo), len(self.rows), len(self.methods), len(self.artifacts), len(self.claims)
@@ -267,6 +307,7 @@ def patch(model, spec=None, *, check_fingerprint: bool = True, offload: str | No
             fn(PatchContext(model, state, cfg.method, source, cfg), cfg,
                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             state.methods.append(cfg)
+        _attach_hf_quantizer(model, state)
     except BaseException:
         # Leave the model as it was: roll back whatever this call changed.
         state.rollback(model, mark)
@@ -278,12 +319,50 @@ def patch(model, spec=None, *, check_fingerprint: bool = True, offload: str | No
     return model
 
 
+@dataclass
+class ConfigEntry:
+    """Undo record: restore `model.config.__dict__[key]` (delete it if it was absent)."""
+    key: str
+    old: Any = _MISSING
+
+    def undo(self, root) -> None:
+        d = root.config.__dict__
+        if self.old is _MISSING:
+            d.pop(self.key, None)
+        else:
+            d[self.key] = self.old
+
+
+def _attach_hf_quantizer(model, state: PatchState) -> None:
+    """Give the patched model accel's transformers quantizer and quantization_config, undoably, so
+    `model.save_pretrained(dir)` writes an accel checkpoint (or refuses, naming a method that
+    cannot be saved) instead of tensors that load as random weights."""
+    from .hf_quantizer import AccelHfQuantizer, quantizer_for
+
+    old = model.__dict__.get("hf_quantizer", _MISSING)
+    if old is not _MISSING and old is not None and not isinstance(old, AccelHfQuantizer):
+        log.info("%s carries a %s quantizer; model.save_pretrained keeps it (accel.save_pretrained refuses)",
+                 type(model).__name__, type(old).__name__)
+        return
+    q = quantizer_for(state.methods)
+    state.undo.append(DictEntry("", "hf_quantizer", old))
+    model.__dict__["hf_quantizer"] = q
+    state.undo.append(ConfigEntry("quantization_config", model.config.__dict__.get("quantization_config", _MISSING)))
+    model.config.__dict__["quantization_config"] = q.quantization_config
+
+
 def unpatch(model):
     """Undo every patch on `model`, restoring the original modules and attention; returns it.
 
-    A model that is not patched is returned unchanged (no error)."""
+    A model that is not patched is returned unchanged (no error). A model loaded from an accel
+    checkpoint keeps the checkpoint's methods (there is no dense original to restore): only
+    what `accel.patch` added after loading is undone."""
     state: PatchState | None = model.__dict__.get("_accel_state")
     if state is None:
+        return model
+    if state.base is not None:
+        state.rollback(model, state.base)
+        log.info("unpatch: %s keeps the methods of the checkpoint it was loaded from", type(model).__name__)
         return model
     state.rollback(model, (0, 0, 0, 0, 0))
     model.__dict__.pop("_accel_state", None)

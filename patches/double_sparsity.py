@@ -12,7 +12,7 @@ from accel.artifact import ArtifactError
 from accel.configs.double_sparsity import DoubleSparsityConfig
 
 from . import compat
-from .core import PatchContext, register_method
+from .core import CheckpointFormat, PatchContext, register_checkpoint, register_method
 from .ds_handler import DSAttention
 from .ds_offload import OffloadDSAttention, install_offload
 from .kv_press import install_press, is_sliding_layer, model_dims
@@ -76,3 +76,25 @@ def apply_double_sparsity(ctx: PatchContext, cfg: DoubleSparsityConfig, tensors:
     if cfg.offload:
         install_offload(ctx, cfg, model, {i: h.channels for i, h in handlers.items()},
                         lambda i: is_sliding_layer(model, i, compat.decoder_layers(model)[i].self_attn))
+
+
+def _export(model, state, cfg: DoubleSparsityConfig) -> dict[str, torch.Tensor]:
+    """The channel order [layers, kv_heads, head_dim] the applier takes, rebuilt from the handlers:
+    each pressed layer's heavy channels first (the rest ascending), other layers 0..head_dim-1."""
+    dims = model_dims(model)
+    L, KVH, D = dims["layers"], dims["kv_heads"], dims["head_dim"]
+    order = torch.arange(D, dtype=torch.int64).expand(L, KVH, D).clone()
+    prefix = compat.SUPPORTED_MODEL_TYPES[compat.text_config(model.config).model_type] + "."
+    for row in state.rows:
+        ch = getattr(row.target, "channels", None)
+        if row.method != "double-sparsity" or row.kind != "attention" or ch is None:
+            continue
+        i = int(row.module[len(prefix):].split(".", 1)[0])
+        ch = ch.detach().to("cpu", torch.int64)
+        rest = torch.ones(KVH, D, dtype=torch.bool)
+        rest.scatter_(1, ch, False)
+        order[i] = torch.cat([ch, torch.arange(D).expand(KVH, D)[rest].view(KVH, D - ch.size(1))], dim=1)
+    return {f"order_{cfg.channel_type}": order}
+
+
+register_checkpoint("double-sparsity", CheckpointFormat(kind="global", export=_export))

@@ -16,7 +16,7 @@ from accel.kernels.dispatch import select_path
 from accel.kernels.gqsa_linear.format import GQSAFormatError, GQSAWeight
 from accel.kernels.gqsa_linear.reference import gqsa_linear_reference
 
-from .core import PatchContext, register_method
+from .core import CheckpointFormat, PatchContext, register_checkpoint, register_method
 from .linear import AccelLinear
 from .targets import iter_linears
 
@@ -103,7 +103,30 @@ def apply_gqsa(ctx: PatchContext, cfg: GQSAConfig, tensors: dict) -> None:
         if (w.out_features, w.in_features) != (lin.out_features, lin.in_features):
             raise ArtifactError(f"gqsa artifact: {name} is {w.out_features}x{w.in_features} in the artifact, "
                                 f"{lin.out_features}x{lin.in_features} in the model")
-        new = GQSALinear(w, lin.bias, dtype=lin.weight.dtype).to(lin.weight.device)
+        # From an HF checkpoint, `lin` stands in on the meta device (no dense weight is ever made):
+        # the module then stays where the checkpoint's tensors were loaded.
+        device = w.qweight.device if lin.weight.is_meta else lin.weight.device
+        new = GQSALinear(w, lin.bias, dtype=lin.weight.dtype).to(device)
         dense = lin.out_features * lin.in_features * 2
         ctx.swap_module(name, new, detail=f"W{w.bits} S{w.sparsity:.2f} g{w.group_size} tile{w.tile_rows} "
                                           f"{new.weight_bytes()} B ({new.weight_bytes() / dense:.3f}x bf16)")
+
+
+_GQSA_LEAVES = ("qweight", "colmask", "scales", "zeros", "meta")
+
+
+def _export(mod: GQSALinear) -> dict[str, torch.Tensor]:
+    w = mod.packed()
+    out = {k.rpartition(".")[2]: v for k, v in w.to_tensors("m").items()}
+    if mod.bias is not None:
+        out["bias"] = mod.bias.detach()
+    # An empty `weight` where the dense weight was: a loader that does not know accel fails on
+    # its shape instead of loading this linear with random weights.
+    out["weight"] = torch.zeros(0, dtype=torch.uint8)
+    return out
+
+
+register_checkpoint("gqsa", CheckpointFormat(
+    kind="linear", export=_export, linear_leaves=("bias",), dtype_leaves=frozenset({"bias"}),
+    required=frozenset(_GQSA_LEAVES),
+    to_tensors=lambda name, leaves: {f"{name}.{k}": leaves[k] for k in _GQSA_LEAVES}))

@@ -7,7 +7,7 @@ from torch import nn
 from accel.configs import IdentityConfig
 
 from . import compat
-from .core import PatchContext, register_method
+from .core import CheckpointFormat, PatchContext, register_checkpoint, register_method
 from .linear import IdentityLinear
 from .targets import iter_linears
 
@@ -35,3 +35,7 @@ def apply_identity(ctx: PatchContext, cfg: IdentityConfig, tensors: dict) -> Non
         for name, lin in list(iter_linears(ctx.model)):
             if isinstance(lin, nn.Linear):
                 ctx.swap_module(name, IdentityLinear(lin))
+
+
+# IdentityLinear shares the dense weights under their own names: the checkpoint is the dense one.
+register_checkpoint("identity", CheckpointFormat(kind="none"))

@@ -22,7 +22,7 @@ from torch import nn
 from accel.artifact import ArtifactError
 from accel.configs.prune import PruneConfig
 
-from .core import PatchContext, register_method
+from .core import CheckpointFormat, PatchContext, register_checkpoint, register_method
 from .linear import AccelLinear
 from .targets import iter_linears
 
@@ -73,7 +73,8 @@ class MaskedLinear(AccelLinear):
 
     method = "prune"
 
-    def __init__(self, linear: nn.Linear, keep: torch.Tensor, pattern: str = "unstructured"):
+    def __init__(self, linear: nn.Linear, keep: torch.Tensor, pattern: str = "unstructured",
+                 packed: torch.Tensor | None = None):
         super().__init__(linear.in_features, linear.out_features)
         if tuple(keep.shape) != tuple(linear.weight.shape):
             raise ArtifactError(f"mask shape {tuple(keep.shape)} does not match weight {tuple(linear.weight.shape)}")
@@ -82,6 +83,8 @@ class MaskedLinear(AccelLinear):
         self.bias = linear.bias
         self.pattern = pattern
         self.sparsity = 1.0 - keep.float().mean().item()
+        # The bit-packed mask (pack_mask), kept on the CPU for accel.save_pretrained.
+        self.packed_mask = pack_mask(keep) if packed is None else packed.detach().cpu()
         self._sparse_w = _semi_structured(w) if pattern == "2:4" else None
 
     @property
@@ -108,5 +111,18 @@ def apply_prune(ctx: PatchContext, cfg: PruneConfig, tensors: dict) -> None:
             keep = unpack_mask(tensors[name], tuple(lin.weight.shape))
         except ArtifactError as e:
             raise ArtifactError(f"prune artifact, mask of {name}: {e}") from None
-        new = MaskedLinear(lin, keep, cfg.pattern)
+        new = MaskedLinear(lin, keep, cfg.pattern, packed=tensors[name])
         ctx.swap_module(name, new, detail=f"{cfg.label} {cfg.pattern} sparsity {new.sparsity:.3f}")
+
+
+def _export(mod: MaskedLinear) -> dict[str, torch.Tensor]:
+    out = {"weight": mod.weight.detach(), "mask": mod.packed_mask}
+    if mod.bias is not None:
+        out["bias"] = mod.bias.detach()
+    return out
+
+
+# The pruned (masked) weight is stored dense: a loader that does not know accel gets the pruned model.
+register_checkpoint("prune", CheckpointFormat(
+    kind="linear", export=_export, linear_leaves=("weight", "bias"), dtype_leaves=frozenset({"weight", "bias"}),
+    required=frozenset({"weight", "mask"}), to_tensors=lambda name, leaves: {name: leaves["mask"]}))

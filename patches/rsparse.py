@@ -20,7 +20,7 @@ from accel.kernels.rsparse_linear import rsparse_linear
 from accel.kernels.rsparse_linear.cpu import rsparse_linear_cpu
 from accel.kernels.rsparse_linear.reference import channel_thresholds
 
-from .core import PatchContext, register_method
+from .core import CheckpointFormat, PatchContext, register_checkpoint, register_method
 from .linear import AccelLinear
 from .targets import iter_linears
 
@@ -156,3 +156,23 @@ def swapped(root: nn.Module, modules: dict[str, nn.Module]):
     finally:
         for parent, child, mod in old.values():
             setattr(parent, child, mod)
+
+
+def _export(mod: RSparseLinear) -> dict[str, torch.Tensor]:
+    # float64: the threshold and (s, rho) are Python floats; float64 holds them exactly.
+    out = {"weight": mod.weight.detach(), "threshold": torch.tensor([mod.threshold], dtype=torch.float64),
+           "s_rho": torch.tensor([mod.s, mod.rho], dtype=torch.float64)}
+    if mod.bias is not None:
+        out["bias"] = mod.bias.detach()
+    if mod.rank:
+        out["down"], out["up"] = mod.down.detach(), mod.up.detach()
+    return out
+
+
+_RS_LEAVES = ("threshold", "s_rho", "down", "up")
+
+# The dense weight stays (R-Sparse computes with it); the channel scales are recomputed from it.
+register_checkpoint("rsparse", CheckpointFormat(
+    kind="linear", export=_export, linear_leaves=("weight", "bias"),
+    dtype_leaves=frozenset({"weight", "bias", "down", "up"}), required=frozenset({"weight", "threshold", "s_rho"}),
+    to_tensors=lambda name, leaves: {f"{name}.{k}": leaves[k] for k in _RS_LEAVES if k in leaves}))

@@ -1,0 +1,129 @@
+"""accel as a transformers quantization method: `quant_method = "accel"`.
+
+Registered with transformers' third-party registry when accel is imported (cheap: this module
+imports no method's code), so that after `import accel`
+
+    AutoModelForCausalLM.from_pretrained(dir)       # or pipeline("text-generation", model=dir)
+
+builds the patched model of a checkpoint `accel.save_pretrained` wrote. Without accel,
+transformers names the unknown quantization method "accel" (and a checkpoint without the dense
+weights of its linears, GQSA's, fails to load instead of loading random weights).
+
+The work is in accel/hf_checkpoint.py (saving) and accel/hf_checkpoint_load.py (loading); this
+module is the glue transformers calls.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import compat
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "accel"
+# Version of the checkpoint layout (leaf names, the "accel.<method>.<name>" global tensors).
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+
+class AccelQuantizationConfig(compat.QuantizationConfigMixin):
+    """config.json's `quantization_config`: format_version, the method configs in patch order (each
+    `MethodConfig.to_dict()`), the base model's fingerprint and the accel version that wrote it."""
+
+    def __init__(self, methods: list | None = None, format_version: int = FORMAT_VERSION,
+                 fingerprint: dict | None = None, accel_version: str | None = None, quant_method: str = QUANT_METHOD,
+                 **extra: Any):
+        from accel.artifact import ArtifactError
+
+        self.quant_method = QUANT_METHOD
+        if format_version not in SUPPORTED_FORMAT_VERSIONS:
+            raise ArtifactError(f"accel checkpoint format version {format_version!r} is not supported: this accel "
+                                f"reads version(s) {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (upgrade accel, "
+                                f"or re-export the checkpoint with this one)")
+        if not isinstance(methods, list) or not methods or not all(isinstance(m, dict) for m in methods):
+            raise ArtifactError(f"accel checkpoint: quantization_config.methods must be a non-empty list of method "
+                                f"configs, got {methods!r}")
+        self.format_version = format_version
+        self.methods = methods
+        self.fingerprint = dict(fingerprint or {})
+        if accel_version is None:
+            from accel._version import __version__ as accel_version
+        self.accel_version = accel_version
+        # Unknown keys from a newer writer are kept (and written back), not dropped.
+        self.__dict__.update(extra)
+
+    def method_configs(self) -> list:
+        """The MethodConfig objects (older config versions upgraded); ArtifactError naming a bad one."""
+        from accel.artifact import ArtifactError
+        from accel.configs import ConfigError, config_from_dict
+
+        out = []
+        for i, d in enumerate(self.methods):
+            try:
+                out.append(config_from_dict(d))
+            except ConfigError as e:
+                raise ArtifactError(f"accel checkpoint: quantization_config.methods[{i}]: {e}") from None
+        return out
+
+
+class AccelHfQuantizer(compat.HfQuantizer):
+    """Loads an accel checkpoint (pre-quantized only) and saves a patched model."""
+
+    requires_calibration = True
+
+    def __init__(self, quantization_config: AccelQuantizationConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self._load = None
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        return None
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        from accel.hf_checkpoint_load import before_weight_loading
+
+        self._load = before_weight_loading(model, self.quantization_config,
+                                           compat.quantizer_checkpoint_files(kwargs, model))
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        from accel.hf_checkpoint_load import after_weight_loading
+
+        load, self._load = self._load, None
+        after_weight_loading(model, load)
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        # Raises naming a method that has no checkpoint format: a checkpoint that would load
+        # wrong is never written.
+        from accel.hf_checkpoint import check_serializable
+
+        check_serializable(self.quantization_config.method_configs())
+        return True
+
+    def get_state_dict_and_metadata(self, model):
+        from accel.hf_checkpoint import checkpoint_state_dict
+
+        return checkpoint_state_dict(model)
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        # Patching never stopped generate() from compiling; the quantizer should not either.
+        return True
+
+
+def quantizer_for(configs) -> AccelHfQuantizer:
+    """The quantizer a patched model carries for `configs` (its methods in patch order)."""
+    cfg = AccelQuantizationConfig(methods=[c.to_dict() for c in configs])
+    return AccelHfQuantizer(cfg, pre_quantized=True)
+
+
+def register() -> None:
+    compat.register_quantization_method(QUANT_METHOD, AccelQuantizationConfig, AccelHfQuantizer)
+
+
+register()
