@@ -32,6 +32,10 @@ from .artifact import (HF_EXPORT_FORMAT, HF_EXPORT_MARKER, Artifact, ArtifactErr
 
 log = logging.getLogger(__name__)
 
+QUANT_METHOD = "accel"
+# Version of the checkpoint layout (leaf names, the "accel.<method>.<name>" global tensors).
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
 GLOBAL_PREFIX = "accel."
 
 
@@ -61,7 +65,6 @@ def checkpoint_state_dict(model) -> tuple[dict[str, torch.Tensor], dict[str, str
 
     Also records the model's fingerprint in its quantization_config (config.json is written after)."""
     from .patches.core import checkpoint_format
-    from .patches.hf_quantizer import FORMAT_VERSION
 
     state = _state(model)
     check_serializable(state.methods)
@@ -122,12 +125,11 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, overwrite
     {"wiki ppl": 12.8}). Written into a temp dir renamed into place; `path` must not exist, be
     empty, or hold an earlier accel HF checkpoint (replaced only with overwrite=True). Raises
     ArtifactError naming a method that cannot be saved, before anything is written."""
-    from .patches.hf_quantizer import AccelHfQuantizer
-
     path = check_output_path(path, overwrite, "hf")
     state = _state(model)
     check_serializable(state.methods)
-    if not isinstance(model.__dict__.get("hf_quantizer"), AccelHfQuantizer):
+    q = model.__dict__.get("hf_quantizer")
+    if getattr(getattr(q, "quantization_config", None), "quant_method", None) != QUANT_METHOD:
         raise ArtifactError(f"{type(model).__name__} carries another quantization "
                             f"({type(getattr(model, 'hf_quantizer', None)).__name__}); accel cannot save it")
     tmp = make_output_tmpdir(path)

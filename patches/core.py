@@ -307,7 +307,8 @@ def patch(model, spec=None, *, check_fingerprint: bool = True, offload: str | No
             fn(PatchContext(model, state, cfg.method, source, cfg), cfg,
                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             state.methods.append(cfg)
-        _attach_hf_quantizer(model, state)
+        for hook in _ON_PATCHED:
+            hook(model, state)
     except BaseException:
         # Leave the model as it was: roll back whatever this call changed.
         state.rollback(model, mark)
@@ -333,22 +334,10 @@ class ConfigEntry:
             d[self.key] = self.old
 
 
-def _attach_hf_quantizer(model, state: PatchState) -> None:
-    """Give the patched model accel's transformers quantizer and quantization_config, undoably, so
-    `model.save_pretrained(dir)` writes an accel checkpoint (or refuses, naming a method that
-    cannot be saved) instead of tensors that load as random weights."""
-    from .hf_quantizer import AccelHfQuantizer, quantizer_for
-
-    old = model.__dict__.get("hf_quantizer", _MISSING)
-    if old is not _MISSING and old is not None and not isinstance(old, AccelHfQuantizer):
-        log.info("%s carries a %s quantizer; model.save_pretrained keeps it (accel.save_pretrained refuses)",
-                 type(model).__name__, type(old).__name__)
-        return
-    q = quantizer_for(state.methods)
-    state.undo.append(DictEntry("", "hf_quantizer", old))
-    model.__dict__["hf_quantizer"] = q
-    state.undo.append(ConfigEntry("quantization_config", model.config.__dict__.get("quantization_config", _MISSING)))
-    model.config.__dict__["quantization_config"] = q.quantization_config
+# Called at the end of every successful accel.patch, inside its rollback: fn(model, state) records
+# its changes in state.undo. patches/hf_quantizer.py adds the one that gives a patched model
+# accel's transformers quantizer (so model.save_pretrained writes an accel checkpoint).
+_ON_PATCHED: list[Callable[[Any, PatchState], None]] = []
 
 
 def unpatch(model):

@@ -17,14 +17,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import compat
+from accel.hf_checkpoint import FORMAT_VERSION, QUANT_METHOD, SUPPORTED_FORMAT_VERSIONS
+
+from . import compat, core
+from .undo import _MISSING, DictEntry
 
 log = logging.getLogger(__name__)
-
-QUANT_METHOD = "accel"
-# Version of the checkpoint layout (leaf names, the "accel.<method>.<name>" global tensors).
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
 
 
 class AccelQuantizationConfig(compat.QuantizationConfigMixin):
@@ -122,7 +120,26 @@ def quantizer_for(configs) -> AccelHfQuantizer:
     return AccelHfQuantizer(cfg, pre_quantized=True)
 
 
+def attach(model, state) -> None:
+    """Give the patched model accel's quantizer and quantization_config, undoably, so that
+    `model.save_pretrained(dir)` writes an accel checkpoint (or refuses, naming a method that
+    cannot be saved) instead of tensors that load as random weights. Runs after every accel.patch."""
+    old = model.__dict__.get("hf_quantizer", _MISSING)
+    if old is not _MISSING and old is not None and not isinstance(old, AccelHfQuantizer):
+        log.info("%s carries a %s quantizer; model.save_pretrained keeps it (accel.save_pretrained refuses)",
+                 type(model).__name__, type(old).__name__)
+        return
+    q = quantizer_for(state.methods)
+    state.undo.append(DictEntry("", "hf_quantizer", old))
+    model.__dict__["hf_quantizer"] = q
+    state.undo.append(core.ConfigEntry("quantization_config",
+                                       model.config.__dict__.get("quantization_config", _MISSING)))
+    model.config.__dict__["quantization_config"] = q.quantization_config
+
+
 def register() -> None:
+    if attach not in core._ON_PATCHED:
+        core._ON_PATCHED.append(attach)
     compat.register_quantization_method(QUANT_METHOD, AccelQuantizationConfig, AccelHfQuantizer)
 
 
