@@ -124,3 +124,35 @@ __all__ = [
     "cache_from_kwargs", "cache_kwargs", "can_set_attn_implementation", "decoder_layers", "sdpa_attention_forward", "sdpa_mask",
     "output_cache", "set_attn_implementation", "text_config",
 ]
+
+# ---- compiled decode (issue 19): static cache layers and compile helpers ----------------------------
+from transformers.cache_utils import StaticCache, StaticLayer  # noqa: E402
+
+try:  # transformers >= 5.x: generation's compile settings (applies to every device with _compile_all_devices)
+    from transformers.generation.configuration_utils import CompileConfig  # noqa: E402
+except ImportError:  # pragma: no cover
+    CompileConfig = None
+
+
+def is_compiling() -> bool:
+    """True while Dynamo traces (StaticLayer skips `mark_static_address` then, as we do)."""
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
+def mark_static_address(t) -> None:
+    """Tag a cache buffer as a fixed address (transformers does this for StaticLayer's K/V)."""
+    import torch
+
+    torch._dynamo.mark_static_address(t)
+
+
+def compile_config(**kwargs):
+    """generate()'s CompileConfig, applied on CPU too (transformers compiles on CUDA/XPU only by default)."""
+    if CompileConfig is None:  # pragma: no cover
+        raise ImportError("this transformers has no generation CompileConfig")
+    cfg = CompileConfig(**kwargs)
+    # A private field in 5.x: transformers auto-compiles decode steps only on GPUs unless it is set.
+    cfg._compile_all_devices = True
+    return cfg

@@ -5,6 +5,11 @@ r heavy channels of every cached key (post-RoPE), `[B, KVH, T, r]`.
 (update in generate(), crop, beam reorder, batch repeat/select, reset) also applies to the
 labels. Labels may be stored min-max quantized to 8 or 4 bits (per token and KV head, over its
 r channels), as in the paper; `label_bytes()` counts what is stored.
+
+`DSStaticLabelLayer` is the same for transformers' `StaticLayer` (`cache_implementation="static"`,
+what a compiled decode step needs): preallocated `[B, KVH, max_cache_len, r]` labels written in
+place at the positions the keys are written (`accel::ds_update_labels`), so shapes never change.
+A press upgrades the plain layer it meets on first use (prefill), as it does a `DynamicLayer`.
 """
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ import torch
 
 from accel.kernels.ds_attention import gather_labels
 
-from .compat import DynamicLayer
+from accel.kernels import ops
+
+from .compat import DynamicLayer, StaticLayer, is_compiling, mark_static_address
 
 
 def quantize_labels(x: torch.Tensor, bits: int):
@@ -129,3 +136,80 @@ class DSLabelLayer(DynamicLayer):
         super().prefetch()
         if self.is_initialized:
             self._map(lambda p: p.to(self.keys.device, non_blocking=True))
+
+
+class DSStaticLabelLayer(StaticLayer):
+    """A StaticLayer whose keys carry a preallocated label cache. `channels`: [KVH, r] int64.
+
+    label_parts: (labels [B, KVH, max_cache_len, r],) at 16 bits, or (codes, scale, low) with the
+    token dim at -2; positions past `cumulative_length` hold stale or zero labels, never read (the
+    decode op reads only the filled prefix)."""
+
+    def __init__(self, max_cache_len: int, channels: torch.Tensor, bits: int = 16, **kwargs):
+        super().__init__(max_cache_len, **kwargs)
+        self.channels = channels
+        self.bits = bits
+        self.label_parts: tuple[torch.Tensor, ...] | None = None
+
+    @classmethod
+    def from_layer(cls, layer: StaticLayer, channels: torch.Tensor, bits: int = 16) -> "DSStaticLabelLayer":
+        """Take over a plain StaticLayer's buffers (no copy) and label what it already holds."""
+        new = cls(layer.max_cache_len, channels, bits)
+        new.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in ("channels", "bits", "label_parts")})
+        if new.is_initialized:
+            new._alloc_labels()
+        return new
+
+    def _alloc_labels(self) -> None:
+        parts = self._parts_of(self.keys)
+        self.label_parts = tuple(p.contiguous() for p in parts)
+        if not is_compiling():
+            for p in self.label_parts:
+                mark_static_address(p)
+
+    def _parts_of(self, keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lab = gather_labels(keys, self.channels.to(keys.device))
+        return (lab,) if self.bits >= 16 else quantize_labels(lab, self.bits)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._alloc_labels()
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        # The positions StaticLayer.update writes, read before it advances cumulative_length.
+        pos = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.bits >= 16:
+            ops.call("ds_update_labels", ops.update_labels_impl, self.label_parts[0], key_states,
+                     self.channels.to(key_states.device), pos)
+        else:
+            for part, new in zip(self.label_parts, self._parts_of(key_states)):
+                part.index_copy_(part.dim() - 2, pos, new)
+        return keys, values
+
+    def labels(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[B, KVH, max_cache_len, r] in `dtype` (default: the keys' dtype); only the first
+        `cumulative_length` tokens are meaningful."""
+        dtype = dtype or self.keys.dtype
+        if self.label_parts is None:
+            raise RuntimeError("the label cache is empty")
+        if self.bits >= 16:
+            return self.label_parts[0].to(dtype)
+        return dequantize_labels(*self.label_parts, self.bits, dtype)
+
+    def label_bytes(self) -> int:
+        return 0 if self.label_parts is None else sum(p.numel() * p.element_size() for p in self.label_parts)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.label_parts is not None:
+            for p in self.label_parts:
+                p.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.label_parts is not None:
+            self.label_parts = tuple(p.index_select(0, beam_idx.to(p.device)) for p in self.label_parts)
+

@@ -5,6 +5,9 @@
   the labels from the cache layer (`DSLabelLayer`, which each plain `DynamicLayer` is upgraded to
   on first use).
 - Prefill (several query tokens with a cache) is dense; the cache layer labels the prompt.
+- A static cache (`cache_implementation="static"`, compiled decode): its layers become
+  `DSStaticLabelLayer`s, and a decode step reads only the filled prefix inside the op
+  (`ds_decode_attention_static`), so the step has fixed shapes and no data-dependent Python.
 - Scoring forwards (no cache: perplexity, lm-eval loglikelihood) apply the same selection causally
   to every query row when `score_mode="sparse"` (`ds_causal_attention`), so perplexity measures
   the sparsity.
@@ -17,9 +20,10 @@ import torch
 
 from accel.configs.double_sparsity import DoubleSparsityConfig
 from accel.kernels.dispatch import select_path
-from accel.kernels.ds_attention import ds_causal_attention, ds_decode_attention, gather_labels
+from accel.kernels.ds_attention import (ds_causal_attention, ds_decode_attention, ds_decode_attention_static,
+                                        gather_labels)
 
-from .ds_cache import DSLabelLayer, fake_quantize_labels
+from .ds_cache import DSLabelLayer, DSStaticLabelLayer, fake_quantize_labels
 from .kv_press import PressHandler, allowed_from_mask
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,11 @@ class DSAttention(PressHandler):
         device = keys.device if isinstance(keys, torch.Tensor) else self.channels.device
         return DSLabelLayer.from_layer(layer, self.channels.to(device), self.cfg.label_bits)
 
+    def upgrade_static_layer(self, layer):
+        keys = getattr(layer, "keys", None)
+        device = keys.device if isinstance(keys, torch.Tensor) else self.channels.device
+        return DSStaticLabelLayer.from_layer(layer, self.channels.to(device), self.cfg.label_bits)
+
     def _labels(self, layer, key: torch.Tensor) -> torch.Tensor:
         """The label cache for this layer, [B, KVH, T, r], kept in step with `key`."""
         if isinstance(layer, DSLabelLayer) and layer.keys is key:
@@ -55,6 +64,17 @@ class DSAttention(PressHandler):
         B, H, Tq, D = query.shape
         Tk = key.shape[2]
         cfg = self.cfg
+        if isinstance(layer, DSStaticLabelLayer) and layer.keys is key:
+            if Tq != 1:
+                return self.dense(module, query, key, value, attention_mask, **kwargs)
+            # Static cache: the context length is a tensor (cumulative_length), read inside the op.
+            key_mask = allowed_from_mask(attention_mask, B, 1, Tk, query.device)[:, 0]
+            out = ds_decode_attention_static(query, key, value, layer.labels(key.dtype), self.channels.to(query.device),
+                                             layer.cumulative_length, cfg.budget, cfg.min_context, sink=cfg.sink,
+                                             recent=cfg.recent, scaling=kwargs.get("scaling"),
+                                             group_reduce=cfg.group_reduce, key_mask=key_mask)
+            self.count("sparse_decode")
+            return out.transpose(1, 2).contiguous(), None
         if Tq != 1 or Tk < max(cfg.min_context, 1):
             return self.dense(module, query, key, value, attention_mask, **kwargs)
         labels = self._labels(layer, key)
@@ -62,7 +82,7 @@ class DSAttention(PressHandler):
         out = ds_decode_attention(query, key, value, labels, self.channels.to(query.device), cfg.budget_tokens(Tk),
                                   sink=cfg.sink, recent=cfg.recent, scaling=kwargs.get("scaling"),
                                   group_reduce=cfg.group_reduce, key_mask=key_mask)
-        self.counts["sparse_decode"] += 1
+        self.count("sparse_decode")
         return out.transpose(1, 2).contiguous(), None
 
     def without_cache(self, module, query, key, value, attention_mask, **kwargs):
@@ -77,5 +97,5 @@ class DSAttention(PressHandler):
         allowed = allowed_from_mask(attention_mask, B, Tq, Tk, query.device)
         out = ds_causal_attention(query, key, value, labels, channels, budget, cfg.sink, cfg.recent,
                                   kwargs.get("scaling"), cfg.group_reduce, allowed)
-        self.counts["sparse_score"] += 1
+        self.count("sparse_score")
         return out.transpose(1, 2).contiguous(), None

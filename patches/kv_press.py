@@ -24,9 +24,13 @@ Hooks of `PressHandler` (all optional; the defaults are dense attention, bit-ide
 - `upgrade_layer(layer) -> layer`: called once per layer and cache, the first time this handler
   sees a plain `DynamicLayer` there; return a `DynamicLayer` subclass that keeps what the press
   needs next to K/V (it then follows crop, beam reorder, reset...). Default: keep it.
+- `upgrade_static_layer(layer) -> layer`: the same for a plain `StaticLayer`
+  (`cache_implementation="static"`, compiled decode): a `StaticLayer` subclass with preallocated
+  buffers. Default: keep it.
 - `kernel_path`: the string `accel.report` shows for the layer.
 Return values follow transformers' attention functions: `(out [B, Tq, H, D], weights or None)`;
-`self.dense(...)` is SDPA and counts the call in `self.counts["dense"]`.
+`self.dense(...)` is SDPA and counts the call in `self.counts["dense"]` (`self.count(key)`; eager
+calls only: a counter read inside a compiled step would be a guard that recompiles every step).
 
 Helpers: `allowed_from_mask` / `key_mask_from` turn transformers' SDPA-style mask into the keys
 each query row may see; `model_dims`, `is_sliding_layer`, `layer_of`.
@@ -111,6 +115,9 @@ class PressHandler:
     def upgrade_layer(self, layer):
         return layer
 
+    def upgrade_static_layer(self, layer):
+        return layer
+
     def with_cache(self, module, query, key, value, attention_mask, layer, **kwargs):
         return self.dense(module, query, key, value, attention_mask, **kwargs)
 
@@ -118,16 +125,23 @@ class PressHandler:
         return self.dense(module, query, key, value, attention_mask, **kwargs)
 
     # ---- machinery -----------------------------------------------------------------------------
+    def count(self, key: str) -> None:
+        """Count a call in `self.counts[key]`, outside torch.compile only (see the module docstring)."""
+        if not torch.compiler.is_compiling():
+            self.counts[key] += 1
+
     def dense(self, module, query, key, value, attention_mask, **kwargs):
-        self.counts["dense"] += 1
+        self.count("dense")
         return compat.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     def cache_layer(self, cache):
         """This layer's cache layer; a plain `DynamicLayer` is replaced by `upgrade_layer(layer)`."""
         layers = getattr(cache, "layers", None)
         layer = layer_of(cache, self.layer_idx)
-        if layer is not None and type(layer) is compat.DynamicLayer:
-            new = self.upgrade_layer(layer)
+        upgrade = {compat.DynamicLayer: self.upgrade_layer, compat.StaticLayer: self.upgrade_static_layer}.get(
+            type(layer)) if layer is not None else None
+        if upgrade is not None:
+            new = upgrade(layer)
             if new is not layer:
                 layers[self.layer_idx] = layer = new
         return layer

@@ -5,6 +5,8 @@ Ops (shapes in reference.py):
 - `ds_decode_attention`: one decode step; validates its inputs and dispatches to the Triton kernel
   (CUDA), the fast CPU path, or the torch reference (`reference.py`, the spec) via
   `accel.kernels.dispatch.select_path`.
+- `ds_decode_attention_static`: the same step over a preallocated (static) cache of which only a
+  prefix is filled; the filled length is a tensor read inside the op, so a compiled step has fixed shapes.
 - `ds_select`: the selection alone (the offloaded cache fetches only what it selects).
 - `ds_attend_rows`: exact attention over K/V rows already gathered (the offloaded cache's fetch).
 - `ds_causal_attention` (causal.py): evaluation mode, the selection applied to every query row of a
@@ -13,15 +15,17 @@ Ops (shapes in reference.py):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from accel.kernels import dispatch
+from accel.kernels import dispatch, ops
 
 from .causal import ds_causal_attention, ds_causal_attention_reference
 from .reference import (dense_decode_reference, ds_attend_reference, ds_attend_rows, ds_select_reference,
                         forced_budget, gather_labels, label_scores_reference)
 
-__all__ = ["ds_decode_attention", "ds_select", "ds_select_reference", "ds_attend_reference", "ds_attend_rows",
+__all__ = ["ds_decode_attention", "ds_decode_attention_static", "ds_select", "ds_select_reference", "ds_attend_reference", "ds_attend_rows",
            "ds_causal_attention", "ds_causal_attention_reference", "dense_decode_reference", "gather_labels",
            "label_scores_reference", "forced_budget", "validate_inputs"]
 
@@ -60,7 +64,9 @@ def validate_inputs(q, k, v, labels, channels, budget, sink, recent, group_reduc
     if r < 1 or r > D:
         raise ValueError(f"ds_decode_attention: r = {r} heavy channels must be in [1, head_dim = {D}]")
     # Range check on CPU only: on CUDA it would sync the stream every layer of every step.
-    if channels.device.type == "cpu" and channels.numel() and (int(channels.min()) < 0 or int(channels.max()) >= D):
+    # Skipped while compiling: reading the values is data-dependent (a graph break).
+    if channels.device.type == "cpu" and channels.numel() and not torch.compiler.is_compiling() \
+            and (int(channels.min()) < 0 or int(channels.max()) >= D):
         raise ValueError(f"ds_decode_attention: channel indices must lie in [0, {D})")
     if tuple(labels.shape) != (B, KVH, T, r):
         raise ValueError(f"ds_decode_attention: labels shape {tuple(labels.shape)} != [B, KVH, T, r] = "
@@ -87,13 +93,24 @@ def _resolve_path(q, path):
     return path
 
 
+def _scaling(q, scaling) -> float:
+    return q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+
+
 def ds_select(q, labels, channels, budget: int, sink: int = 4, recent: int = 64, group_reduce: str = "max",
               key_mask=None, path: str | None = None) -> torch.Tensor:
     """Selected token indices [B, KVH, min(budget, T)] int64 (unordered), through the chosen path.
 
-    Only the selection: the runtime's evaluation mode can reuse it."""
+    Only the selection: the runtime's evaluation mode can reuse it. (`accel::ds_select` when compiling.)"""
     path = _resolve_path(q, path)
     channels = channels.to(device=q.device, dtype=torch.long)
+    return ops.call("ds_select", select_impl, q, labels, channels, key_mask, int(budget), int(sink), int(recent),
+                    group_reduce, path)
+
+
+def select_impl(q, labels, channels, key_mask, budget: int, sink: int, recent: int, group_reduce: str,
+                path: str) -> torch.Tensor:
+    """The body of `accel::ds_select` (inputs already validated)."""
     if path == "cpu":
         from .cpu import ds_select_cpu
         return ds_select_cpu(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
@@ -101,6 +118,53 @@ def ds_select(q, labels, channels, budget: int, sink: int = 4, recent: int = 64,
         from .triton_kernel import ds_select_triton
         return ds_select_triton(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
     return ds_select_reference(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
+
+
+def attend_impl(q, k, v, idx, key_mask, scaling: float, path: str) -> torch.Tensor:
+    """The body of `accel::ds_attend`: exact attention over idx [B, KVH, n] -> [B, H, 1, D]."""
+    if path == "cpu":
+        from .cpu import ds_attend_cpu
+        return ds_attend_cpu(q, k, v, idx, scaling, key_mask)
+    if path == "triton":
+        from .triton_kernel import ds_attend_triton
+        return ds_attend_triton(q, k, v, idx, scaling, key_mask)
+    return ds_attend_reference(q, k, v, idx, scaling, key_mask)
+
+
+def decode_impl(q, k, v, labels, channels, key_mask, length, budget: int, budget_fraction: float,
+                min_context: int, sink: int, recent: int, scaling: float, group_reduce: str,
+                path: str) -> torch.Tensor:
+    """The body of `accel::ds_decode_attention`.
+
+    length None: k/v/labels hold exactly the context, `budget` tokens are attended.
+    length (a 0-d or [B] int tensor, a static cache's filled length): only the first
+    T = max(length) tokens of k/v/labels/key_mask are the context; the budget is `budget_fraction`
+    of T (rounded up, >= 1) when budget_fraction > 0, else `budget`; T < min_context attends to
+    every valid token (dense math). So a static cache computes what a dynamic one of T tokens does.
+    Reading `length` is data-dependent, which is why it happens inside the op."""
+    if length is not None:
+        T = int(length.max())
+        k, v, labels = k[:, :, :T], v[:, :, :T], labels[:, :, :T]
+        key_mask = None if key_mask is None else key_mask[:, :T]
+        if budget_fraction > 0:
+            budget = max(1, math.ceil(budget_fraction * T))
+        if T < max(min_context, 1):
+            if path == "cpu":
+                from .cpu import dense_decode_cpu, drop_trivial_mask
+                if drop_trivial_mask(key_mask) is None:
+                    return dense_decode_cpu(q, k, v, scaling)
+            return dense_decode_reference(q, k, v, scaling, key_mask)
+    if path == "cpu":
+        from .cpu import drop_trivial_mask, ds_attend_cpu, ds_select_cpu
+        key_mask = drop_trivial_mask(key_mask)
+        idx = ds_select_cpu(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
+        return ds_attend_cpu(q, k, v, idx, scaling, key_mask)
+    if path == "triton":
+        from .triton_kernel import ds_attend_triton, ds_select_triton
+        idx = ds_select_triton(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
+        return ds_attend_triton(q, k, v, idx, scaling, key_mask)
+    idx = ds_select_reference(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
+    return ds_attend_reference(q, k, v, idx, scaling, key_mask)
 
 
 def ds_decode_attention(q, k, v, labels, channels, budget: int, sink: int = 4, recent: int = 64, scaling=None,
@@ -113,21 +177,37 @@ def ds_decode_attention(q, k, v, labels, channels, budget: int, sink: int = 4, r
     (sink + recent + top-k); key_mask: [B, T] bool (True = real token) or None.
     path: None = dispatch.select_path(q.device), or "triton" | "cpu" | "reference".
     Returns out [B, H, 1, D] in q.dtype (and the selected indices [B, KVH, min(budget, T)] when
-    return_indices=True).
+    return_indices=True). Under torch.compile: `accel::ds_decode_attention` (or `accel::ds_select`
+    + `accel::ds_attend` with return_indices).
     """
     validate_inputs(q, k, v, labels, channels, budget, sink, recent, group_reduce, key_mask)
     path = _resolve_path(q, path)
     channels = channels.to(dtype=torch.long)
-    if path == "cpu":
-        from .cpu import drop_trivial_mask, ds_attend_cpu, ds_select_cpu
-        key_mask = drop_trivial_mask(key_mask)
-        idx = ds_select_cpu(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
-        out = ds_attend_cpu(q, k, v, idx, scaling, key_mask)
-    elif path == "triton":
-        from .triton_kernel import ds_attend_triton, ds_select_triton
-        idx = ds_select_triton(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
-        out = ds_attend_triton(q, k, v, idx, scaling, key_mask)
-    else:
-        idx = ds_select_reference(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
-        out = ds_attend_reference(q, k, v, idx, scaling, key_mask)
-    return (out, idx) if return_indices else out
+    scaling = _scaling(q, scaling)
+    if return_indices:
+        if path == "cpu":
+            from .cpu import drop_trivial_mask
+            key_mask = drop_trivial_mask(key_mask)
+        idx = ops.call("ds_select", select_impl, q, labels, channels, key_mask, budget, int(sink), int(recent),
+                       group_reduce, path)
+        return ops.call("ds_attend", attend_impl, q, k, v, idx, key_mask, scaling, path), idx
+    return ops.call("ds_decode_attention", decode_impl, q, k, v, labels, channels, key_mask, None, budget, 0.0, 0,
+                    int(sink), int(recent), scaling, group_reduce, path)
+
+
+def ds_decode_attention_static(q, k, v, labels, channels, length: torch.Tensor, budget: float, min_context: int,
+                               sink: int = 4, recent: int = 64, scaling=None, group_reduce: str = "max",
+                               key_mask=None, path: str | None = None) -> torch.Tensor:
+    """One decode step over a static (preallocated) cache whose first `length` tokens are filled.
+
+    k, v: [B, KVH, Tmax, D]; labels: [B, KVH, Tmax, r]; length: int tensor (0-d or [B]), the
+    filled prefix (this step's token included); key_mask: [B, Tmax] or None; budget: the config's
+    value (<= 1: a fraction of the context, else a token count); min_context: shorter contexts
+    attend to every token. Same result as `ds_decode_attention` on the first `length` tokens with
+    budget = DoubleSparsityConfig.budget_tokens(length), with fixed shapes for a compiled step."""
+    validate_inputs(q, k, v, labels, channels, 1, sink, recent, group_reduce, key_mask)
+    path = _resolve_path(q, path)
+    frac, count = (float(budget), 0) if budget <= 1 else (0.0, int(budget))
+    return ops.call("ds_decode_attention", decode_impl, q, k, v, labels, channels.to(dtype=torch.long), key_mask,
+                    length, count, frac, int(min_context), int(sink), int(recent), _scaling(q, scaling),
+                    group_reduce, path)

@@ -25,12 +25,22 @@ from .reference import ds_attend_reference, ds_select_reference, row_scores_refe
 
 def ds_causal_attention(q, k, v, labels, channels, budget: int, sink: int, recent: int, scaling: float | None,
                         group_reduce: str, allowed: torch.Tensor, max_elems: int = 1 << 25) -> torch.Tensor:
-    """Evaluation-mode Double Sparsity attention (shapes in the module docstring)."""
+    """Evaluation-mode Double Sparsity attention (shapes in the module docstring).
+    `accel::ds_causal_attention` under torch.compile (its chunk loop tests data)."""
+    from accel.kernels import ops
+
+    scaling = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    channels = channels.to(device=q.device, dtype=torch.long)
+    return ops.call("ds_causal_attention", causal_impl, q, k, v, labels, channels, int(budget), int(sink),
+                    int(recent), scaling, group_reduce, allowed, int(max_elems))
+
+
+def causal_impl(q, k, v, labels, channels, budget: int, sink: int, recent: int, scaling: float, group_reduce: str,
+                allowed: torch.Tensor, max_elems: int) -> torch.Tensor:
+    """The body of `accel::ds_causal_attention`."""
     B, H, Tq, D = q.shape
     KVH, Tk = k.shape[1], k.shape[2]
     G = H // KVH
-    scaling = D ** -0.5 if scaling is None else scaling
-    channels = channels.to(device=q.device, dtype=torch.long)
     chunk = max(1, min(Tq, max_elems // max(1, B * H * Tk)))
     out = torch.empty(B, H, Tq, D, dtype=q.dtype, device=q.device)
     for a in range(0, Tq, chunk):

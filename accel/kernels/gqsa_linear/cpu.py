@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from . import cpp_ext
 from .format import GQSAWeight
 
@@ -83,6 +84,29 @@ BLOCK_ROWS = 256
 # call). A shared buffer let two threads' prefills overwrite each other's weight blocks (issue 13:
 # 14/30 wrong forwards); a fresh 2 MiB buffer costs ~2 us more than a reused one (measured here),
 # nothing against the GEMMs it feeds.
+
+
+def avx512_linear(x2: torch.Tensor, qweight: torch.Tensor, colmask: torch.Tensor, scales: torch.Tensor,
+                  zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The native "cpu-avx512" path (the body of `accel::gqsa_linear` on CPU): x2 [M, in] -> [M, out]
+    in x2's dtype; no bias. Below PREFILL_ROWS rows one kernel pass; from there, dequantized blocks
+    of rows and a dense GEMM each."""
+    if x2.size(0) < PREFILL_ROWS:
+        return cpp_ext.gqsa_mm(x2, qweight, colmask, scales, zeros, group_size)
+    out_features, in_features = colmask.size(0), x2.size(1)
+    dtype = x2.dtype
+    # Prefill: dequantize blocks of rows into one buffer of this call and run a dense GEMM on
+    # each. A fresh full-size weight would cost more in page faults than the GEMM itself.
+    wdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    xw = x2.to(wdt)
+    buf = torch.empty(min(BLOCK_ROWS, out_features) * in_features, dtype=wdt)
+    y = torch.empty(x2.size(0), out_features, dtype=wdt)
+    for r0 in range(0, out_features, BLOCK_ROWS):
+        n = min(BLOCK_ROWS, out_features - r0)
+        blk = cpp_ext.dequantize_rows(qweight, colmask, scales, zeros, group_size, r0,
+                                      buf[:n * in_features].view(n, in_features))
+        y[:, r0:r0 + n] = F.linear(xw, blk)
+    return y.to(dtype)
 
 
 class CPUGQSA:
@@ -152,20 +176,12 @@ class CPUGQSA:
 
     def _avx512(self, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         w = self.w
-        if x2.size(0) < PREFILL_ROWS:
-            return cpp_ext.gqsa_mm(x2, w.qweight, w.colmask, w.scales, w.zeros, w.group_size)
-        # Prefill: dequantize blocks of rows into one buffer of this call and run a dense GEMM on
-        # each. A fresh full-size weight would cost more in page faults than the GEMM itself.
-        wdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-        xw = x2.to(wdt)
-        buf = torch.empty(min(BLOCK_ROWS, self.out_features) * self.in_features, dtype=wdt)
-        y = torch.empty(x2.size(0), self.out_features, dtype=wdt)
-        for r0 in range(0, self.out_features, BLOCK_ROWS):
-            n = min(BLOCK_ROWS, self.out_features - r0)
-            blk = cpp_ext.dequantize_rows(w.qweight, w.colmask, w.scales, w.zeros, w.group_size, r0,
-                                          buf[:n * self.in_features].view(n, self.in_features))
-            y[:, r0:r0 + n] = F.linear(xw, blk)
-        return y.to(dtype)
+        if ops.use_ops():
+            # `accel::gqsa_linear`: the native kernel is opaque to torch.compile.
+            return torch.ops.accel.gqsa_linear(x2, w.qweight, w.colmask, None, w.scales, w.zeros, None,
+                                               w.in_features, w.group_size, w.bits, w.tile_rows, "cpu-avx512",
+                                               0, 0, "")
+        return avx512_linear(x2, w.qweight, w.colmask, w.scales, w.zeros, w.group_size)
 
     def nbytes(self) -> int:
         """Bytes of the weight as the kernel reads it (cpu-avx512: the stored tensors themselves;

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from accel.kernels import ops
 from accel.kernels.dispatch import device_guard
 
 from .format import GQSAWeight
@@ -126,7 +127,26 @@ def _tile_shared(w: GQSAWeight, block_n: int) -> bool:
 
 def gqsa_linear_triton(x: torch.Tensor, w: GQSAWeight, bias: torch.Tensor | None = None, *,
                        block_n: int = 32, splits: int | None = None, force: str | None = None) -> torch.Tensor:
-    """x: [..., in] -> [..., out] in x's dtype. force: "gemv" or "gemm" (tests)."""
+    """x: [..., in] -> [..., out] in x's dtype. force: "gemv" or "gemm" (tests).
+    `accel::gqsa_linear` (path "triton") under torch.compile."""
+    if ops.use_ops():
+        return torch.ops.accel.gqsa_linear(x, w.qweight, w.colmask, w.cols, w.scales, w.zeros, bias, w.in_features,
+                                           w.group_size, w.bits, w.tile_rows, "triton", block_n, splits or 0,
+                                           force or "")
+    return _gqsa_linear_triton(x, w, bias, block_n=block_n, splits=splits, force=force)
+
+
+def triton_impl(x, qweight, colmask, cols, scales, zeros, bias, in_features: int, group_size: int, bits: int,
+                tile_rows: int, block_n: int, splits: int, force: str) -> torch.Tensor:
+    """The body of `accel::gqsa_linear` on the Triton path (tensors instead of a GQSAWeight)."""
+    w = GQSAWeight(qweight, colmask, scales, zeros, in_features, group_size, bits, tile_rows)
+    if cols is not None:
+        w.__dict__["cols"] = cols  # the decoded column indices, cached by the caller's GQSAWeight
+    return _gqsa_linear_triton(x, w, bias, block_n=block_n, splits=splits or None, force=force or None)
+
+
+def _gqsa_linear_triton(x: torch.Tensor, w: GQSAWeight, bias: torch.Tensor | None = None, *,
+                        block_n: int = 32, splits: int | None = None, force: str | None = None) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     M, N, k = x2.size(0), w.out_features, w.n_keep

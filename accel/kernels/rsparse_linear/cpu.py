@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from . import cpp_ext
 from .reference import channel_thresholds
 
@@ -37,7 +38,16 @@ def rsparse_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
                        bias: torch.Tensor | None = None, *, weight_t: torch.Tensor | None = None,
                        thr_vec: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., in] -> [..., out]. weight_t: [in, out] contiguous (required for the gather path);
-    thr_vec: [in] fp32 `channel_thresholds(scale, threshold)` when precomputed."""
+    thr_vec: [in] fp32 `channel_thresholds(scale, threshold)` when precomputed.
+    `accel::rsparse_linear` (path "cpu") under torch.compile: the active set has a data-dependent size."""
+    if ops.use_ops():
+        return torch.ops.accel.rsparse_linear(x, weight, scale, float(threshold), down, up, bias, weight_t, thr_vec,
+                                              "cpu")
+    return rsparse_cpu_impl(x, weight, scale, threshold, down, up, bias, weight_t, thr_vec)
+
+
+def rsparse_cpu_impl(x, weight, scale, threshold, down, up, bias, weight_t, thr_vec) -> torch.Tensor:
+    """The CPU body of `accel::rsparse_linear` (arguments as `rsparse_linear_cpu`)."""
     lead, n_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n_in)
     if thr_vec is None:

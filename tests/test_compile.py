@@ -1,0 +1,150 @@
+"""torch.compile of patched models (issue 19): accel's kernels as custom ops, no graph break in a
+decode step, compiled greedy tokens == eager. Tiny llama only; graph-break checks use
+`torch._dynamo.explain` (eager backend), token checks `aot_eager` (fake kernels + functionalization),
+one bf16 check with inductor (slow)."""
+import pytest
+import torch
+
+import accel
+from accel.configs.double_sparsity import DoubleSparsityConfig
+from accel.configs.gqsa import GQSAConfig
+from accel.configs.prune import PruneConfig
+from accel.configs.rsparse import RSparseConfig
+from accel.kernels import ops
+from accel.patches import compat
+
+CONFIGS = {
+    "prune": [PruneConfig(sparsity=0.5)],
+    "gqsa": [GQSAConfig(bits=4, sparsity=0.5, group_size=16, bqpo_steps=0, e2e_steps=0)],
+    "rsparse": [RSparseConfig(sparsity=0.5)],
+    "ds": [DoubleSparsityConfig(budget=0.25, min_context=0, heavy_channels=4, n_dense=1)],
+}
+CONFIGS["ds+gqsa"] = CONFIGS["ds"] + CONFIGS["gqsa"]
+METHODS = list(CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def arts():
+    model = accel.models.tiny("llama")
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(42))
+    one = {k: accel.calibrate(model, v[0], data=x, progress=False) for k, v in CONFIGS.items() if len(v) == 1}
+    return {k: [one[m] for m in k.split("+")] for k in CONFIGS}
+
+
+def _patched(arts, method, dtype=torch.float32):
+    model = accel.models.tiny("llama", dtype=dtype)
+    for a in arts[method]:
+        accel.patch(model, a)
+    return model
+
+
+def _ids():
+    return torch.randint(1, 512, (1, 10), generator=torch.Generator().manual_seed(42))
+
+
+def test_every_op_is_registered_in_the_accel_namespace():
+    for name in ops.OPS:
+        assert hasattr(torch.ops.accel, name), name
+
+
+def _op_cases():
+    g = torch.Generator().manual_seed(42)
+    B, H, KVH, T, D, r = 1, 4, 2, 63, 16, 4
+    q, k, v = (torch.randn(B, n, t, D, generator=g) for n, t in ((H, 1), (KVH, T), (KVH, T)))
+    ch = torch.stack([torch.randperm(D, generator=g)[:r] for _ in range(KVH)])
+    lab = torch.gather(k, 3, ch[None, :, None, :].expand(B, KVH, T, r))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[:, :5] = False
+    ln = torch.tensor(50)
+    idx = torch.topk(torch.randn(B, KVH, T, generator=g), 20, dim=-1).indices
+    W = torch.randn(33, 40, generator=g)
+    x = torch.randn(1, 40, generator=g)
+    scale = W.norm(dim=0)
+    thr = (0.5 / scale).float()
+    yield "ds_decode", torch.ops.accel.ds_decode_attention, (q, k, v, lab, ch, None, None, 16, 0.0, 0, 4, 8, 0.25,
+                                                             "max", "cpu")
+    yield "ds_decode_static", torch.ops.accel.ds_decode_attention, (q, k, v, lab, ch, mask, ln, 0, 0.25, 0, 4, 8,
+                                                                    0.25, "sum", "cpu")
+    yield "ds_select", torch.ops.accel.ds_select, (q, lab, ch, mask, 16, 4, 8, "max", "cpu")
+    yield "ds_attend", torch.ops.accel.ds_attend, (q, k, v, idx, None, 0.25, "cpu")
+    yield "ds_update_labels", torch.ops.accel.ds_update_labels, (lab.clone(), k[:, :, :3], ch, torch.tensor([7, 8, 9]))
+    for dt in (torch.float32, torch.bfloat16):
+        yield f"rsparse_{dt}", torch.ops.accel.rsparse_linear, (x.to(dt), W.to(dt), scale, 0.5, None, None, None,
+                                                               W.t().contiguous().to(dt), thr, "cpu")
+
+
+@pytest.mark.parametrize("case", list(_op_cases()), ids=lambda c: c[0])
+def test_opcheck(case):
+    """Schema, fake (meta) implementation and autograd registration agree with the real kernel."""
+    _, op, args = case
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_opcheck_gqsa_native():
+    from accel.kernels.gqsa_linear import cpp_ext
+    from accel.kernels.gqsa_linear.format import pack_weight
+
+    if not cpp_ext.available():
+        pytest.skip("no native GQSA kernel on this machine")
+    g = torch.Generator().manual_seed(42)
+    w = pack_weight(torch.randn(33, 64, generator=g), sparsity=0.5, group_size=16)
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    torch.library.opcheck(torch.ops.accel.gqsa_linear,
+                          (x, w.qweight, w.colmask, None, w.scales, w.zeros, None, 64, 16, 4, 1, "cpu-avx512", 0, 0, ""),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("method", METHODS)
+def test_decode_step_has_no_graph_break(arts, method, static):
+    """Before issue 19, DS broke the graph on its C++ kernels and on Tensor.item() (bool(mask.all()))."""
+    from transformers import DynamicCache, StaticCache
+
+    model = _patched(arts, method)
+    ids = _ids()
+    with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=24) if static else DynamicCache(config=model.config)
+        nxt = model(ids, **compat.cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(model)(nxt, **compat.cache_kwargs(cache))
+    assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons]
+    assert ex.graph_count == 1
+
+
+def _gen(model, n=6, **kw):
+    with torch.inference_mode():
+        return model.generate(_ids(), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                              output_scores=True, return_dict_in_generate=True, **kw)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compiled_greedy_tokens_equal_eager_fp32(arts, method):
+    model = _patched(arts, method)
+    ref = _gen(model)
+    torch._dynamo.reset()
+    info = accel.compile(model, backend="aot_eager", max_cache_len=24)
+    assert info.seconds > 0 and not info.reused
+    out = _gen(model)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # The second call in the process reuses the compiled step.
+    again = accel.compile(model, backend="aot_eager", max_cache_len=24)
+    assert again.reused and again.seconds == info.seconds
+
+
+@pytest.mark.slow
+def test_inductor_bf16_logits_within_tolerance(arts):
+    """DS + GQSA in bf16 through inductor: logits of every step within bf16's tolerance of eager."""
+    model = _patched(arts, "ds+gqsa", dtype=torch.bfloat16)
+    ref = _gen(model, n=4)
+    torch._dynamo.reset()
+    accel.compile(model, backend="inductor", max_cache_len=24)
+    out = _gen(model, n=4)
+    P = _ids().shape[1]
+    for i, (a, b) in enumerate(zip(out.scores, ref.scores)):
+        # Compare a step only while both runs have fed the same tokens (bf16 may flip a near-tie).
+        if not torch.equal(out.sequences[:, :P + i], ref.sequences[:, :P + i]):
+            break
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+    assert i >= 1
