@@ -10,7 +10,8 @@ emptied of accel's files and the run starts fresh, with a warning naming what di
 file that is truncated, corrupt or from another key is named in the log and recomputed. A
 directory holding anything accel does not write is refused (CalibrationError), never deleted.
 Every file is written to a temp name and renamed into place, so a kill leaves either the old
-file or the new one.
+file or the new one. A recipe's directory holds one `stage_XX/` per stage instead (see
+"Recipes" below: the finished stage's artifact and the running stage's layer checkpoints).
 """
 from __future__ import annotations
 

@@ -93,7 +93,8 @@ def calibrate_recipe(model, recipe, data=None, output=None, *, tokenizer=None, n
         check_model(model, [])
         if is_patched(model):
             raise PatchConflictError("accel.calibrate(recipe): the model is already patched; a recipe calibrates "
-                                     "the dense model (its stages are applied in turn): call accel.unpatch(model) first")
+                                     "the dense model (its stages are applied in turn): call accel.unpatch(model) "
+                                     "first")
         cals = [get_calibrator(c.method) for c in recipe.stages]
         for c in recipe.stages:
             get_applier(c.method)  # imports the runtime module, which registers the method's claims

@@ -89,8 +89,8 @@ def check_recipe(model, configs, kinds_of) -> None:
             if attention is not None:
                 j, prev = attention
                 raise PatchConflictError(
-                    f"recipe stage {i + 1} ({cfg.method}) cannot follow stage {j + 1} ({prev.method}): both replace the "
-                    f"attention; a recipe takes one attention method (such as double-sparsity) and one weight method "
+                    f"recipe stage {i + 1} ({cfg.method}) cannot follow stage {j + 1} ({prev.method}): both replace "
+                    f"the attention; a recipe takes one attention method (such as double-sparsity) and one weight method "
                     f"per linear")
             attention = (i, cfg)
         if LINEAR in kinds:

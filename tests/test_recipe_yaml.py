@@ -88,7 +88,8 @@ def test_cli_calibrates_a_recipe_into_one_artifact(tmp_path, monkeypatch, capsys
 
 @pytest.mark.parametrize("text,match", [
     ("- method: double-sparsity\n- method: double-sparsity\n", "stages 1 and 2 are both double-sparsity"),
-    ("- method: gqsa\n- method: prune\n", r"PatchConflictError: recipe stage 2 \(prune\) cannot follow stage 1 \(gqsa\)"),
+    ("- method: gqsa\n- method: prune\n",
+     r"PatchConflictError: recipe stage 2 \(prune\) cannot follow stage 1 \(gqsa\)"),
     ("- method: turbo\n", "unknown method 'turbo'; known methods"),
     ("method: prune\n", "expected a YAML list of stages"),
     ("- method: prune\n  sparsiti: 0.5\n", r"unknown config field\(s\) \['sparsiti'\]"),
