@@ -125,3 +125,6 @@ def register(cli) -> None:
     d.add_argument("--seq-len", type=int, default=512)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=_cmd_demo)
+
+    from .bench_decode import register as _register_bench_decode  # accel bench decode (issue 19)
+    _register_bench_decode(cli)

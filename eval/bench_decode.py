@@ -1,0 +1,157 @@
+"""`accel bench decode`: prefill time and greedy decode tokens/s, eager and compiled, dense and each
+method, at each thread count: one process, configurations interleaved round by round (median of
+rounds), so load from other processes on a shared VM hits every configuration alike.
+
+Speed-only artifacts: GQSA by round-to-nearest (`rtn_artifact`), the others by a tiny calibration
+(2 x 32 tokens): their accuracy is not what is measured. Decode tok/s = (N - 1) / (t(N) - t(1))
+of generate() with N and 1 new tokens (so the prefill and the first token are not counted);
+prefill = t(1). Compiled rows use `accel.compile` (static cache, inductor by default); its first
+call's seconds are `compile_seconds`. With `--llama-bench PATH`, llama.cpp's `llama-bench` runs on
+the same GGUF (`--gguf`, default the embedded SmolLM2) at the same thread counts.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import statistics
+import subprocess
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+METHODS = ("gqsa", "prune", "rsparse", "ds")
+
+
+def speed_artifact(model, method: str, seed: int = 0):
+    """An artifact for `method` made fast (speed only)."""
+    import accel
+
+    if method == "gqsa":
+        from accel.calibrate.gqsa import rtn_artifact
+        from accel.configs.gqsa import GQSAConfig
+        return rtn_artifact(model, GQSAConfig(bits=4, sparsity=0.5, group_size=16))
+    from accel.configs.double_sparsity import DoubleSparsityConfig
+    from accel.configs.prune import PruneConfig
+    from accel.configs.rsparse import RSparseConfig
+    cfg = {"prune": PruneConfig(init="magnitude", sparsity=0.5), "rsparse": RSparseConfig(sparsity=0.5),
+           "ds": DoubleSparsityConfig(budget=0.25, min_context=0)}.get(method)
+    if cfg is None:
+        raise ValueError(f"bench decode: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    x = torch.randint(1, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
+    return accel.calibrate(model, cfg, data=x, progress=False)
+
+
+def _gen_seconds(model, ids, n: int, static: bool) -> float:
+    kw = dict(cache_implementation="static") if static else {}
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0, **kw)
+    return time.perf_counter() - t
+
+
+def bench_decode(model_name: str = "smollm2-135m", methods=("gqsa",), threads=(1, 2), new_tokens: int = 32,
+                 prompt_tokens: int = 32, rounds: int = 3, compile: bool = True, dtype: str = "bfloat16",
+                 backend: str = "inductor", llama_bench: str | None = None, gguf: str | None = None) -> dict:
+    """{"rows": [...], "<config>_tok_s_<n>t": ..., "compile_seconds": {...}, ...} (see module docstring)."""
+    import accel
+
+    if isinstance(model_name, str) and model_name.startswith("tiny-"):
+        model = accel.models.tiny(model_name[5:], dtype=getattr(torch, dtype))
+    else:
+        model, _ = accel.models.load(model_name, dtype=dtype)
+    ids = torch.randint(1, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    arts = {p: speed_artifact(model, p) for m in methods for p in m.split("+")}
+    max_len = prompt_tokens + new_tokens + 1
+    # One model per configuration: a compiled graph holds the modules it was traced with.
+    configs = {}
+    for name in ("dense",) + tuple(methods):
+        for comp in ((False, True) if compile else (False,)):
+            m = model if (name == "dense" and not comp) else copy.deepcopy(model)
+            if name != "dense":
+                for part in name.split("+"):
+                    accel.patch(m, arts[part])
+            configs[f"{name}_{'compiled' if comp else 'eager'}"] = (m, comp)
+    compile_seconds = {}
+    old_threads = torch.get_num_threads()
+    times = {(c, t): {"first": [], "full": []} for c in configs for t in threads}
+    try:
+        for c, (m, comp) in configs.items():
+            if comp:
+                torch.set_num_threads(max(threads))
+                compile_seconds[c] = accel.compile(m, backend=backend, max_cache_len=max_len).seconds
+        for _ in range(rounds):
+            for t in threads:
+                torch.set_num_threads(t)
+                for c, (m, comp) in configs.items():
+                    times[(c, t)]["first"].append(_gen_seconds(m, ids, 1, comp))
+                    times[(c, t)]["full"].append(_gen_seconds(m, ids, new_tokens, comp))
+    finally:
+        torch.set_num_threads(old_threads)
+    out = {"model": model_name, "dtype": dtype, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
+           "rounds": rounds, "threads": list(threads), "backend": backend, "rows": []}
+    for (c, t), v in times.items():
+        first, full = statistics.median(v["first"]), statistics.median(v["full"])
+        tok_s = (new_tokens - 1) / max(full - first, 1e-9)
+        out["rows"].append({"config": c, "threads": t, "prefill_s": first, "decode_tok_s": tok_s})
+        out[f"{c}_tok_s_{t}t"] = tok_s
+        out[f"{c}_prefill_s_{t}t"] = first
+    # The slowest compile (each compiled row compiles its own graph); per row in compile_seconds_by_config.
+    out["compile_seconds"] = max(compile_seconds.values(), default=0.0)
+    out["compile_seconds_by_config"] = compile_seconds
+    if llama_bench:
+        out["llama_cpp"] = run_llama_bench(llama_bench, gguf, threads, new_tokens, prompt_tokens)
+    return out
+
+
+def run_llama_bench(binary: str, gguf: str | None, threads, new_tokens: int, prompt_tokens: int) -> list[dict]:
+    """llama.cpp's llama-bench on the GGUF: [{"threads", "prefill_tok_s", "decode_tok_s"}]."""
+    import accel
+
+    exe = shutil.which(binary) or binary
+    gguf = gguf or str(accel.models.smollm2_gguf_path())
+    rows = []
+    for t in threads:
+        res = subprocess.run([exe, "-m", gguf, "-t", str(t), "-p", str(prompt_tokens), "-n", str(new_tokens),
+                              "-o", "json"], capture_output=True, text=True, check=True, timeout=600)
+        for r in json.loads(res.stdout):
+            kind = "prefill_tok_s" if r.get("n_prompt", 0) else "decode_tok_s"
+            rows.append({"threads": t, kind: r.get("avg_ts")})
+    return rows
+
+
+def _csv(s: str, conv=str) -> tuple:
+    return tuple(conv(v) for v in s.split(",") if v.strip())
+
+
+def _cmd(args) -> int:
+    from accel.cli import emit
+
+    r = bench_decode(args.model, _csv(args.methods), _csv(args.threads, int), args.new_tokens, args.prompt_tokens,
+                     args.rounds, args.compile, args.dtype, args.backend, args.llama_bench, args.gguf)
+    lines = [f"{row['config']:>22} {row['threads']}t  prefill {row['prefill_s'] * 1e3:8.1f} ms  "
+             f"decode {row['decode_tok_s']:7.1f} tok/s" for row in r["rows"]]
+    lines += [f"compile {k}: {v:.1f} s" for k, v in r["compile_seconds_by_config"].items()]
+    emit(r, args.json, "\n".join(lines))
+    return 0
+
+
+def register(cli) -> None:
+    b = cli.add("bench", "decode", "prefill time and decode tok/s: dense and methods, eager and compiled, per thread count")
+    b.add_argument("--model", default="smollm2-135m", help="a model name, or tiny-<arch> (tests)")
+    b.add_argument("--methods", default="gqsa", help=f"comma list from {', '.join(METHODS)}; a+b stacks (ds+gqsa)")
+    b.add_argument("--threads", default="1,2", help="comma list of torch thread counts")
+    b.add_argument("--compile", action="store_true", help="also the compiled rows (accel.compile)")
+    b.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
+    b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--prompt-tokens", type=int, default=32)
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench binary")
+    b.add_argument("--gguf", default=None, help="GGUF for --llama-bench (default: the embedded SmolLM2)")
+    b.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
+    b.set_defaults(func=_cmd)
