@@ -25,7 +25,7 @@ from accel.patches import compat
 from accel.patches.prune import pack_mask, unpack_mask
 from accel.patches.targets import iter_linears
 
-from .dsnot import dsnot_refine
+from .dsnot import dsnot_refine, gram_fp32
 from .runner import (CalibrationError, LayerData, RunStats, check_model, check_samples, joined_bytes,
                      linear_input_stats, run_layerwise)
 from .wanda import magnitude_mask, wanda_mask
@@ -50,7 +50,7 @@ class InputStats:
         self.total += x.sum(0).double()
         self.sq += x.pow(2).sum(0).double()
         if self.xtx is not None:
-            self.xtx += (x.t() @ x).double()
+            self.xtx += gram_fp32(x).double()
         self.count += x.size(0)
 
     @classmethod
@@ -83,6 +83,7 @@ class PruneInfo:
     run: RunStats | None = None
     seconds: float = 0.0
     dsnot_swaps: int = 0
+    dsnot_seconds: float = 0.0   # in dsnot_refine (the prune-and-grow cycles), all layers
     mode: str | None = None      # "joined" or "two-pass" (None: no calibration data used)
 
 
@@ -107,10 +108,12 @@ def _mask_for(cfg: PruneConfig, lin: nn.Linear, st: InputStats | None, tokens_pe
     else:
         keep = wanda_mask(w, st.sq, cfg.sparsity, cfg.nm, cfg.use_variant)
     if cfg.dsnot:
+        t0 = time.perf_counter()
         r = dsnot_refine(w, keep, st.mean, st.var, st.sq, tokens_per_sample, cfg.nm,
                          cfg.max_cycles, cfg.threshold, cfg.pow_var, cfg.dsnot_objective, st.gram)
         keep = r.keep
         info.dsnot_swaps += int(r.swaps.sum())
+        info.dsnot_seconds += time.perf_counter() - t0
     return keep
 
 
@@ -134,15 +137,42 @@ class _LayerPruner:
         if not lins:
             return {}
         out: dict[str, torch.Tensor] = {}
+        t0, swaps0, ds0 = time.perf_counter(), self.info.dsnot_swaps, self.info.dsnot_seconds
         if self.joined:
             self._joined_pass(i, layer, data, lins, out)
-            return out
-        stats = {n: InputStats.zeros(m.in_features, self.cfg.needs_gram, m.weight.device) for n, m in lins.items()}
-        # early_exit: the stats pass need not compute what comes after the last targeted input.
-        linear_input_stats(layer, data, i, lins, lambda n, x: stats[n].add(x), early_exit=True)
-        for name, lin in lins.items():
-            self._prune(name, lin, stats[name], out)
+        else:
+            stats = self._shared_stats_pass(i, layer, data, lins)
+            for name, lin in lins.items():
+                self._prune(name, lin, stats[name], out)
+        if self.cfg.dsnot:
+            # Per layer: where DSnoT's time goes (the cycles vs the statistics + layer forward).
+            log.info("DSnoT layer %d: %d linears, %d swaps, cycles %.1fs, statistics + forward %.1fs", i, len(lins),
+                     self.info.dsnot_swaps - swaps0, self.info.dsnot_seconds - ds0,
+                     time.perf_counter() - t0 - (self.info.dsnot_seconds - ds0))
         return out
+
+    def _shared_stats_pass(self, i, layer, data: LayerData, lins: dict[str, nn.Linear]) -> dict[str, InputStats]:
+        """Statistics of every linear's input on the dense layer (two-pass mode). Linears fed the
+        same tensor (q/k/v, gate/up) share one InputStats, so X^T X is accumulated once per input."""
+        stats: dict[str, InputStats] = {}
+        # The last input seen and its stats; holding the tensor keeps its memory from being reused,
+        # so an equal data_ptr/shape/stride means the very same input.
+        last: list = [None, None]
+
+        def add(name, x):
+            prev = last[0]
+            same = (prev is not None and x.data_ptr() == prev.data_ptr() and x.shape == prev.shape
+                    and x.stride() == prev.stride() and x.dtype == prev.dtype)
+            if same and stats.setdefault(name, last[1]) is last[1]:
+                return
+            st = stats.get(name)
+            if st is None:
+                st = stats[name] = InputStats.zeros(lins[name].in_features, self.cfg.needs_gram, lins[name].weight.device)
+            st.add(x)
+            last[0], last[1] = x, st
+        # early_exit: the stats pass need not compute what comes after the last targeted input.
+        linear_input_stats(layer, data, i, lins, add, early_exit=True)
+        return stats
 
     def _joined_pass(self, i, layer, data: LayerData, lins: dict[str, nn.Linear], out) -> None:
         # q/k/v (and gate/up) receive the same tensor object: measure it once. Holding the
