@@ -71,7 +71,8 @@ class GQSALayerMethod:
                 inputs, tgt = torch.cat(inputs), torch.cat(targets)
                 device = next(layer.parameters()).device
                 self.mse[i] = bqpo_block(layer, fq, inputs, tgt, lambda b: data.kwargs_for(i, b, device),
-                                         cfg.bqpo_steps, cfg.bqpo_lr, cfg.bqpo_batch, self.seed + i, f"layer {i}")
+                                         cfg.bqpo_steps, cfg.bqpo_lr, cfg.bqpo_batch, self.seed + i, f"layer {i}",
+                                         eval_samples=cfg.bqpo_eval_samples, keep_best=cfg.bqpo_keep_best)
             packed = {rel: m.export(cfg.tile_rows) for rel, m in fq.items()}
         finally:
             for rel, old in olds.items():
@@ -256,14 +257,18 @@ def _run(model, cfg: GQSAConfig, samples, spec, lins, prefix, checkpoint_dir, pr
     stats = run_layerwise(model, samples, method, checkpoint_dir=checkpoint_dir, run_key=run_key,
                           progress=progress, desc="GQSA stage 1 (BQPO)")
     t1 = time.perf_counter()
+    e2e = {}
     packed = e2e_oqp(model, method.packed, samples, cfg.e2e_steps, cfg.e2e_lr, cfg.e2e_batch,
-                     cfg.tile_rows, progress=progress, seed=spec.seed)
+                     cfg.tile_rows, progress=progress, seed=spec.seed, holdout=cfg.e2e_holdout,
+                     eval_every=cfg.e2e_eval_every, patience=cfg.e2e_patience, record=e2e)
     tensors = {}
     for name, w in packed.items():
         tensors.update({f"gqsa/{k}": v for k, v in w.to_tensors(name).items()})
     calib = {**spec.to_dict(), "stage1_seconds": round(t1 - t0, 1),
              "stage2_seconds": round(time.perf_counter() - t1, 1), "resumed_layers": stats.resumed_layers,
+             # Per layer: (block MSE before BQPO, of the kept parameters), on the same fixed samples.
              "bqpo_mse": {str(k): list(v) for k, v in method.mse.items()},
+             "e2e": e2e,
              "layer_sparsity": {str(k): round(v, 4) for k, v in (layer_sparsity or {}).items()},
              "sparsity_requested": cfg.sparsity, "model_sparsity": round(_model_sparsity(packed), 4)}
     return tensors, calib

@@ -1,6 +1,7 @@
 """`accel calibrate gqsa`: a GQSAConfig from the arguments, through `accel.calibrate`."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 
@@ -10,8 +11,10 @@ def config_from_args(args):
     return GQSAConfig(bits=args.bits, sparsity=args.sparsity, group_size=args.group_size,
                       tile_rows=args.tile_rows, init=args.init, allocation=args.allocation,
                       owl_lambda=args.owl_lambda, bqpo_steps=args.bqpo_steps, bqpo_lr=args.bqpo_lr,
-                      bqpo_batch=args.bqpo_batch, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr,
-                      targets=args.targets, ignore=args.ignore)
+                      bqpo_batch=args.bqpo_batch, bqpo_eval_samples=args.bqpo_eval_samples,
+                      bqpo_keep_best=args.bqpo_keep_best, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr,
+                      e2e_holdout=args.e2e_holdout, e2e_eval_every=args.e2e_eval_every,
+                      e2e_patience=args.e2e_patience, targets=args.targets, ignore=args.ignore)
 
 
 def _cmd(args) -> int:
@@ -57,7 +60,20 @@ def register(cli) -> None:
     p.add_argument("--bqpo-steps", type=int, default=d["bqpo_steps"], help="stage-1 Adam steps per decoder block")
     p.add_argument("--bqpo-lr", type=float, default=d["bqpo_lr"], help="stage-1 Adam learning rate")
     p.add_argument("--bqpo-batch", type=int, default=d["bqpo_batch"], help="calibration samples per BQPO step")
+    p.add_argument("--bqpo-eval-samples", type=int, default=d["bqpo_eval_samples"],
+                   help="fixed calibration samples the block error is measured on before/after each BQPO step "
+                        "(0 = all)")
+    p.add_argument("--bqpo-keep-best", action=argparse.BooleanOptionalAction, default=d["bqpo_keep_best"],
+                   help="keep the lowest block error seen, the stage-1 start included (--no-bqpo-keep-best: "
+                        "the last step)")
     p.add_argument("--e2e-steps", type=int, default=d["e2e_steps"], help="stage-2 (E2E-OQP) steps; 0 = stage 1 only")
     p.add_argument("--e2e-lr", type=float, default=d["e2e_lr"], help="stage-2 learning rate")
+    p.add_argument("--e2e-holdout", type=float, default=d["e2e_holdout"],
+                   help="fraction of calibration samples held out of stage 2; the best held-out scales/zeros "
+                        "are kept (0 = no guard)")
+    p.add_argument("--e2e-eval-every", type=int, default=d["e2e_eval_every"],
+                   help="stage-2 steps between held-out evaluations")
+    p.add_argument("--e2e-patience", type=int, default=d["e2e_patience"],
+                   help="stop stage 2 after this many held-out evaluations without a gain")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     p.set_defaults(func=_cmd, make_config=config_from_args)

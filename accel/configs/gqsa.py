@@ -22,10 +22,18 @@ class GQSAConfig(MethodConfig):
     round to nearest; version-1 behaviour). allocation: "uniform" (every layer at `sparsity`) or
     "owl" (layer sparsities spread over ±owl_lambda by each layer's share of Wanda-score outliers
     above owl_m × its mean, same mean; see calibrate/owl.py). bqpo_*: stage-1 block optimisation; e2e_*: stage-2
-    scale/zero tuning."""
+    scale/zero tuning.
+    bqpo_eval_samples: calibration samples (a fixed, seeded choice; 0 = all) on which BQPO measures
+    the block error before and after each step; bqpo_keep_best: keep the lowest-error parameters
+    seen, the stage-1 start included (False: the last step, version 2).
+    e2e_holdout: fraction of the calibration samples held out of E2E-OQP training (0 = none, the
+    version-2 behaviour); their LM loss is measured every e2e_eval_every steps and the stage ends
+    with the best scales/zeros seen, stopping after e2e_patience evaluations without a gain."""
 
     method: ClassVar[str] = "gqsa"
-    version: ClassVar[int] = 2
+    # 3: bqpo_eval_samples/bqpo_keep_best and the E2E-OQP held-out guard (version 2 kept BQPO's
+    # last step and trained E2E-OQP on every sample for e2e_steps).
+    version: ClassVar[int] = 3
 
     bits: int = 4
     sparsity: float = 0.5
@@ -40,15 +48,23 @@ class GQSAConfig(MethodConfig):
     bqpo_steps: int = 8
     bqpo_lr: float = 3e-4
     bqpo_batch: int = 2
+    bqpo_eval_samples: int = 8
+    bqpo_keep_best: bool = True
     e2e_steps: int = 0
     e2e_lr: float = 2e-5
     e2e_batch: int = 2
+    e2e_holdout: float = 0.125
+    e2e_eval_every: int = 16
+    e2e_patience: int = 2
 
     @classmethod
     def upgrade_params(cls, version, params):
         # Version 1 had no `init`: its artifacts were made with Wanda scores + round to nearest.
         if version == 1:
-            return {**params, "init": "rtn", "allocation": "uniform"}
+            params = {**params, "init": "rtn", "allocation": "uniform"}
+            version = 2
+        if version == 2:
+            return {**params, "bqpo_keep_best": False, "bqpo_eval_samples": 0, "e2e_holdout": 0.0}
         return super().upgrade_params(version, params)
 
     def validate(self) -> None:
@@ -84,7 +100,12 @@ class GQSAConfig(MethodConfig):
         for name in ("bqpo_steps", "e2e_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"gqsa: {name}={getattr(self, name)} must be >= 0")
-        for name in ("bqpo_batch", "e2e_batch"):
+        if self.bqpo_eval_samples < 0:
+            raise ConfigError(f"gqsa: bqpo_eval_samples={self.bqpo_eval_samples} must be >= 0 (0 = every sample)")
+        if not (0.0 <= self.e2e_holdout < 1.0):
+            raise ConfigError(f"gqsa: e2e_holdout={self.e2e_holdout} must be in [0, 1) (a fraction of the "
+                              f"calibration samples; 0 = no held-out guard)")
+        for name in ("bqpo_batch", "e2e_batch", "e2e_eval_every", "e2e_patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"gqsa: {name}={getattr(self, name)} must be >= 1")
         for lr, steps in (("bqpo_lr", "bqpo_steps"), ("e2e_lr", "e2e_steps")):
