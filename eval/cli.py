@@ -9,9 +9,12 @@ log = logging.getLogger(__name__)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), a hub name or a local dir")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m, qwen2.5-0.5b, gemma3-270m (embedded), a hub name or a local dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--source", default="wiki", help="text source: wiki (offline) or wikitext2/c4/pileval (online)")
+    p.add_argument("--source", "--corpus", dest="source", default="wiki",
+                   help="evaluation text: wiki or shakespeare (offline; the second is another domain), "
+                        "or wikitext2/c4/pileval (online)")
 
 
 def evaluate_ppl(model_name: str = "smollm2-135m", artifact: str | None = None, seq_len: int = 512,
