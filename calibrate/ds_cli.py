@@ -35,6 +35,7 @@ def run_calibration(model_name: str, output: str, config=None, spec=None, dtype:
     # Beside the artifact directory, not inside it: the artifact's file list is checksummed.
     json_path = write_sglang_json(art.tensors_for(cfg.method), json_out)
     return {"artifact": str(path), "sglang_json": str(json_path), "channel_type": cfg.channel_type,
+            "min_context": cfg.min_context,
             "heavy_channels": cfg.channels_for(model.config.head_dim if getattr(model.config, "head_dim", None)
                                                else model.config.hidden_size // model.config.num_attention_heads),
             "tokens": art.calibration["tokens"], "seconds": round(time.perf_counter() - t0, 1)}
@@ -43,8 +44,9 @@ def run_calibration(model_name: str, output: str, config=None, spec=None, dtype:
 def config_from_args(args):
     from accel.configs.double_sparsity import DoubleSparsityConfig
 
+    extra = {} if args.min_context is None else {"min_context": args.min_context}
     return DoubleSparsityConfig(channel_type=args.channel_type, heavy_channels=args.heavy_channels,
-                                budget=args.budget)
+                                budget=args.budget, **extra)
 
 
 def _cmd_calibrate(args) -> int:
@@ -53,7 +55,8 @@ def _cmd_calibrate(args) -> int:
     r = run_calibration(args.model, args.output, config_from_args(args), calibration_spec(args), args.dtype,
                         progress=not args.json, overwrite=args.overwrite)
     emit(r, args.json, f"wrote {r['artifact']} ({r['channel_type']} channels, r={r['heavy_channels']}, "
-                       f"{r['tokens']} calibration tokens, {r['seconds']}s)\nwrote {r['sglang_json']}")
+                       f"min_context={r['min_context']}, {r['tokens']} calibration tokens, {r['seconds']}s)"
+                       f"\nwrote {r['sglang_json']}")
     return 0
 
 
@@ -81,6 +84,7 @@ def _export_sglang(artifact: str, output: str, model: str | None = None, overwri
 
 def register(cli) -> None:
     from accel.cli import add_calibration_args
+    from accel.configs.double_sparsity import DoubleSparsityConfig
 
     p = cli.add("calibrate", "double-sparsity", "rank key channels per KV head for Double Sparsity")
     # Attention only (no --targets/--ignore); one statistics pass, nothing to checkpoint.
@@ -89,5 +93,8 @@ def register(cli) -> None:
     p.add_argument("--heavy-channels", type=int, default=None, help="r label channels (default head_dim/8)")
     p.add_argument("--budget", type=_budget, default=1 / 16,
                    help="runtime token budget stored in the config: fraction like 1/16, or a token count")
+    p.add_argument("--min-context", type=int, default=None, metavar="TOKENS",
+                   help=f"decode steps with fewer cached tokens stay dense; 0 = every decode step sparse "
+                        f"(stored in the artifact; default {DoubleSparsityConfig.min_context})")
     p.set_defaults(func=_cmd_calibrate, make_config=config_from_args)
     cli.exporter("sglang-ds", _export_sglang, "SGLang --ds-channel-config-path JSON from a double-sparsity artifact")

@@ -89,8 +89,10 @@ def _decode(model, cache, last_token: torch.Tensor, steps: int) -> list[int]:
 
 @torch.inference_mode()
 def run_retrieval(model, tok, artifact, tasks=TASKS, contexts=(1024, 2048, 4096), n: int = 10,
-                  budget=(1 / 16,), base=None, seed: int = 0, new_tokens: int = 8, progress: bool = True) -> dict:
-    """Accuracy per task, method, budget and context: {"accuracy": {task: {method: {ctx: acc}}}, ...}."""
+                  budget=(1 / 16,), base=None, seed: int = 0, new_tokens: int = 8, progress: bool = True,
+                  min_context: int = 0) -> dict:
+    """Accuracy per task, method, budget and context: {"accuracy": {task: {method: {ctx: acc}}}, ...}.
+    min_context: the runtime's (default 0: every decode step sparse, whatever `base` says)."""
     from tqdm.auto import tqdm
 
     import accel
@@ -98,7 +100,7 @@ def run_retrieval(model, tok, artifact, tasks=TASKS, contexts=(1024, 2048, 4096)
     from accel.configs.double_sparsity import DoubleSparsityConfig
 
     artifact.check_model(model)
-    base = dataclasses.replace(base or DoubleSparsityConfig(), min_context=0)
+    base = dataclasses.replace(base or DoubleSparsityConfig(), min_context=min_context)
     budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget]
     tensors = {f"double-sparsity/{k}": v for k, v in artifact.tensors_for("double-sparsity").items()}
     methods = {"dense": None}
