@@ -18,22 +18,22 @@ def test_ds_plus_wanda_24_on_smollm2(tmp_path):
 
     model, tok = accel.models.load("smollm2-135m")
     recipe = accel.Recipe([DoubleSparsityConfig(budget=1 / 8), PruneConfig(pattern="2:4")])
-    art = accel.calibrate(model, recipe, tokenizer=tok, num_calibration_samples=2, max_seq_length=128,
+    art = accel.calibrate(model, recipe, tokenizer=tok, num_calibration_samples=2, max_seq_length=64,
                           output=tmp_path / "art", progress=False)
     assert not accel.is_patched(model)
-    ids = eval_tokens(tok, "wiki", 512)
+    ids = eval_tokens(tok, "wiki", 256)
     loaded = accel.Artifact.load(tmp_path / "art")
     with accel.patched(model, loaded):
         rows = accel.report(model).by_method()
-        both = perplexity(model, ids, seq_len=512, progress=False).ppl
+        both = perplexity(model, ids, seq_len=256, progress=False).ppl
         with torch.no_grad():
-            logits = {"both": model(ids[None, :256], use_cache=False).logits}
+            logits = {"both": model(ids[None, :128], use_cache=False).logits}
     assert rows["prune"] == 210 and rows["double-sparsity"] >= 28  # 30 layers, 2 dense
     assert math.isfinite(both) and both < 1e4
     for c in art.configs:
         with accel.patched(model, accel.Artifact(configs=[c], tensors=art.tensors, fingerprint=art.fingerprint)):
             with torch.no_grad():
-                logits[c.method] = model(ids[None, :256], use_cache=False).logits
+                logits[c.method] = model(ids[None, :128], use_cache=False).logits
     assert not accel.is_patched(model)
     # Each part changes the model, and the two together differ from either alone.
     assert not torch.equal(logits["both"], logits["prune"])
