@@ -208,7 +208,8 @@ def test_export_help_lists_the_formats(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     block = out[out.index("formats:"):]
-    assert re.search(r"^\s+hf\s+plain HF checkpoint", block, re.M)
+    assert re.search(r"^\s+hf\s+accel HF checkpoint", block, re.M)
+    assert re.search(r"^\s+hf-dense\s+plain HF checkpoint", block, re.M)
     assert re.search(r"^\s+sglang-ds\s+SGLang", block, re.M)
 
 
