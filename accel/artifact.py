@@ -207,7 +207,10 @@ def _weights_hash(model) -> str:
     # Embedding rows and norm weights: no accel method modifies them, so the hash identifies the
     # model before and after patching. bf16 rounding makes fp32 and bf16 loads of one checkpoint agree.
     h = hashlib.sha256()
-    parts = [model.get_input_embeddings().weight[:16]]
+    emb = model.get_input_embeddings()
+    # A packed embedding (GQSA embedding_bits) keeps these rows of the table it replaced.
+    rows = getattr(emb, "fingerprint_rows", None)
+    parts = [rows if rows is not None else emb.weight[:16]]
     parts += [p for n, p in model.named_parameters() if n.endswith("norm.weight")][:4]
     for t in parts:
         h.update(t.detach().to("cpu", torch.bfloat16).float().contiguous().numpy().tobytes())

@@ -5,11 +5,12 @@
                              order), "fingerprint": {...}, "accel_version": ...}
     DIR/model*.safetensors   untouched modules' dense weights under their usual names; each
                              swapped linear's compressed tensors under its own path (GQSA:
-                             qweight, colmask, scales, zeros, meta, bias + an empty `weight`, so a
-                             loader without accel fails instead of loading random weights;
-                             prune: the masked weight + packed mask; R-Sparse: weight, threshold,
-                             s_rho, down, up); whole-model tensors as "accel.<method>.<name>"
-                             (Double Sparsity's channel order)
+                             qweight, colmask, scales, zeros, meta, bias; prune: the masked
+                             weight + packed mask; R-Sparse: weight, threshold, s_rho, down, up);
+                             whole-model tensors as "accel.<method>.<name>" (Double Sparsity's
+                             channel order). Every dense weight a patched module keeps (and DS's
+                             q/k projections) is stored as "<module>.accel_weight" with an empty
+                             "<module>.weight": without accel, loading stops on its shape.
     DIR/README.md            model card: methods, settings, measured accuracy when given
     DIR/accel_export.json    manifest of what accel wrote (lets --overwrite replace it)
 
@@ -37,6 +38,11 @@ QUANT_METHOD = "accel"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 GLOBAL_PREFIX = "accel."
+# Leaf under which a module's dense weight is stored when accel's runtime needs it (pruned,
+# R-Sparse, identity linears; the q/k projections Double Sparsity reads its channels from), with an
+# empty `weight` at the standard key: transformers without accel then stops on that shape (after
+# naming the unknown "accel" quantization) instead of loading a model without its method.
+HIDDEN = "accel_weight"
 
 
 def check_serializable(configs) -> None:
@@ -85,10 +91,28 @@ def checkpoint_state_dict(model) -> tuple[dict[str, torch.Tensor], dict[str, str
                 for leaf, v in fmt.export(row.target).items():
                     out[prefix + leaf] = v.detach()
     sd.update(out)
+    _hide_dense_weights(model, state, sd)
     qc = getattr(model.config, "quantization_config", None)
     if qc is not None and hasattr(qc, "fingerprint"):
         qc.fingerprint = fingerprint(model)
     return sd, {"accel_format_version": str(FORMAT_VERSION)}
+
+
+def _hide_dense_weights(model, state, sd: dict[str, torch.Tensor]) -> None:
+    """Move each patched module's dense weight to `<module>.accel_weight`, leaving an empty
+    `<module>.weight` (see HIDDEN): every linear a method swapped, and the q/k projections of
+    every attention layer a method replaced (Double Sparsity selects their channels)."""
+    names = []
+    for row in state.rows:
+        if row.kind == "linear":
+            names.append(row.module)
+        elif row.kind == "attention":
+            names += [f"{row.module}.{p}" for p in ("q_proj", "k_proj")]
+    for name in dict.fromkeys(names):
+        t = sd.get(name + ".weight")
+        if isinstance(t, torch.Tensor) and t.numel():
+            sd[f"{name}.{HIDDEN}"] = t
+            sd[name + ".weight"] = torch.zeros(0, dtype=torch.uint8)
 
 
 def _card(model, state, calibration: dict | None, metrics: dict | None, files: dict[str, int]) -> str:

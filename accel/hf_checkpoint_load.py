@@ -21,7 +21,7 @@ from torch import nn
 
 from .artifact import Artifact, ArtifactError
 from .errors import AccelError
-from .hf_checkpoint import GLOBAL_PREFIX
+from .hf_checkpoint import GLOBAL_PREFIX, HIDDEN
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,14 @@ _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch
 
 
 class CheckpointSlot(nn.Module):
-    """Stands in for a swapped linear while transformers loads its stored leaves (buffers)."""
+    """Stands in for a swapped linear (or embedding) while transformers loads its stored leaves
+    (buffers). method None: a dense linear whose weight the checkpoint hides under `accel_weight`."""
 
-    def __init__(self, method: str, in_features: int, out_features: int, leaves: dict[str, tuple]):
+    def __init__(self, method: str | None, in_features: int, out_features: int, leaves: dict[str, tuple],
+                 embedding: bool = False, padding_idx: int | None = None):
         super().__init__()
         self.method, self.in_features, self.out_features = method, in_features, out_features
+        self.embedding, self.padding_idx = embedding, padding_idx
         for leaf, (shape, dtype) in leaves.items():
             self.register_buffer(leaf, torch.empty(shape, dtype=dtype, device="meta"))
 
@@ -50,6 +53,7 @@ class _Load:
     qcfg: object
     dtype: torch.dtype
     slots: list[tuple[str, str]] = field(default_factory=list)      # (module name, method)
+    hidden: list[str] = field(default_factory=list)                  # dense linears stored as accel_weight
     globals_: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (method, file)
 
 
@@ -69,6 +73,33 @@ def _header(files: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype, s
                     raise ArtifactError(f"accel checkpoint: {f}: tensor {k} has unsupported dtype {sl.get_dtype()}")
                 out[k] = (tuple(sl.get_shape()), dt, f)
     return out
+
+
+def _leaves(header: dict, name: str) -> dict:
+    p = name + "."
+    return {k[len(p):]: v for k, v in header.items() if k.startswith(p) and "." not in k[len(p):]}
+
+
+def _unhidden(leaf: str) -> str:
+    return "weight" if leaf == HIDDEN else leaf
+
+
+def _module_or_none(model: nn.Module, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _untie(model, slots: set[str]) -> None:
+    """Drop transformers' tied-weight entries that involve a slot (a GQSA embedding and its tied
+    lm_head share packed tensors instead): tying a slot's placeholder would fail or undo that."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not isinstance(tied, dict):
+        return
+    for target, source in list(tied.items()):
+        if any(k.rpartition(".")[0] in slots for k in (target, source)):
+            del tied[target]
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -102,18 +133,37 @@ def before_weight_loading(model, qcfg, files: list[str] | None) -> _Load:
                 continue
             if fmt.kind != "linear":
                 continue
-            for name, lin in list(iter_linears(model, cfg.targets, cfg.ignore)):
-                p = name + "."
-                leaves = {k[len(p):]: v for k, v in header.items() if k.startswith(p) and "." not in k[len(p):]}
-                missing = sorted(fmt.required - set(leaves))
+            # A format may name other modules than the target linears (GQSA: the embedding, lm_head).
+            mods = fmt.modules(model, cfg) if hasattr(fmt, "modules") else \
+                [(n, lin, fmt.required) for n, lin in iter_linears(model, cfg.targets, cfg.ignore)]
+            for name, mod, required in list(mods):
+                leaves = _leaves(header, name)
+                missing = sorted(required - {_unhidden(k) for k in leaves})
                 if missing:
-                    raise ArtifactError(f"{name}: the {cfg.method} config targets this linear but the checkpoint "
+                    raise ArtifactError(f"{name}: the {cfg.method} config targets this module but the checkpoint "
                                         f"has no {', '.join(missing)} for it (tensors do not match the config)")
-                specs = {leaf: (shape, dtype if leaf in fmt.dtype_leaves else dt)
+                specs = {leaf: (shape, dtype if _unhidden(leaf) in fmt.dtype_leaves else dt)
                          for leaf, (shape, dt, _) in leaves.items()}
-                _set_child(model, name, CheckpointSlot(cfg.method, lin.in_features, lin.out_features, specs))
+                emb = isinstance(mod, nn.Embedding)
+                dims = (mod.embedding_dim, mod.num_embeddings) if emb else (mod.in_features, mod.out_features)
+                _set_child(model, name, CheckpointSlot(cfg.method, *dims, specs, embedding=emb,
+                                                       padding_idx=getattr(mod, "padding_idx", None)))
                 load.slots.append((name, cfg.method))
                 claimed.add(name)
+        # Dense linears the checkpoint hides (so that a loader without accel fails on the empty
+        # `weight` where they were): Double Sparsity's q/k projections, identity's linears.
+        for k in header:
+            name = k[:-len(HIDDEN) - 1]
+            if k.endswith("." + HIDDEN) and name not in claimed:
+                lin = _module_or_none(model, name)
+                if not isinstance(lin, nn.Linear):
+                    raise ArtifactError(f"{name}: the checkpoint stores {k!r} but this model has no linear there "
+                                        f"(tensors do not match the config)")
+                specs = {leaf: (shape, dtype) for leaf, (shape, _, _) in _leaves(header, name).items()}
+                _set_child(model, name, CheckpointSlot(None, lin.in_features, lin.out_features, specs))
+                load.hidden.append(name)
+                claimed.add(name)
+        _untie(model, claimed)
         # Compressed leaves of a linear no config targets: the tensors do not match the config.
         expected = set(model.state_dict())
         for k in header:
@@ -127,6 +177,14 @@ def before_weight_loading(model, qcfg, files: list[str] | None) -> _Load:
     return load
 
 
+def _slot_leaves(model, name: str) -> dict[str, torch.Tensor]:
+    leaves = dict(model.get_submodule(name).named_buffers(recurse=False))
+    if any(t.is_meta for t in leaves.values()):
+        raise ArtifactError(f"{name}: its tensors were not loaded (disk offload of accel modules is not "
+                            f"supported; choose a device_map without 'disk')")
+    return leaves
+
+
 def after_weight_loading(model, load: _Load) -> None:
     """Swap each slot for its linear, then apply the checkpoint's methods with `accel.patch`."""
     from safetensors import safe_open
@@ -135,14 +193,30 @@ def after_weight_loading(model, load: _Load) -> None:
 
     tensors: dict[str, torch.Tensor] = {}
     try:
+        for name in load.hidden:
+            leaves = _slot_leaves(model, name)
+            lin = model.get_submodule(name)
+            w = leaves[HIDDEN]
+            if tuple(w.shape) != (lin.out_features, lin.in_features):
+                raise ArtifactError(f"{name}: its stored weight is {tuple(w.shape)}, the model's "
+                                    f"{(lin.out_features, lin.in_features)} (tensors do not match the model)")
+            dense = nn.Linear(lin.in_features, lin.out_features, bias=False, device="meta", dtype=w.dtype)
+            dense.weight = nn.Parameter(w)
+            if "bias" in leaves:
+                dense.bias = nn.Parameter(leaves["bias"])
+            _set_child(model, name, dense)
         for name, method in load.slots:
             slot = model.get_submodule(name)
-            leaves = dict(slot.named_buffers(recurse=False))
-            if any(t.is_meta for t in leaves.values()):
-                raise ArtifactError(f"{name}: its tensors were not loaded (disk offload of accel modules is not "
-                                    f"supported; choose a device_map without 'disk')")
+            leaves = _slot_leaves(model, name)
+            if HIDDEN in leaves:
+                leaves["weight"] = leaves.pop(HIDDEN)
             fmt = core.checkpoint_format(method)
-            lin = nn.Linear(slot.in_features, slot.out_features, bias=False, device="meta", dtype=load.dtype)
+            if slot.embedding:
+                # The applier reads only its shape, dtype and padding_idx: no dense table is made.
+                lin = nn.Embedding(slot.out_features, slot.in_features, padding_idx=slot.padding_idx, device="meta",
+                                   dtype=load.dtype)
+            else:
+                lin = nn.Linear(slot.in_features, slot.out_features, bias=False, device="meta", dtype=load.dtype)
             if "weight" in fmt.linear_leaves:
                 lin.weight = nn.Parameter(leaves["weight"], requires_grad=False)
             if "bias" in fmt.linear_leaves and "bias" in leaves:

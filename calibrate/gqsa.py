@@ -18,6 +18,7 @@ from accel.configs.gqsa import GQSAConfig
 from accel.data import CalibrationSpec, calibration_samples
 from accel.kernels.gqsa_linear.format import GQSAWeight, group_scores, n_keep_for, pack_weight, select_groups
 from accel.patches import compat
+from accel.patches.gqsa_embedding import pack_embeddings
 from accel.patches.targets import iter_linears
 
 from .gqsa_obs import obs_group_prune_quant
@@ -264,6 +265,8 @@ def _run(model, cfg: GQSAConfig, samples, spec, lins, prefix, checkpoint_dir, pr
     tensors = {}
     for name, w in packed.items():
         tensors.update({f"gqsa/{k}": v for k, v in w.to_tensors(name).items()})
+    # embedding_bits: the embedding / lm_head are packed by round to nearest per group (no data).
+    tensors.update(pack_embeddings(model, cfg))
     calib = {**spec.to_dict(), "stage1_seconds": round(t1 - t0, 1),
              "stage2_seconds": round(time.perf_counter() - t1, 1), "resumed_layers": stats.resumed_layers,
              # Per layer: (block MSE before BQPO, of the kept parameters), on the same fixed samples.
@@ -282,4 +285,5 @@ def rtn_artifact(model, cfg: GQSAConfig) -> Artifact:
         w = pack_weight(lin.weight, sparsity=cfg.sparsity, group_size=cfg.group_size, bits=cfg.bits,
                         tile_rows=cfg.tile_rows)
         tensors.update({f"gqsa/{k}": v for k, v in w.to_tensors(name).items()})
+    tensors.update(pack_embeddings(model, cfg))
     return Artifact.for_model(model, [cfg], tensors)

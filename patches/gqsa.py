@@ -7,6 +7,8 @@ per row tile where the layout allows); the dequantize+F.linear reference otherwi
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -90,8 +92,12 @@ class GQSALinear(AccelLinear):
 
 @register_method("gqsa", claims=("linear",))
 def apply_gqsa(ctx: PatchContext, cfg: GQSAConfig, tensors: dict) -> None:
+    from .gqsa_embedding import embedding_modules
+
     linears = list(iter_linears(ctx.model, cfg.targets, cfg.ignore))
-    extra = sorted({k.rpartition(".")[0] for k in tensors} - {n for n, _ in linears})
+    # embedding_bits: the input embedding and lm_head tensors are applied after the linears.
+    emb_names = set(embedding_modules(ctx.model)[::2]) if cfg.embedding_bits is not None else set()
+    extra = sorted({k.rpartition(".")[0] for k in tensors} - {n for n, _ in linears} - emb_names)
     if extra:
         raise ArtifactError(f"gqsa artifact has tensors for {len(extra)} linear(s) this model lacks or its targets "
                             f"exclude, e.g. {extra[0]}: it was made for another model or other targets")
@@ -110,12 +116,22 @@ def apply_gqsa(ctx: PatchContext, cfg: GQSAConfig, tensors: dict) -> None:
         dense = lin.out_features * lin.in_features * 2
         ctx.swap_module(name, new, detail=f"W{w.bits} S{w.sparsity:.2f} g{w.group_size} tile{w.tile_rows} "
                                           f"{new.weight_bytes()} B ({new.weight_bytes() / dense:.3f}x bf16)")
+    if cfg.embedding_bits is not None:
+        from .gqsa_embedding import apply_embeddings
+        apply_embeddings(ctx, cfg, tensors)
 
 
 _GQSA_LEAVES = ("qweight", "colmask", "scales", "zeros", "meta")
 
 
-def _export(mod: GQSALinear) -> dict[str, torch.Tensor]:
+def _export(mod) -> dict[str, torch.Tensor]:
+    from .gqsa_embedding import GQSAEmbedding, export_embedding
+
+    if isinstance(mod, GQSAEmbedding):
+        return export_embedding(mod)
+    if getattr(mod, "tied_to", None):
+        # A tied lm_head holds the embedding's tensors, stored once, under the embedding.
+        return {} if mod.bias is None else {"bias": mod.bias.detach()}
     w = mod.packed()
     out = {k.rpartition(".")[2]: v for k, v in w.to_tensors("m").items()}
     if mod.bias is not None:
@@ -126,7 +142,32 @@ def _export(mod: GQSALinear) -> dict[str, torch.Tensor]:
     return out
 
 
-register_checkpoint("gqsa", CheckpointFormat(
+def _to_tensors(name: str, leaves: dict) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": leaves[k] for k in (*_GQSA_LEAVES, "embed_scale", "fingerprint_rows") if k in leaves}
+
+
+def _modules(model, cfg: GQSAConfig):
+    """(name, module, required leaves) of what a GQSA checkpoint stores: the target linears, and
+    with embedding_bits the input embedding and the lm_head (nothing for a tied one)."""
+    out = [(n, lin, frozenset(_GQSA_LEAVES)) for n, lin in iter_linears(model, cfg.targets, cfg.ignore)]
+    if cfg.embedding_bits is not None:
+        from .gqsa_embedding import embedding_modules, is_tied
+        e_name, emb, h_name, head = embedding_modules(model)
+        out.append((e_name, emb, frozenset(_GQSA_LEAVES)))
+        if head is not None:
+            out.append((h_name, head, frozenset() if is_tied(model, live=False) else frozenset(_GQSA_LEAVES)))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _GQSAFormat(CheckpointFormat):
+    """CheckpointFormat + `modules(model, cfg)`: the loader asks it which modules to make slots for
+    (the linears, and with embedding_bits the embedding and lm_head)."""
+
+    def modules(self, model, cfg):
+        return _modules(model, cfg)
+
+
+register_checkpoint("gqsa", _GQSAFormat(
     kind="linear", export=_export, linear_leaves=("bias",), dtype_leaves=frozenset({"bias"}),
-    required=frozenset(_GQSA_LEAVES),
-    to_tensors=lambda name, leaves: {f"{name}.{k}": leaves[k] for k in _GQSA_LEAVES}))
+    required=frozenset(_GQSA_LEAVES), to_tensors=_to_tensors))

@@ -60,5 +60,18 @@ def merged(*arts):
                     calibration={"model": "merged"})
 
 
+def gqsa_embedding_art(model):
+    """GQSA with the input embedding and lm_head packed (embedding_bits=4, g32)."""
+    return gqsa_art(model, embedding_bits=4, embedding_group_size=32)
+
+
 BUILDERS = {"prune": prune_art, "gqsa": gqsa_art, "rsparse": rsparse_art, "double-sparsity": ds_art,
             "identity": identity_art}
+# Variants of a method (keyed "<method>-<variant>"; the checkpoint names the method).
+VARIANTS = {"gqsa-embedding": gqsa_embedding_art}
+
+
+def build(model, case: str):
+    """The artifact of `case`: a BUILDERS / VARIANTS key, or several joined by "+" (merged)."""
+    arts = [{**BUILDERS, **VARIANTS}[m](model) for m in case.split("+")]
+    return arts[0] if len(arts) == 1 else merged(*arts)

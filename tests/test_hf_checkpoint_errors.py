@@ -181,17 +181,24 @@ print("LOADED")
 """
 
 
-@pytest.mark.parametrize("method,loads", [("gqsa", False), ("double-sparsity", True)])
-def test_without_accel_transformers_names_the_method(tmp_path, method, loads):
-    """In a process that never imports accel: transformers' message names quant_method "accel";
-    a GQSA checkpoint (no dense weights of its linears) then fails on the empty `weight` guard
-    instead of loading random weights. A Double Sparsity checkpoint, whose dense weights are all
-    there, loads as the dense model."""
-    ck = _saved(tmp_path, method)
+WITHOUT_ACCEL = sorted(BUILDERS) + ["gqsa-embedding", "double-sparsity+gqsa", "double-sparsity+prune"]
+
+
+@pytest.mark.parametrize("case", WITHOUT_ACCEL)
+def test_without_accel_loading_fails_naming_accel(tmp_path, case):
+    """In a process that never imports accel: transformers names quant_method "accel" (and skips
+    it), then stops on the empty `weight` accel stores where a patched module's dense weight was
+    (GQSA: no dense weight at all; the others keep it under `accel_weight`; Double Sparsity: its
+    q/k projections'). Before, prune / R-Sparse / DS / identity checkpoints loaded as a plain
+    model without the method."""
+    from _hf_ckpt import build
+
+    model = accel.models.tiny("llama")
+    accel.patch(model, build(model, case))
+    ck = accel.save_pretrained(model, tmp_path / "ck")
     r = subprocess.run([sys.executable, "-c", _PLAIN, str(ck)], capture_output=True, text=True, cwd=tmp_path,
                        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
     out = r.stdout + r.stderr
     assert "Unknown quantization type, got accel" in out
-    assert ("LOADED" in r.stdout) == loads and (r.returncode == 0) == loads
-    if not loads:
-        assert "size mismatch" in out.lower() or "mismatch" in out
+    assert r.returncode != 0 and "LOADED" not in r.stdout
+    assert "mismatch" in out.lower() and "accel" in out

@@ -28,12 +28,18 @@ class GQSAConfig(MethodConfig):
     seen, the stage-1 start included (False: the last step, version 2).
     e2e_holdout: fraction of the calibration samples held out of E2E-OQP training (0 = none, the
     version-2 behaviour); their LM loss is measured every e2e_eval_every steps and the stage ends
-    with the best scales/zeros seen, stopping after e2e_patience evaluations without a gain."""
+    with the best scales/zeros seen, stopping after e2e_patience evaluations without a gain.
+    embedding_bits: None (default: the input embedding and lm_head stay dense), 4 or 8: the input
+    embedding becomes packed rows of that width (round to nearest, asymmetric, one fp16
+    scale/zero per embedding_group_size channels, like llama.cpp's Q4_1/Q8 blocks) gathered and
+    dequantized per token, and the lm_head a dense (sparsity 0) GQSA linear of the same format,
+    sharing the embedding's codes when the two are tied (docs/methods/gqsa.md)."""
 
     method: ClassVar[str] = "gqsa"
     # 3: bqpo_eval_samples/bqpo_keep_best and the E2E-OQP held-out guard (version 2 kept BQPO's
-    # last step and trained E2E-OQP on every sample for e2e_steps).
-    version: ClassVar[int] = 3
+    # last step and trained E2E-OQP on every sample for e2e_steps). 4: embedding_bits /
+    # embedding_group_size (version 3 kept the embedding and lm_head dense: embedding_bits None).
+    version: ClassVar[int] = 4
 
     bits: int = 4
     sparsity: float = 0.5
@@ -56,6 +62,8 @@ class GQSAConfig(MethodConfig):
     e2e_holdout: float = 0.125
     e2e_eval_every: int = 16
     e2e_patience: int = 2
+    embedding_bits: int | None = None
+    embedding_group_size: int = 32
 
     @classmethod
     def upgrade_params(cls, version, params):
@@ -64,7 +72,10 @@ class GQSAConfig(MethodConfig):
             params = {**params, "init": "rtn", "allocation": "uniform"}
             version = 2
         if version == 2:
-            return {**params, "bqpo_keep_best": False, "bqpo_eval_samples": 0, "e2e_holdout": 0.0}
+            params = {**params, "bqpo_keep_best": False, "bqpo_eval_samples": 0, "e2e_holdout": 0.0}
+            version = 3
+        if version == 3:
+            return {**params, "embedding_bits": None}
         return super().upgrade_params(version, params)
 
     def validate(self) -> None:
@@ -91,6 +102,11 @@ class GQSAConfig(MethodConfig):
                               f"[0, 1) for sparsity={self.sparsity}; choose owl_lambda <= "
                               f"{min(self.sparsity, 1.0 - self.sparsity):.4g} (strictly below 1 - sparsity) "
                               f"or allocation='uniform'")
+        if self.embedding_bits not in (None, 4, 8):
+            raise ConfigError(f"gqsa: embedding_bits={self.embedding_bits!r} is not supported; choose 4, 8 or "
+                              f"None (embedding and lm_head stay dense)")
+        if self.embedding_group_size < 1:
+            raise ConfigError(f"gqsa: embedding_group_size={self.embedding_group_size} must be a positive integer")
         if self.targets is not None and not self.targets:
             raise ConfigError("gqsa: targets is an empty list (use None for every decoder linear)")
         if self.group_size < 1:
