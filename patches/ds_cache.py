@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from accel.kernels.ds_attention import gather_labels
-
-from accel.kernels import ops
+from accel.kernels.ds_attention import ds_update_labels, gather_labels
 
 from .compat import DynamicLayer, StaticLayer, is_compiling, mark_static_address
 
@@ -182,8 +180,7 @@ class DSStaticLabelLayer(StaticLayer):
         pos = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.bits >= 16:
-            ops.call("ds_update_labels", ops.update_labels_impl, self.label_parts[0], key_states,
-                     self.channels.to(key_states.device), pos)
+            ds_update_labels(self.label_parts[0], key_states, self.channels.to(key_states.device), pos)
         else:
             for part, new in zip(self.label_parts, self._parts_of(key_states)):
                 part.index_copy_(part.dim() - 2, pos, new)

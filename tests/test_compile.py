@@ -11,6 +11,8 @@ from accel.configs.gqsa import GQSAConfig
 from accel.configs.prune import PruneConfig
 from accel.configs.rsparse import RSparseConfig
 from accel.kernels import ops
+# Each kernel folder registers its ops (accel/kernels/<folder>/ops.py) when it is imported.
+from accel.kernels import ds_attention, gqsa_linear, rsparse_linear  # noqa: F401
 from accel.patches import compat
 
 CONFIGS = {

@@ -9,25 +9,33 @@ Ops (shapes in reference.py):
   prefix is filled; the filled length is a tensor read inside the op, so a compiled step has fixed shapes.
 - `ds_select`: the selection alone (the offloaded cache fetches only what it selects).
 - `ds_attend_rows`: exact attention over K/V rows already gathered (the offloaded cache's fetch).
-- `ds_causal_attention` (causal.py): evaluation mode, the selection applied to every query row of a
-  forward without a cache; `ds_causal_attention_reference` is its spec.
+- `ds_causal_attention`: evaluation mode, the selection applied to every query row of a forward
+  without a cache (body in causal.py); `ds_causal_attention_reference` is its spec.
+- `ds_update_labels`: writes new keys' labels into a static label cache (in place).
 - `gather_labels`: the label cache of a key tensor.
+
+Layout: this module holds the entries (validation, path choice, `accel.kernels.ops.call`);
+decode.py and causal.py the op bodies; ops.py registers them as `accel::ds_*` custom ops. Imports
+go one way, entries -> ops.py -> bodies -> cpu.py / triton_kernel.py / reference.py.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from accel.kernels import dispatch, ops
+from accel.kernels import dispatch
+from accel.kernels.ops import call
 
-from .causal import ds_causal_attention, ds_causal_attention_reference
+# Registers torch.ops.accel.ds_* before any entry below (or in a module of this folder) can run.
+from . import ops  # noqa: F401
+from .causal import causal_impl, ds_causal_attention_reference
+from .decode import attend_impl, decode_impl, select_impl, update_labels_impl
 from .reference import (dense_decode_reference, ds_attend_reference, ds_attend_rows, ds_select_reference,
                         forced_budget, gather_labels, label_scores_reference)
 
-__all__ = ["ds_decode_attention", "ds_decode_attention_static", "ds_select", "ds_select_reference", "ds_attend_reference", "ds_attend_rows",
-           "ds_causal_attention", "ds_causal_attention_reference", "dense_decode_reference", "gather_labels",
-           "label_scores_reference", "forced_budget", "validate_inputs"]
+__all__ = ["ds_decode_attention", "ds_decode_attention_static", "ds_select", "ds_select_reference",
+           "ds_attend_reference", "ds_attend_rows", "ds_causal_attention", "ds_causal_attention_reference",
+           "ds_update_labels", "dense_decode_reference", "gather_labels", "label_scores_reference", "forced_budget",
+           "validate_inputs"]
 
 GROUP_REDUCES = ("max", "sum")
 
@@ -104,67 +112,8 @@ def ds_select(q, labels, channels, budget: int, sink: int = 4, recent: int = 64,
     Only the selection: the runtime's evaluation mode can reuse it. (`accel::ds_select` when compiling.)"""
     path = _resolve_path(q, path)
     channels = channels.to(device=q.device, dtype=torch.long)
-    return ops.call("ds_select", select_impl, q, labels, channels, key_mask, int(budget), int(sink), int(recent),
+    return call("ds_select", select_impl, q, labels, channels, key_mask, int(budget), int(sink), int(recent),
                     group_reduce, path)
-
-
-def select_impl(q, labels, channels, key_mask, budget: int, sink: int, recent: int, group_reduce: str,
-                path: str) -> torch.Tensor:
-    """The body of `accel::ds_select` (inputs already validated)."""
-    if path == "cpu":
-        from .cpu import ds_select_cpu
-        return ds_select_cpu(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
-    if path == "triton":
-        from .triton_kernel import ds_select_triton
-        return ds_select_triton(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
-    return ds_select_reference(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
-
-
-def attend_impl(q, k, v, idx, key_mask, scaling: float, path: str) -> torch.Tensor:
-    """The body of `accel::ds_attend`: exact attention over idx [B, KVH, n] -> [B, H, 1, D]."""
-    if path == "cpu":
-        from .cpu import ds_attend_cpu
-        return ds_attend_cpu(q, k, v, idx, scaling, key_mask)
-    if path == "triton":
-        from .triton_kernel import ds_attend_triton
-        return ds_attend_triton(q, k, v, idx, scaling, key_mask)
-    return ds_attend_reference(q, k, v, idx, scaling, key_mask)
-
-
-def decode_impl(q, k, v, labels, channels, key_mask, length, budget: int, budget_fraction: float,
-                min_context: int, sink: int, recent: int, scaling: float, group_reduce: str,
-                path: str) -> torch.Tensor:
-    """The body of `accel::ds_decode_attention`.
-
-    length None: k/v/labels hold exactly the context, `budget` tokens are attended.
-    length (a 0-d or [B] int tensor, a static cache's filled length): only the first
-    T = max(length) tokens of k/v/labels/key_mask are the context; the budget is `budget_fraction`
-    of T (rounded up, >= 1) when budget_fraction > 0, else `budget`; T < min_context attends to
-    every valid token (dense math). So a static cache computes what a dynamic one of T tokens does.
-    Reading `length` is data-dependent, which is why it happens inside the op."""
-    if length is not None:
-        T = int(length.max())
-        k, v, labels = k[:, :, :T], v[:, :, :T], labels[:, :, :T]
-        key_mask = None if key_mask is None else key_mask[:, :T]
-        if budget_fraction > 0:
-            budget = max(1, math.ceil(budget_fraction * T))
-        if T < max(min_context, 1):
-            if path == "cpu":
-                from .cpu import dense_decode_cpu, drop_trivial_mask
-                if drop_trivial_mask(key_mask) is None:
-                    return dense_decode_cpu(q, k, v, scaling)
-            return dense_decode_reference(q, k, v, scaling, key_mask)
-    if path == "cpu":
-        from .cpu import drop_trivial_mask, ds_attend_cpu, ds_select_cpu
-        key_mask = drop_trivial_mask(key_mask)
-        idx = ds_select_cpu(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
-        return ds_attend_cpu(q, k, v, idx, scaling, key_mask)
-    if path == "triton":
-        from .triton_kernel import ds_attend_triton, ds_select_triton
-        idx = ds_select_triton(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
-        return ds_attend_triton(q, k, v, idx, scaling, key_mask)
-    idx = ds_select_reference(q, labels, channels, budget, sink, recent, group_reduce, key_mask)
-    return ds_attend_reference(q, k, v, idx, scaling, key_mask)
 
 
 def ds_decode_attention(q, k, v, labels, channels, budget: int, sink: int = 4, recent: int = 64, scaling=None,
@@ -188,10 +137,10 @@ def ds_decode_attention(q, k, v, labels, channels, budget: int, sink: int = 4, r
         if path == "cpu":
             from .cpu import drop_trivial_mask
             key_mask = drop_trivial_mask(key_mask)
-        idx = ops.call("ds_select", select_impl, q, labels, channels, key_mask, budget, int(sink), int(recent),
+        idx = call("ds_select", select_impl, q, labels, channels, key_mask, budget, int(sink), int(recent),
                        group_reduce, path)
-        return ops.call("ds_attend", attend_impl, q, k, v, idx, key_mask, scaling, path), idx
-    return ops.call("ds_decode_attention", decode_impl, q, k, v, labels, channels, key_mask, None, budget, 0.0, 0,
+        return call("ds_attend", attend_impl, q, k, v, idx, key_mask, scaling, path), idx
+    return call("ds_decode_attention", decode_impl, q, k, v, labels, channels, key_mask, None, budget, 0.0, 0,
                     int(sink), int(recent), scaling, group_reduce, path)
 
 
@@ -208,6 +157,24 @@ def ds_decode_attention_static(q, k, v, labels, channels, length: torch.Tensor, 
     validate_inputs(q, k, v, labels, channels, 1, sink, recent, group_reduce, key_mask)
     path = _resolve_path(q, path)
     frac, count = (float(budget), 0) if budget <= 1 else (0.0, int(budget))
-    return ops.call("ds_decode_attention", decode_impl, q, k, v, labels, channels.to(dtype=torch.long), key_mask,
+    return call("ds_decode_attention", decode_impl, q, k, v, labels, channels.to(dtype=torch.long), key_mask,
                     length, count, frac, int(min_context), int(sink), int(recent), _scaling(q, scaling),
                     group_reduce, path)
+
+
+def ds_causal_attention(q, k, v, labels, channels, budget: int, sink: int, recent: int, scaling: float | None,
+                        group_reduce: str, allowed: torch.Tensor, max_elems: int = 1 << 25) -> torch.Tensor:
+    """Evaluation-mode Double Sparsity attention (shapes in causal.py's docstring).
+    `accel::ds_causal_attention` under torch.compile (its chunk loop tests data)."""
+    scaling = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    channels = channels.to(device=q.device, dtype=torch.long)
+    return call("ds_causal_attention", causal_impl, q, k, v, labels, channels, int(budget), int(sink),
+                int(recent), scaling, group_reduce, allowed, int(max_elems))
+
+
+def ds_update_labels(labels: torch.Tensor, key_states: torch.Tensor, channels: torch.Tensor,
+                     positions: torch.Tensor) -> None:
+    """Write the labels of new keys into a static label cache, in place: labels [B, KVH, Tmax, r] at
+    token positions [n] (int64) <- key_states [B, KVH, n, D][..., channels [KVH, r]].
+    `accel::ds_update_labels` under torch.compile."""
+    call("ds_update_labels", update_labels_impl, labels, key_states, channels, positions)

@@ -8,8 +8,9 @@ Shapes:
     q:        [B, H, Tq, D]     k, v: [B, KVH, Tk, D]     labels: [B, KVH, Tk, r]
     channels: [KVH, r] int64    allowed: [B, Tq, Tk] bool  -> out [B, H, Tq, D] in q.dtype
 
-`ds_causal_attention` (the op, pure torch on every device): the selection of a chunk of rows at
-once (`row_scores_reference` + `select_rows_reference`), scattered into a boolean mask, then one
+`causal_impl` (the body of `accel::ds_causal_attention`, whose entry `ds_causal_attention` is in
+`__init__.py`; pure torch on every device): the selection of a chunk of rows at once
+(`row_scores_reference` + `select_rows_reference`), scattered into a boolean mask, then one
 masked SDPA per chunk; chunks keep the [B, KVH, rows, Tk] score tensor under `max_elems`.
 `ds_causal_attention_reference` (the spec): one decode step (`ds_select_reference` +
 `ds_attend_reference`) per row. A row that may see no key (a padded query row) is unspecified in both (finite; the op
@@ -21,18 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from .reference import ds_attend_reference, ds_select_reference, row_scores_reference, select_rows_reference
-
-
-def ds_causal_attention(q, k, v, labels, channels, budget: int, sink: int, recent: int, scaling: float | None,
-                        group_reduce: str, allowed: torch.Tensor, max_elems: int = 1 << 25) -> torch.Tensor:
-    """Evaluation-mode Double Sparsity attention (shapes in the module docstring).
-    `accel::ds_causal_attention` under torch.compile (its chunk loop tests data)."""
-    from accel.kernels import ops
-
-    scaling = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
-    channels = channels.to(device=q.device, dtype=torch.long)
-    return ops.call("ds_causal_attention", causal_impl, q, k, v, labels, channels, int(budget), int(sink),
-                    int(recent), scaling, group_reduce, allowed, int(max_elems))
 
 
 def causal_impl(q, k, v, labels, channels, budget: int, sink: int, recent: int, scaling: float, group_reduce: str,

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import ops  # the generic use_ops(); this folder's op is gqsa_linear/ops.py
 from . import cpp_ext
 from .format import GQSAWeight
 
@@ -177,7 +177,8 @@ class CPUGQSA:
     def _avx512(self, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         w = self.w
         if ops.use_ops():
-            # `accel::gqsa_linear`: the native kernel is opaque to torch.compile.
+            # `accel::gqsa_linear`: the native kernel is opaque to torch.compile. (Registered by
+            # this folder's __init__.py, which Python runs before this module: see ops.py.)
             return torch.ops.accel.gqsa_linear(x2, w.qweight, w.colmask, None, w.scales, w.zeros, None,
                                                w.in_features, w.group_size, w.bits, w.tile_rows, "cpu-avx512",
                                                0, 0, "")

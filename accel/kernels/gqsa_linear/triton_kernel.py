@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from accel.kernels import ops
+from accel.kernels import ops  # the generic use_ops(); this folder's op is gqsa_linear/ops.py
 from accel.kernels.dispatch import device_guard
 
 from .format import GQSAWeight
@@ -128,7 +128,8 @@ def _tile_shared(w: GQSAWeight, block_n: int) -> bool:
 def gqsa_linear_triton(x: torch.Tensor, w: GQSAWeight, bias: torch.Tensor | None = None, *,
                        block_n: int = 32, splits: int | None = None, force: str | None = None) -> torch.Tensor:
     """x: [..., in] -> [..., out] in x's dtype. force: "gemv" or "gemm" (tests).
-    `accel::gqsa_linear` (path "triton") under torch.compile."""
+    `accel::gqsa_linear` (path "triton") under torch.compile (registered by this folder's __init__.py,
+    which Python runs before this module; its body is `triton_impl`)."""
     if ops.use_ops():
         return torch.ops.accel.gqsa_linear(x, w.qweight, w.colmask, w.cols, w.scales, w.zeros, bias, w.in_features,
                                            w.group_size, w.bits, w.tile_rows, "triton", block_n, splits or 0,

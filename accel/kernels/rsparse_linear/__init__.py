@@ -1,7 +1,16 @@
 """R-Sparse linear: y = W[:, S]·x_S + U_r (Σ Vᵀ)_r x_{not S}, S = {i : |x_i|·scale_i > threshold}.
 
 `rsparse_linear(...)` dispatches to the Triton kernel (CUDA), the CPU path, or the reference.
+
+Layout: this module and cpu.py (`rsparse_linear_cpu`) hold the entries; impl.py the op body;
+ops.py registers it as `accel::rsparse_linear`. Imported here first, so the op exists before any
+module of this folder can run; cpu.py never imports ops.py (ops.py -> impl.py imports it).
 """
+from accel.kernels.ops import call
+
+# Registers torch.ops.accel.rsparse_linear before any entry of this folder can run.
+from . import ops  # noqa: F401
+from .impl import rsparse_impl
 from .reference import channel_mask, rsparse_linear_ref  # noqa: F401
 
 
@@ -12,19 +21,5 @@ def rsparse_linear(x, weight, scale, threshold, down=None, up=None, bias=None, *
     weight_t: [in, out] contiguous copy of weight.T (the CPU and Triton paths read columns of W
     as contiguous rows; built on the fly when not given). `accel::rsparse_linear` under torch.compile.
     """
-    from accel.kernels import ops
-
-    return ops.call("rsparse_linear", rsparse_impl, x, weight, scale, float(threshold), down, up, bias, weight_t,
-                    None, path)
-
-
-def rsparse_impl(x, weight, scale, threshold: float, down, up, bias, weight_t, thr_vec, path: str):
-    """The body of `accel::rsparse_linear`."""
-    if path == "triton":
-        from .triton_kernel import rsparse_linear_triton
-        return rsparse_linear_triton(x, weight_t if weight_t is not None else weight.t().contiguous(),
-                                     scale, threshold, down, up, bias)
-    if path == "cpu":
-        from .cpu import rsparse_cpu_impl
-        return rsparse_cpu_impl(x, weight, scale, threshold, down, up, bias, weight_t, thr_vec)
-    return rsparse_linear_ref(x, weight, scale, threshold, down, up, bias)
+    return call("rsparse_linear", rsparse_impl, x, weight, scale, float(threshold), down, up, bias, weight_t,
+                None, path)

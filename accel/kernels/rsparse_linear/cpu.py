@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import ops  # the generic use_ops(); this folder's op is rsparse_linear/ops.py
 from . import cpp_ext
 from .reference import channel_thresholds
 
@@ -41,6 +41,7 @@ def rsparse_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     thr_vec: [in] fp32 `channel_thresholds(scale, threshold)` when precomputed.
     `accel::rsparse_linear` (path "cpu") under torch.compile: the active set has a data-dependent size."""
     if ops.use_ops():
+        # Registered by this folder's __init__.py, which Python runs before this module (ops.py).
         return torch.ops.accel.rsparse_linear(x, weight, scale, float(threshold), down, up, bias, weight_t, thr_vec,
                                               "cpu")
     return rsparse_cpu_impl(x, weight, scale, threshold, down, up, bias, weight_t, thr_vec)
