@@ -131,3 +131,6 @@ def register(cli) -> None:
 
     from .bench_decode import register as _register_bench_decode  # accel bench decode (issue 19)
     _register_bench_decode(cli)
+
+    from .matrix_cli import register as _register_matrix  # accel eval matrix (issue 16)
+    _register_matrix(cli)

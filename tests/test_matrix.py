@@ -1,0 +1,128 @@
+"""`accel eval matrix` end to end on a tiny llama with a character tokenizer (fast): --json shape,
+plots, the composition check, calibrations cached across runs, and bad input (one line, exit 2)."""
+import json
+
+import pytest
+import torch
+
+import accel
+from accel import cli
+from accel.eval import matrix
+
+
+class _CharTok:
+    bos_token_id = None
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [ord(c) % 500 + 1 for c in text]
+
+        class R:
+            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
+        return R()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i) - 1) for i in ids)
+
+
+def _fake_load(name, dtype):
+    assert name == "tiny-llama"
+    # fp32 then cast, so that both loads have the same weights (one fingerprint, one cache key).
+    return accel.models.tiny("llama").to(getattr(torch, dtype)), _CharTok()
+
+
+SMALL = ["--models", "tiny-llama", "--max-tokens", "512", "--seq-len", "128", "--batch-size", "2",
+         "--passkey-context", "256", "--passkey-n", "1", "--contexts", "48,80", "--threads", "1", "--rounds", "1",
+         "--new-tokens", "3", "--num-calibration-samples", "2", "--max-seq-length", "64"]
+ROWS = "dense,ds-1/16,wanda-2:4,ds+wanda-2:4"
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    monkeypatch.setattr(matrix, "load_model", _fake_load)
+    calls = []
+    real = matrix._calibrate
+
+    def spy(model, recipe, *a, **k):
+        calls.append(recipe.methods)
+        return real(model, recipe, *a, **k)
+
+    monkeypatch.setattr(matrix, "_calibrate", spy)
+    return calls
+
+
+def _run(args, capsys):
+    try:
+        rc = cli.main(["eval", "matrix", *args])
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_end_to_end_json_plots_and_cache_reuse(tmp_path, capsys, counted):
+    cache, plots = tmp_path / "cache", tmp_path / "plots"
+    args = SMALL + ["--rows", ROWS, "--cache-dir", str(cache), "--json"]
+    rc, out, err = _run(args + ["--output", str(tmp_path / "a.json"), "--plot", str(plots)], capsys)
+    assert rc == 0, err
+    lines = [json.loads(x) for x in out.strip().splitlines()]
+    recs, summ = lines[:-1], lines[-1]
+    assert [r["row"] for r in recs] == ROWS.split(",") and summ["summary"] is True
+    by = {r["row"]: r for r in recs}
+    for r in recs:
+        assert set(r["ppl"]) == {"wiki", "shakespeare"} and all(v > 1 for v in r["ppl"].values())
+        assert set(r["speed"]) == {"48/1t", "80/1t"}
+        assert r["speed"]["80/1t"]["decode_tok_s"] > 0 and r["speed"]["80/1t"]["prefill_s"] > 0
+        assert r["weight_bytes"] > 0 and r["dense_bf16_bytes"] > 0
+    assert by["dense"]["weight_ratio"] == 1.0 and by["dense"]["speed"]["48/1t"]["decode_speedup"] == 1.0
+    assert "passkey" in by["ds-1/16"] and "passkey" in by["ds+wanda-2:4"] and "passkey" not in by["wanda-2:4"]
+    assert by["ds+wanda-2:4"]["methods"] == ["double-sparsity", "prune"]
+    assert [s["n_samples"] for s in by["ds+wanda-2:4"]["calibration"]] == [2, 2]
+    comp = [c for c in summ["composition"] if c["row"] == "ds+wanda-2:4"]
+    assert {c["corpus"] for c in comp} == {"wiki", "shakespeare"} and all(c["verdict"] in ("PASS", "FAIL")
+                                                                          for c in comp)
+    w = next(c for c in comp if c["corpus"] == "wiki")
+    assert w["ratio"] == pytest.approx(by["ds+wanda-2:4"]["ppl"]["wiki"] / by["wanda-2:4"]["ppl"]["wiki"])
+    assert w["bound"] == pytest.approx(1.03 * by["ds-1/16"]["ppl"]["wiki"] / by["dense"]["ppl"]["wiki"])
+    assert sorted(p.name for p in plots.iterdir()) == ["matrix-decode-speedup.png", "matrix-tiny-llama-scatter.png"]
+    assert all((plots / n).read_bytes()[:4] == b"\x89PNG" for n in ("matrix-decode-speedup.png",))
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert len(saved["records"]) == 4 and saved["summary"]["composition"] == summ["composition"]
+    assert sorted(counted) == [["double-sparsity"], ["double-sparsity", "prune"], ["prune"]]
+    # A rerun evaluates only: every calibration comes from the cache.
+    rc, out, err = _run(args + ["--output", str(tmp_path / "b.json")], capsys)
+    assert rc == 0, err
+    assert len(counted) == 3
+    recs2 = [json.loads(x) for x in out.strip().splitlines()][:-1]
+    assert [r["calibration_cached"] for r in recs2] == [False, True, True, True]
+    assert [r["ppl"] for r in recs2] == [r["ppl"] for r in recs]
+    # Other calibration settings are another cache entry.
+    rc, out, err = _run(SMALL[:-2] + ["--max-seq-length", "32", "--rows", "wanda-2:4", "--cache-dir", str(cache),
+                                      "--output", str(tmp_path / "c.json"), "--no-speed"], capsys)
+    assert rc == 0, err
+    assert len(counted) == 4 and "composition check" in out and "wanda-2:4" in out
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--rows", "dense,wanda-70"], "unknown row 'wanda-70'"),
+    (["--models", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--models", "tiny-llama", "--rows", "dense", "--contexts", "0"], "positive integers"),
+])
+def test_bad_input_is_one_line_exit_2(args, msg, tmp_path, capsys, counted):
+    rc, out, err = _run(["--output", str(tmp_path / "o.json"), *args], capsys)
+    assert rc == 2 and msg in err
+    if "--contexts" not in args:  # argparse's own errors come after its usage lines
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.json").exists() and counted == []
+
+
+def test_a_users_file_is_refused_before_any_work(tmp_path, capsys, counted, monkeypatch):
+    mine = tmp_path / "mine.json"
+    mine.write_text("my notes")
+    monkeypatch.setattr(matrix, "load_model", lambda *a: pytest.fail("work started before the output check"))
+    rc, out, err = _run(SMALL + ["--rows", "dense", "--output", str(mine)], capsys)
+    assert rc == 2 and "--overwrite" in err and mine.read_text() == "my notes"
+    d = tmp_path / "plots"
+    d.mkdir()
+    (d / "matrix-decode-speedup.png").write_text("mine")
+    rc, out, err = _run(SMALL + ["--rows", "dense", "--output", str(tmp_path / "new.json"), "--plot", str(d)], capsys)
+    assert rc == 2 and "matrix-decode-speedup.png" in err and not (tmp_path / "new.json").exists()
