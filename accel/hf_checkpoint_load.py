@@ -219,6 +219,12 @@ def after_weight_loading(model, load: _Load) -> None:
                 lin = nn.Linear(slot.in_features, slot.out_features, bias=False, device="meta", dtype=load.dtype)
             if "weight" in fmt.linear_leaves:
                 lin.weight = nn.Parameter(leaves["weight"], requires_grad=False)
+            else:
+                # Shape and dtype only: as a buffer, so code that takes the model's device from
+                # `next(model.parameters())` (Double Sparsity, applied first) never sees meta.
+                w = lin.weight
+                del lin.weight
+                lin.register_buffer("weight", w.data, persistent=False)
             if "bias" in fmt.linear_leaves and "bias" in leaves:
                 lin.bias = nn.Parameter(leaves["bias"], requires_grad=False)
             _set_child(model, name, lin)
@@ -233,7 +239,7 @@ def after_weight_loading(model, load: _Load) -> None:
                     tensors[f"{method}/{k[len(GLOBAL_PREFIX) + len(method) + 1:]}"] = fh.get_tensor(k)
         art = Artifact(configs=load.configs, tensors=tensors, fingerprint=dict(load.qcfg.fingerprint),
                        path=Path(load.where))
-        on_meta = any(p.is_meta for p in model.parameters())
+        on_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
         core.patch(model, art, check_fingerprint=bool(art.fingerprint) and not on_meta)
     except AccelError as e:
         raise ArtifactError(f"accel checkpoint {load.where}: {e}") from None

@@ -1,12 +1,15 @@
 """Size and load memory of an accel HF checkpoint: GQSA W4S50 g16 on SmolLM2 against the bf16 one.
 
-    python -m accel.eval.bench_hf_load [--workdir DIR]
+    python -m accel.eval.bench_hf_load [--workdir DIR] [--embedding-bits {4,8,none}] [--embedding-group-size G]
 
-Writes the dense bf16 checkpoint and the GQSA one (an RTN artifact of the W4S50 g16 layout: sizes
-and memory do not depend on the calibration), then loads the GQSA checkpoint with
-`from_pretrained(dtype=bfloat16)` in a fresh process and reports the peak RSS growth while
-loading (Linux: VmHWM after resetting it through /proc/self/clear_refs; else ru_maxrss minus
-the RSS before, an upper bound). Prints one JSON object of the sizes and ratios.
+Writes the dense bf16 checkpoint and the GQSA one (an RTN artifact of the W4S50 g16 layout, with
+the input embedding / tied lm_head packed at --embedding-bits, default 4, g32: sizes and memory
+do not depend on the calibration), then loads the GQSA checkpoint with
+`from_pretrained(dtype=bfloat16)` in a fresh process (after loading a tiny accel checkpoint
+there: the imports and kernel build any first load pays, ~22 MB, are not this checkpoint's) and
+reports the peak RSS growth while loading (Linux: VmHWM after resetting it through /proc/self/clear_refs; else ru_maxrss minus
+the RSS before, an upper bound). Prints one JSON object of the sizes and ratios: size_ratio
+(whole checkpoint / bf16 checkpoint) and linears_ratio (the GQSA linears / their bf16 bytes).
 """
 from __future__ import annotations
 
@@ -31,6 +34,10 @@ def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
+if len(sys.argv) > 2:
+    # Warm-up: a tiny accel checkpoint first, so the lazy imports and the kernel extension that
+    # any first load pays (~22 MB here) are not counted against this checkpoint.
+    AutoModelForCausalLM.from_pretrained(sys.argv[2])
 try:
     open("/proc/self/clear_refs", "w").write("5")   # reset the peak to the current RSS
     reset = True
@@ -49,8 +56,24 @@ def _bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.glob("*.safetensors"))
 
 
-def make_checkpoints(workdir: Path) -> tuple[Path, Path]:
-    """(bf16 checkpoint, GQSA W4S50 g16 accel checkpoint) of SmolLM2 under `workdir`."""
+def dense_bf16_bytes(model) -> int:
+    """Bytes of `model`'s tensors in bf16 as save_pretrained stores them (tied tensors once; the
+    safetensors header, a few KB, not counted)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * (2 if t.is_floating_point() else t.element_size())
+    return total
+
+
+def make_checkpoints(workdir: Path, model=None, tok=None, art=None, embedding_bits: int | None = 4,
+                     embedding_group_size: int = 32, write_dense: bool = True) -> tuple[Path | int, Path]:
+    """(bf16 checkpoint, or its bytes when write_dense=False; GQSA W4S50 g16 accel checkpoint) of
+    SmolLM2 under `workdir`. model (bf16; default loaded here), tok: given by callers that have
+    them; art: the GQSA artifact to patch with (default an RTN one of that layout)."""
     import torch
 
     import accel
@@ -58,39 +81,77 @@ def make_checkpoints(workdir: Path) -> tuple[Path, Path]:
     from accel.configs.gqsa import GQSAConfig
 
     dense, ck = workdir / "bf16", workdir / "gqsa_w4s50_g16"
-    model, tok = accel.models.load("smollm2-135m", dtype=torch.bfloat16)
-    if not dense.exists():
+    if model is None:
+        model, tok = accel.models.load("smollm2-135m", dtype=torch.bfloat16)
+    if not write_dense:
+        dense = dense_bf16_bytes(model)
+    elif not dense.exists():
         model.save_pretrained(dense)
     if not ck.exists():
-        art = rtn_artifact(model, GQSAConfig(bits=4, sparsity=0.5, group_size=16, allocation="uniform"))
-        accel.patch(model, art)
-        accel.save_pretrained(model, ck, tokenizer=tok)
+        if art is None:
+            art = rtn_artifact(model, GQSAConfig(bits=4, sparsity=0.5, group_size=16, allocation="uniform",
+                                                 embedding_bits=embedding_bits,
+                                                 embedding_group_size=embedding_group_size))
+        with accel.patched(model, art):
+            accel.save_pretrained(model, ck, tokenizer=tok)
     return dense, ck
 
 
-def measure_load(ck: Path) -> dict:
-    """Peak RSS growth of `from_pretrained(ck)` in a fresh process (see module doc)."""
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(ck)], capture_output=True, text=True, check=True)
+def warmup_checkpoint(workdir: Path) -> Path:
+    """A tiny tied llama with the same GQSA layout (embedding packed), for measure_load's warm-up."""
+    import accel
+    from accel.calibrate.gqsa import rtn_artifact
+    from accel.configs.gqsa import GQSAConfig
+
+    ck = workdir / "warmup_tiny"
+    if not ck.exists():
+        m = accel.models.tiny("llama", tie_word_embeddings=True)
+        accel.patch(m, rtn_artifact(m, GQSAConfig(bits=4, sparsity=0.5, group_size=16, allocation="uniform",
+                                                  embedding_bits=4)))
+        accel.save_pretrained(m, ck)
+    return ck
+
+
+def measure_load(ck: Path, warmup: Path | None = None) -> dict:
+    """Peak RSS growth of `from_pretrained(ck)` in a fresh process (see module doc), after loading
+    `warmup` (a tiny accel checkpoint) in it when given."""
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(ck)] + ([str(warmup)] if warmup else []),
+                       capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run(workdir: Path) -> dict:
+_LINEAR_LEAVES = ("qweight", "colmask", "scales", "zeros", "meta")
+
+
+def run(workdir: Path, **kw) -> dict:
+    """Sizes and load memory (see module doc); kw: make_checkpoints' options."""
     import safetensors
 
-    dense, ck = make_checkpoints(workdir)
-    mem = measure_load(ck)
+    dense, ck = make_checkpoints(workdir, **kw)
+    mem = measure_load(ck, warmup_checkpoint(workdir))
     with safetensors.safe_open(str(ck / "model.safetensors"), "pt") as f:
-        gqsa_keys = [k for k in f.keys() if k.rpartition(".")[2] in ("qweight", "colmask", "scales", "zeros", "meta")]
+        # The decoder linears only (the packed embedding / lm_head are counted in the total).
+        gqsa_keys = [k for k in f.keys() if k.rpartition(".")[2] in _LINEAR_LEAVES and "_proj." in k]
         gqsa_bytes = sum(_nbytes(f.get_slice(k)) for k in gqsa_keys)
-    with safetensors.safe_open(str(dense / "model.safetensors"), "pt") as f:
-        lin = [k for k in f.keys() if k.endswith("_proj.weight")]
-        lin_bytes = sum(_nbytes(f.get_slice(k)) for k in lin)
+        emb_bytes = sum(_nbytes(f.get_slice(k)) for k in f.keys() if "embed_tokens." in k or k.startswith("lm_head."))
+    lin_bytes = 0
+    if isinstance(dense, Path):
+        with safetensors.safe_open(str(dense / "model.safetensors"), "pt") as f:
+            lin_bytes = sum(_nbytes(f.get_slice(k)) for k in f.keys() if k.endswith("_proj.weight"))
+        dense = _bytes(dense)
+    else:
+        lin_bytes = _dense_linears(kw.get("model"))
     total = _bytes(ck)
-    return {"bf16_bytes": _bytes(dense), "accel_bytes": total, "size_ratio": round(total / _bytes(dense), 4),
+    return {"bf16_bytes": dense, "accel_bytes": total, "size_ratio": round(total / dense, 4),
             "gqsa_linears_bytes": gqsa_bytes, "bf16_linears_bytes": lin_bytes,
-            "linears_ratio": round(gqsa_bytes / lin_bytes, 4), "load_peak_rss_growth": mem["growth"],
+            "linears_ratio": round(gqsa_bytes / lin_bytes, 4), "embedding_bytes": emb_bytes,
+            "load_peak_rss_growth": mem["growth"],
             "rss_growth_over_checkpoint": round(mem["growth"] / total, 3), "model_bytes_held": mem["model_bytes"],
             "peak_reset": mem["peak_reset"], "patched": mem["patched"]}
+
+
+def _dense_linears(model) -> int:
+    return sum(t.numel() * 2 for k, t in model.state_dict().items() if k.endswith("_proj.weight"))
 
 
 _SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
@@ -106,12 +167,17 @@ def _nbytes(sl) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
+    p.add_argument("--embedding-bits", default="4", choices=["4", "8", "none"],
+                   help="GQSA embedding_bits of the checkpoint (none: embedding and lm_head stay bf16)")
+    p.add_argument("--embedding-group-size", type=int, default=32)
     args = p.parse_args(argv)
+    kw = {"embedding_bits": None if args.embedding_bits == "none" else int(args.embedding_bits),
+          "embedding_group_size": args.embedding_group_size}
     if args.workdir:
-        print(json.dumps(run(Path(args.workdir)), indent=2))
+        print(json.dumps(run(Path(args.workdir), **kw), indent=2))
     else:
         with tempfile.TemporaryDirectory() as d:
-            print(json.dumps(run(Path(d)), indent=2))
+            print(json.dumps(run(Path(d), **kw), indent=2))
     return 0
 
 
