@@ -30,8 +30,8 @@ def _fake_load(name, dtype):
     return accel.models.tiny("llama").to(getattr(torch, dtype)), _CharTok()
 
 
-SMALL = ["--models", "tiny-llama", "--max-tokens", "512", "--seq-len", "128", "--batch-size", "2",
-         "--passkey-context", "256", "--passkey-n", "1", "--contexts", "48,80", "--threads", "1", "--rounds", "1",
+SMALL = ["--models", "tiny-llama", "--max-tokens", "256", "--seq-len", "128", "--batch-size", "2",
+         "--passkey-context", "192", "--passkey-n", "1", "--contexts", "48,80", "--threads", "1", "--rounds", "1",
          "--new-tokens", "3", "--num-calibration-samples", "2", "--max-seq-length", "64"]
 ROWS = "dense,ds-1/16,wanda-2:4,ds+wanda-2:4"
 
