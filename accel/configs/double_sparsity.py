@@ -28,7 +28,9 @@ class DoubleSparsityConfig(MethodConfig):
     n_dense: the first n_dense layers stay dense (their attention is the least sparse).
     min_context: decode steps with fewer cached tokens than this stay dense. 8192 because the
         ds-kernels benchmark measured no gain below it on SmolLM2's shapes (0.93x end to end at
-        4K, 0.9-1.4x attention at 8K); evaluation-mode forwards ignore it.
+        4K, 0.9-1.4x attention at 8K); evaluation-mode forwards ignore it. Set it with
+        `accel calibrate double-sparsity --min-context N` (stored in the artifact) or by replacing
+        the artifact's config; 0 makes every decode step sparse.
     label_bits: 16 keeps labels in the KV dtype; 8 or 4 stores them min-max quantized.
     score_mode: what a forward without a KV cache (perplexity / lm-eval scoring) does with its
         query rows: "sparse" applies the decode selection causally to every row, "dense" does not.
