@@ -219,9 +219,10 @@ def test_one_command_registry():
 
     p = build()
     assert sorted(p.groups["calibrate"].choices) == sorted(CALIBRATE + ["recipe"])  # recipe: tests/test_recipe_yaml.py
-    assert sorted(p.groups["bench"].choices) == ["ds-attention", "ds-offload", "gqsa-gemv", "rsparse-linear"]
-    assert sorted(p.groups["eval"].choices) == ["ds-retrieval", "ds-sweep", "gqsa-sweep", "ppl", "prune-sweep",
-                                                "rsparse-sweep"]
+    assert sorted(p.groups["bench"].choices) == ["decode", "ds-attention", "ds-offload", "gqsa-gemv",
+                                                 "rsparse-linear"]
+    assert sorted(p.groups["eval"].choices) == ["ds-retrieval", "ds-sweep", "gqsa-sweep", "matrix", "ppl",
+                                                "prune-sweep", "rsparse-sweep"]
     assert "demo" in p.sub.choices
     assert all(m.endswith("_cli") or m == "accel.eval.cli" for m in cli_mod.COMMAND_MODULES)
     with pytest.raises(ImportError):
