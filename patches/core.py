@@ -269,7 +269,7 @@ def _with_placement(configs: list[MethodConfig], from_file: bool, where: str, **
 
 
 def patch(model, spec=None, *, check_fingerprint: bool = True, offload: str | None = None,
-          offload_dir: str | None = None, offload_select: str | None = None):
+          offload_dir: str | None = None, offload_select: str | None = None, min_context: int | None = None):
     """Patch `model` in place with an artifact, artifact path, or config(s); returns the model.
 
     On any error the model is left exactly as it was (everything this call changed is undone).
@@ -287,13 +287,17 @@ def patch(model, spec=None, *, check_fingerprint: bool = True, offload: str | No
     Sparsity KV offload at patch time. An artifact read from disk (a path, or an `Artifact` with a
     `path`) never chooses placement: its offload fields are ignored (logged). Configs and
     in-memory artifacts built by the caller keep theirs unless these arguments override them.
+
+    `min_context` overrides Double Sparsity's (the context length below which decode stays
+    dense; the artifact's value, 8192 by default, otherwise): `min_context=0` makes every decode
+    step sparse, as the retrieval and perplexity evaluations do.
     """
     check_supported(model)
     configs, tensors, art = _as_configs(spec)
     from_file = art is not None and art.path is not None
     where = f"artifact {art.path}" if from_file else "the spec"
     configs = _with_placement(configs, from_file, where, offload=offload, offload_dir=offload_dir,
-                              offload_select=offload_select)
+                              offload_select=offload_select, min_context=min_context)
     if art is not None and check_fingerprint:
         art.check_model(model)
     source = f"artifact {art.path}" if from_file else ("in-memory artifact" if art is not None else "config")

@@ -66,3 +66,34 @@ def test_ds_retrieval_passes_min_context(monkeypatch, capsys):
     assert seen["min_context"] == 1024
     assert main(["eval", "ds-retrieval"]) == 0
     assert seen["min_context"] == 0
+
+
+def _ds_artifact(tmp_path, min_context=8192):
+    model = accel.models.tiny("llama")
+    cfg = DoubleSparsityConfig(heavy_channels=4, min_context=min_context)
+    import torch
+
+    data = torch.tensor([[1 + (i * 7 + j) % 200 for j in range(32)] for i in range(2)])
+    art = accel.calibrate(model, cfg, data=data,
+                          progress=False)
+    path = art.save(tmp_path / "ds")
+    return model, path
+
+
+def test_patch_min_context_overrides_the_artifact(tmp_path):
+    model, path = _ds_artifact(tmp_path)
+    accel.patch(model, path, min_context=0)
+    assert [c.min_context for c in accel.patches.core.state_of(model).methods] == [0]
+    accel.unpatch(model)
+    accel.patch(model, path)
+    assert [c.min_context for c in accel.patches.core.state_of(model).methods] == [8192]
+
+
+def test_patch_min_context_bad_values_are_refused(tmp_path):
+    model, path = _ds_artifact(tmp_path)
+    with pytest.raises(accel.ConfigError, match="min_context"):
+        accel.patch(model, path, min_context=-1)
+    assert not accel.is_patched(model)
+    from accel.configs.prune import PruneConfig
+    with pytest.raises(accel.ConfigError, match="min_context apply to double-sparsity"):
+        accel.patch(model, PruneConfig(init="magnitude", sparsity=0.5), min_context=0)
