@@ -125,7 +125,8 @@ def _card(model, state, calibration: dict | None, metrics: dict | None, files: d
              f"Written by accel {__version__}. Load it after `import accel` (a quantization method of transformers):",
              "", "```python", "import accel", "from transformers import AutoModelForCausalLM",
              "model = AutoModelForCausalLM.from_pretrained(\"<this directory>\")", "```", "",
-             "Without accel, transformers stops with `Unknown quantization type, got accel`.", "",
+             "Without accel, transformers warns `Unknown quantization type, got accel` and stops on a size "
+             "mismatch (accel stores the patched modules' tensors under its own names).", "",
              "## Methods (in patch order)", "", "| method | version | settings |", "|---|---|---|"]
     for c in state.methods:
         d = c.to_dict()

@@ -6,8 +6,9 @@ imports no method's code), so that after `import accel`
     AutoModelForCausalLM.from_pretrained(dir)       # or pipeline("text-generation", model=dir)
 
 builds the patched model of a checkpoint `accel.save_pretrained` wrote. Without accel,
-transformers names the unknown quantization method "accel" (and a checkpoint without the dense
-weights of its linears, GQSA's, fails to load instead of loading random weights).
+transformers names the unknown quantization method "accel" and then fails on the empty `weight`
+each patched module has at its standard key (accel/hf_checkpoint.py HIDDEN): no accel
+checkpoint loads as a model without its method.
 
 The work is in accel/hf_checkpoint.py (saving) and accel/hf_checkpoint_load.py (loading); this
 module is the glue transformers calls.
