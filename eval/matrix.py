@@ -3,7 +3,8 @@
 Per model: load it twice (in `dtype` for calibration, perplexity and passkey; in bf16 for speed,
 the dtype a CPU user picks), then per row
   1. the artifact: from the cache (`<cache_dir>/<model>/<row>-<key>`, key = the model's
-     fingerprint, the row's recipe, the calibration settings and the accel version) or calibrated
+     fingerprint, every stage's full config (defaults and config version included), the
+     tokenizer's BOS, a digest of the calibration tokens, the settings and the accel version) or calibrated
      now as one recipe (`accel.calibrate(model, accel.Recipe(...))`) and saved there (an
      interrupted calibration resumes from `<dir>.partial`);
   2. perplexity on each corpus, all rows in `seq_len` windows (2048 by default: DS rows need long
@@ -86,13 +87,30 @@ def _calibrate(model, recipe, tok, output: Path, settings: MatrixSettings, progr
                            max_seq_length=settings.max_seq_length, seed=settings.seed, progress=progress)
 
 
-def cache_key(model, row: str, settings: MatrixSettings) -> str:
+def cache_key(model, tok, row: str, settings: MatrixSettings) -> str:
+    """What a cached calibration is valid for. Every stage's full resolved config (each field,
+    defaults included, and the config version: a default that changes is another key, not a
+    stale artifact), the tokenizer's BOS and a digest of each stage's calibration tokens (both
+    change what calibration sees), the calibration settings, dtype and model fingerprint."""
     from accel._version import __version__
     from accel.artifact import fingerprint
+    from accel.calibrate.checkpoint import samples_digest
+    from accel.calibrate.recipe import _stage_data
+    from accel.calibrate.registry import get_calibrator
+    from accel.data import bos_token_id
 
-    from .matrix_rows import ROWS
+    from .matrix_rows import recipe
 
-    doc = {"fingerprint": fingerprint(model), "recipe": ROWS[row], "accel": __version__,
+    rec = recipe(row)
+    call_over = dict(num_calibration_samples=settings.num_calibration_samples,
+                     max_seq_length=settings.max_seq_length, seed=settings.seed)
+    stages = []
+    for i, (c, so) in enumerate(zip(rec.stages, rec.calibration)):
+        samples, spec = _stage_data(i, model, c, get_calibrator(c.method), None, so, call_over, None, tok)
+        stages.append({"config": c.to_dict(), "spec": dataclasses.asdict(spec),
+                       "data": samples_digest(samples) if samples is not None else None})
+    doc = {"fingerprint": fingerprint(model), "stages": stages, "accel": __version__,
+           "bos_token_id": bos_token_id(tok),
            "calibration": [settings.num_calibration_samples, settings.max_seq_length, settings.seed],
            "dtype": settings.dtype}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -108,7 +126,7 @@ def row_artifact(model, tok, model_name: str, row: str, settings: MatrixSettings
     rec = recipe(row)
     if rec is None:
         return None, False, 0.0
-    path = Path(cache_dir) / safe_name(model_name) / f"{safe_name(row)}-{cache_key(model, row, settings)}"
+    path = Path(cache_dir) / safe_name(model_name) / f"{safe_name(row)}-{cache_key(model, tok, row, settings)}"
     if (path / CONFIG_NAME).is_file():
         log.info("[%s] %s: calibration cached at %s", model_name, row, path)
         return Artifact.load(path), True, 0.0
@@ -157,6 +175,7 @@ def weight_part(art):
 def accuracy(model, tok, art, tokens: dict, settings: MatrixSettings, progress: bool, label: str) -> dict:
     """{"ppl": {corpus: ppl}, "passkey": {...} for DS rows}."""
     import accel
+    from accel.data import bos_token_id
 
     from .perplexity import perplexity
 
@@ -166,7 +185,7 @@ def accuracy(model, tok, art, tokens: dict, settings: MatrixSettings, progress: 
         for corpus, ids in tokens.items():
             t0 = time.perf_counter()
             r = perplexity(model, ids, seq_len=settings.seq_len, batch_size=settings.batch_size,
-                           progress=progress, desc=f"{label} ppl {corpus}")
+                           progress=progress, desc=f"{label} ppl {corpus}", bos_token_id=bos_token_id(tok))
             out["ppl"][corpus] = r.ppl
             log.info("[%s] ppl %s %.4f (%d tokens, %.0fs)", label, corpus, r.ppl, r.tokens, time.perf_counter() - t0)
     ds = [c for c in (art.configs if art is not None else []) if c.method == "double-sparsity"]

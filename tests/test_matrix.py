@@ -126,3 +126,30 @@ def test_a_users_file_is_refused_before_any_work(tmp_path, capsys, counted, monk
     (d / "matrix-decode-speedup.png").write_text("mine")
     rc, out, err = _run(SMALL + ["--rows", "dense", "--output", str(tmp_path / "new.json"), "--plot", str(d)], capsys)
     assert rc == 2 and "matrix-decode-speedup.png" in err and not (tmp_path / "new.json").exists()
+
+
+def test_a_changed_config_version_or_bos_is_another_cache_entry(tmp_path, counted, monkeypatch):
+    from accel.configs.prune import PruneConfig
+
+    model, tok = _fake_load("tiny-llama", "float32")
+    st = matrix.MatrixSettings(num_calibration_samples=2, max_seq_length=32)
+    cache = tmp_path / "cache"
+    art, cached, _ = matrix.row_artifact(model, tok, "tiny-llama", "wanda-2:4", st, cache, progress=False)
+    assert not cached and len(counted) == 1
+    assert matrix.row_artifact(model, tok, "tiny-llama", "wanda-2:4", st, cache, progress=False)[1]
+    # A config whose version (and so its defaults) changed must not reuse the old artifact.
+    monkeypatch.setattr(PruneConfig, "version", PruneConfig.version + 1)
+    _, cached, _ = matrix.row_artifact(model, tok, "tiny-llama", "wanda-2:4", st, cache, progress=False)
+    assert not cached and len(counted) == 2
+    monkeypatch.undo()
+
+    # A tokenizer that now puts BOS before a text: other calibration tokens, another key.
+    class BosTok(_CharTok):
+        bos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False, return_tensors=None):
+            r = super().__call__(text, return_tensors=return_tensors)
+            if add_special_tokens:
+                r.input_ids = [0, *r.input_ids] if return_tensors != "pt" else r.input_ids
+            return r
+    assert matrix.cache_key(model, BosTok(), "wanda-2:4", st) != matrix.cache_key(model, tok, "wanda-2:4", st)
