@@ -22,7 +22,7 @@ def evaluate_ppl(model_name: str = "smollm2-135m", artifact: str | None = None, 
                  batch_size: int = 4, progress: bool = True) -> dict:
     """Load a model, optionally patch it with an artifact, and return its perplexity as a dict."""
     import accel
-    from accel.data import eval_tokens
+    from accel.data import bos_token_id, eval_tokens
 
     from .perplexity import perplexity
 
@@ -32,7 +32,8 @@ def evaluate_ppl(model_name: str = "smollm2-135m", artifact: str | None = None, 
     if art is not None:
         accel.patch(model, art)
     ids = eval_tokens(tok, source, max_tokens)
-    res = perplexity(model, ids, seq_len=seq_len, batch_size=batch_size, progress=progress)
+    res = perplexity(model, ids, seq_len=seq_len, batch_size=batch_size, progress=progress,
+                     bos_token_id=bos_token_id(tok))
     return {"model": model_name, "artifact": artifact, "source": source, "dtype": dtype, **res.to_dict()}
 
 
@@ -82,7 +83,7 @@ def run_demo(model_name: str = "smollm2-135m", max_tokens: int = 16384, seq_len:
     import torch
 
     import accel
-    from accel.data import eval_tokens
+    from accel.data import bos_token_id, eval_tokens
 
     from .perplexity import perplexity
 
@@ -95,7 +96,8 @@ def run_demo(model_name: str = "smollm2-135m", max_tokens: int = 16384, seq_len:
     text = tok.decode(out[0], skip_special_tokens=True)
     print(f"[load] {model_name} in {load_s:.1f}s")
     print(f"[generate] {text!r}")
-    dense = perplexity(model, eval_tokens(tok, "wiki", max_tokens), seq_len=seq_len, desc="dense ppl")
+    dense = perplexity(model, eval_tokens(tok, "wiki", max_tokens), seq_len=seq_len, desc="dense ppl",
+                       bos_token_id=bos_token_id(tok))
     print(f"[dense] ppl {dense.ppl:.3f} over {dense.tokens} tokens ({dense.windows} x {seq_len})")
     out = {"generated": text, "dense_ppl": dense.ppl, "tokens": dense.tokens}
     eval_ids = eval_tokens(tok, "wiki", max_tokens)

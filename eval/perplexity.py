@@ -67,6 +67,15 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int = 512, batch_size: int 
     if isinstance(max_pos, int) and seq_len > max_pos:
         raise DataError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
     if bos_token_id == "auto":
+        if not hasattr(cfg, "accel_bos_token_id"):
+            # Only accel.models.load records the tokenizer's BOS; scoring a BOS model (Gemma) without
+            # it inflates its perplexity, so say so rather than guess.
+            mt = str(getattr(cfg, "model_type", "") or "")
+            need = (f" A {mt} model needs its BOS before each window: pass "
+                    f"bos_token_id=accel.data.bos_token_id(tokenizer).") if mt.startswith("gemma") else ""
+            log.warning("perplexity: bos_token_id='auto' found no BOS recorded on the model (it was not loaded "
+                        "with accel.models.load); scoring without BOS. Pass bos_token_id= explicitly "
+                        "(accel.data.bos_token_id(tokenizer), or None for none).%s", need)
         bos_token_id = getattr(cfg, "accel_bos_token_id", None)
     if bos_token_id is not None and (not isinstance(bos_token_id, int) or isinstance(bos_token_id, bool)
                                      or bos_token_id < 0):

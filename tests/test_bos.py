@@ -133,3 +133,22 @@ def test_perplexity_caps_the_batch_by_logits_bytes(monkeypatch):
     monkeypatch.setattr(P, "LOGITS_BUDGET_BYTES", 2 * 16 * 512 * 4, raising=False)  # two windows' fp32 logits
     r = perplexity(model, ids, seq_len=16, batch_size=8, progress=False, bos_token_id=None)
     assert max(seen) == 2 and r.windows == 12 and r.ppl == pytest.approx(ref.ppl, rel=1e-5)
+
+
+def test_auto_bos_without_the_loaders_record_warns(caplog):
+    """A model loaded without accel.models.load has no recorded BOS: "auto" scores it without one,
+    which is wrong for Gemma; that must not be silent."""
+    import logging
+
+    model = accel.models.tiny("gemma3")
+    assert not hasattr(model.config, "accel_bos_token_id")
+    ids = torch.arange(1, 101) % 500
+    with caplog.at_level(logging.WARNING, logger="accel.eval.perplexity"):
+        res = perplexity(model, ids, seq_len=16, progress=False)
+    assert res.bos_token_id is None
+    msg = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "bos_token_id=" in msg and "needs" in msg and "BOS" in msg, msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="accel.eval.perplexity"):
+        perplexity(model, ids, seq_len=16, progress=False, bos_token_id=None)  # said explicitly: no warning
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
