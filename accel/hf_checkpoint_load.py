@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifact import Artifact, ArtifactError
+from .artifact import Artifact, ArtifactError, check_fingerprint
 from .errors import AccelError
 from .hf_checkpoint import GLOBAL_PREFIX, HIDDEN
 
@@ -119,7 +119,23 @@ def before_weight_loading(model, qcfg, files: list[str] | None) -> _Load:
         configs = qcfg.method_configs()
         if not files:
             raise ArtifactError("transformers did not pass the checkpoint files to the accel quantizer")
+        if not qcfg.fingerprint:
+            # Every format-1 checkpoint records one; without it the model check would be skipped.
+            raise ArtifactError(f"its quantization_config has no fingerprint (format_version "
+                                f"{qcfg.format_version} requires one; re-export the checkpoint)")
         header = _header(files)
+        # A global tensor of a method the config does not list would be ignored (the model would
+        # load without that method): refuse it by name.
+        listed = {c.method for c in configs}
+        for k in header:
+            if k.startswith(GLOBAL_PREFIX):
+                method = next((m for m in sorted(listed, key=len, reverse=True)
+                               if k.startswith(f"{GLOBAL_PREFIX}{m}.")), None)
+                if method is None:
+                    named = k[len(GLOBAL_PREFIX):].partition(".")[0]
+                    raise ArtifactError(f"the checkpoint stores {k!r} for method {named!r}, which is not in its "
+                                        f"quantization_config (methods: {', '.join(sorted(listed))}; tensors do "
+                                        f"not match the config)")
         dtype = next(model.parameters()).dtype
         load = _Load(where, configs, qcfg, dtype)
         claimed: set[str] = set()
@@ -239,8 +255,11 @@ def after_weight_loading(model, load: _Load) -> None:
                     tensors[f"{method}/{k[len(GLOBAL_PREFIX) + len(method) + 1:]}"] = fh.get_tensor(k)
         art = Artifact(configs=load.configs, tensors=tensors, fingerprint=dict(load.qcfg.fingerprint),
                        path=Path(load.where))
-        on_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
-        core.patch(model, art, check_fingerprint=bool(art.fingerprint) and not on_meta)
+        # Checked after the patch: before it, stand-in linears hold meta weights. The hash reads
+        # only embedding rows (a packed embedding's `fingerprint_rows`) and norms, which no method
+        # changes, so the patched model gives the base model's fingerprint.
+        core.patch(model, art, check_fingerprint=False)
+        check_fingerprint(art.fingerprint, model, "checkpoint")
     except AccelError as e:
         raise ArtifactError(f"accel checkpoint {load.where}: {e}") from None
     state = core.state_of(model)
