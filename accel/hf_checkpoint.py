@@ -160,7 +160,13 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, overwrite
     tmp = make_output_tmpdir(path)
     try:
         kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-        model.save_pretrained(tmp, **kw)
+        # accel.models.load's `accel_*` config keys (accel_source, accel_bos_token_id) say how this
+        # process loaded the model: kept off config.json, where a later load would trust them.
+        session = {k: model.config.__dict__.pop(k) for k in list(model.config.__dict__) if k.startswith("accel_")}
+        try:
+            model.save_pretrained(tmp, **kw)
+        finally:
+            model.config.__dict__.update(session)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.suffix == ".safetensors"}

@@ -127,3 +127,19 @@ def test_unpatch_restores_a_patched_model_exactly(tmp_path):
     accel.unpatch(model)
     assert "hf_quantizer" not in model.__dict__ and "quantization_config" not in model.config.__dict__
     assert all(torch.equal(a, b) for a, b in zip(dense, _run(model, IDS)))
+
+
+def test_saved_config_has_no_accel_session_keys(tmp_path):
+    """accel_source / accel_bos_token_id describe how this process loaded the model; written to
+    config.json, a later plain from_pretrained would trust the file's claim."""
+    model = accel.models.tiny("llama")
+    model.config.accel_bos_token_id = 1
+    accel.patch(model, BUILDERS["prune"](model))
+    ck = accel.save_pretrained(model, tmp_path / "ck")
+    doc = json.loads((ck / "config.json").read_text())
+    assert [k for k in doc if k.startswith("accel_")] == []
+    assert "accel_" not in (ck / "README.md").read_text().replace("accel_weight", "")
+    # The in-memory model keeps them (calibration and perplexity read them).
+    assert (model.config.accel_source, model.config.accel_bos_token_id) == ("tiny-llama", 1)
+    loaded = AutoModelForCausalLM.from_pretrained(ck)
+    assert not hasattr(loaded.config, "accel_source") and not hasattr(loaded.config, "accel_bos_token_id")
