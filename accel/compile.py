@@ -54,16 +54,19 @@ def compile(model, *, backend: str = "inductor", mode: str | None = None, fullgr
     from accel.patches import compat
 
     key = (backend, mode, bool(fullgraph), max_cache_len)
-    prev = getattr(model, _ATTR, None)
-    if prev is not None and prev[0] == key:
-        info = dataclasses.replace(prev[1], reused=True)
-        log.info("accel.compile: reusing the compiled decode step (%s)", backend)
-        return info
+    # The generation-config settings are set every call: the user may have changed
+    # cache_implementation or compile_config since, and reuse means only that the warm-up (the
+    # compile) is skipped.
     gc = model.generation_config
     gc.cache_implementation = "static"
     if max_cache_len is not None:
         gc.max_cache_len = int(max_cache_len)
     gc.compile_config = compat.compile_config(backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False)
+    prev = getattr(model, _ATTR, None)
+    if prev is not None and prev[0] == key:
+        info = dataclasses.replace(prev[1], reused=True)
+        log.info("accel.compile: reusing the compiled decode step (%s)", backend)
+        return info
     seconds = 0.0
     if warmup:
         ids = torch.ones(1, 4, dtype=torch.long, device=next(model.parameters()).device)

@@ -124,8 +124,11 @@ def test_compiled_greedy_tokens_equal_eager_fp32(arts, method):
     model = _patched(arts, method)
     ref = _gen(model)
     torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     info = accel.compile(model, backend="aot_eager", max_cache_len=24)
     assert info.seconds > 0 and not info.reused
+    # The warm-up generate() compiled a decode graph (equal tokens alone would pass uncompiled).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
     out = _gen(model)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores):
@@ -133,6 +136,18 @@ def test_compiled_greedy_tokens_equal_eager_fp32(arts, method):
     # The second call in the process reuses the compiled step.
     again = accel.compile(model, backend="aot_eager", max_cache_len=24)
     assert again.reused and again.seconds == info.seconds
+
+
+def test_reuse_reapplies_generation_config_settings():
+    """A reused compile skips only the warm-up: settings the user changed since are set again."""
+    model = accel.models.tiny("llama")
+    first = accel.compile(model, backend="aot_eager", max_cache_len=24, warmup=False)
+    gc = model.generation_config
+    gc.cache_implementation, gc.compile_config, gc.max_cache_len = "dynamic", None, 8
+    again = accel.compile(model, backend="aot_eager", max_cache_len=24, warmup=False)
+    assert again.reused and not first.reused
+    assert gc.cache_implementation == "static" and gc.max_cache_len == 24
+    assert gc.compile_config is not None and gc.compile_config.backend == "aot_eager"
 
 
 @pytest.mark.slow
