@@ -55,9 +55,15 @@ def conflict_message(claim: Claim, method: str, source: str, config) -> str:
 
 
 def planned_linears(model, cfg) -> list[str]:
-    """The linears a weight method's targets/ignore select, already-patched ones included."""
+    """The linears a weight method's targets/ignore select, already-patched ones included (and, for
+    GQSA embedding_bits, the input embedding and lm_head it packs too)."""
     targets, ignore = getattr(cfg, "targets", None), getattr(cfg, "ignore", ()) or ()
     names = [n for n, _ in iter_linears(model, targets, ignore, include_patched=True)]
+    if getattr(cfg, "embedding_bits", None) is not None:
+        # GQSA embedding_bits also replaces the input embedding and the lm_head.
+        from .gqsa_embedding import embedding_modules
+
+        names += [n for n in embedding_modules(model)[::2] if n is not None and n not in names]
     if not names:
         raise TargetError(f"{cfg.method}: targets={targets} ignore={list(ignore)} select no linear of "
                           f"{type(model).__name__}; nothing would be patched")

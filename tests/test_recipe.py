@@ -240,3 +240,15 @@ def test_an_already_patched_model_and_foreign_checkpoint_dirs_are_refused(tmp_pa
     with pytest.raises(CalibrationError, match="thesis.tex"):
         accel.calibrate(model, [ds(), wanda()], x(), checkpoint_dir=ck)
     assert sorted(p.name for p in ck.iterdir()) == ["thesis.tex"]
+
+
+def test_gqsa_embedding_bits_claims_the_embedding_and_lm_head():
+    """check_recipe / check_stack count what GQSA embedding_bits replaces besides the linears, so a
+    weight stage on the lm_head conflicts before any calibration, not at patch time."""
+    from accel.patches.stacking import planned_linears
+
+    model = accel.models.tiny("llama")
+    assert not {"lm_head", "model.embed_tokens"} & set(planned_linears(model, gqsa()))
+    names = planned_linears(model, gqsa(embedding_bits=4, targets=["re:self_attn"]))
+    assert {"lm_head", "model.embed_tokens"} <= set(names)
+    assert not any("mlp" in n for n in names)
