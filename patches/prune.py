@@ -122,7 +122,8 @@ def _export(mod: MaskedLinear) -> dict[str, torch.Tensor]:
     return out
 
 
-# The pruned (masked) weight is stored dense: a loader that does not know accel gets the pruned model.
+# The pruned (masked) weight is stored dense, under `accel_weight` in the checkpoint (see
+# accel/hf_checkpoint.py HIDDEN): a loader that does not know accel stops on the empty `weight`.
 register_checkpoint("prune", CheckpointFormat(
     kind="linear", export=_export, linear_leaves=("weight", "bias"), dtype_leaves=frozenset({"weight", "bias"}),
     required=frozenset({"weight", "mask"}), to_tensors=lambda name, leaves: {name: leaves["mask"]}))
