@@ -208,5 +208,9 @@ class DSStaticLabelLayer(StaticLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.label_parts is not None:
-            self.label_parts = tuple(p.index_select(0, beam_idx.to(p.device)) for p in self.label_parts)
+            # In place: a compiled decode step marked these buffers' addresses static (as the
+            # key/value buffers); new tensors would make it recompile. index_select first, since
+            # beams may read rows that the copy overwrites.
+            for p in self.label_parts:
+                p.copy_(p.index_select(0, beam_idx.to(p.device)))
 

@@ -79,6 +79,23 @@ def test_static_label_layer_labels_every_written_token():
     assert int(layer.cumulative_length) == 0 and not bool(layer.label_parts[0].any())
 
 
+@pytest.mark.parametrize("bits", [16, 8])
+def test_reorder_cache_keeps_the_label_buffers_in_place(bits):
+    """Beam search reorders the cache: the static label buffers must stay the same tensors (a
+    compiled step marked their addresses static; new tensors would recompile it)."""
+    g = torch.Generator().manual_seed(42)
+    ch = torch.tensor([[1, 5, 7, 2], [0, 3, 9, 15]])
+    layer = DSStaticLabelLayer(20, ch, bits=bits)
+    layer.update(torch.randn(3, 2, 7, 16, generator=g), torch.randn(3, 2, 7, 16, generator=g))
+    ptrs = [p.data_ptr() for p in layer.label_parts]
+    before = [p.clone() for p in layer.label_parts]
+    beam = torch.tensor([2, 0, 0])
+    layer.reorder_cache(beam)
+    assert [p.data_ptr() for p in layer.label_parts] == ptrs
+    for p, b in zip(layer.label_parts, before):
+        torch.testing.assert_close(p, b[beam], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("budget,min_context", [(0.25, 0), (12, 0), (0.5, 40), (0.5, 100)])
 def test_static_decode_op_equals_decode_on_the_filled_prefix(budget, min_context):
     from accel.configs.double_sparsity import DoubleSparsityConfig as C
