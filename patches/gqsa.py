@@ -118,7 +118,7 @@ def apply_gqsa(ctx: PatchContext, cfg: GQSAConfig, tensors: dict) -> None:
                                           f"{new.weight_bytes()} B ({new.weight_bytes() / dense:.3f}x bf16)")
     if cfg.embedding_bits is not None:
         from .gqsa_embedding import apply_embeddings
-        apply_embeddings(ctx, cfg, tensors)
+        apply_embeddings(ctx, cfg, tensors, GQSALinear)
 
 
 _GQSA_LEAVES = ("qweight", "colmask", "scales", "zeros", "meta")

@@ -139,10 +139,11 @@ def _weight(tensors: dict, name: str, shape: tuple[int, int], cfg) -> GQSAWeight
     return w
 
 
-def apply_embeddings(ctx, cfg, tensors: dict) -> set[str]:
-    """Swap the input embedding for a GQSAEmbedding and the lm_head for a GQSALinear (sharing the
-    embedding's tensors when tied). Returns the module names whose tensors it used."""
-    from .gqsa import GQSALinear
+def apply_embeddings(ctx, cfg, tensors: dict, linear_cls) -> set[str]:
+    """Swap the input embedding for a GQSAEmbedding and the lm_head for a `linear_cls` (the
+    runtime's GQSALinear, passed in so this module does not import patches/gqsa.py back), sharing
+    the embedding's tensors when tied. Returns the module names whose tensors it used."""
+    GQSALinear = linear_cls
 
     model = ctx.model
     e_name, emb, h_name, head = embedding_modules(model)
