@@ -54,3 +54,21 @@ def test_smollm2_gqsa_size_and_load_memory(smollm2, gqsa_emb, tmp_path):
     assert r["linears_ratio"] <= 0.25                      # measured 0.19
     assert r["size_ratio"] <= 0.25                         # measured 0.22 (0.36 with the embedding in bf16)
     assert r["load_peak_rss_growth"] <= 1.3 * r["accel_bytes"]   # measured 1.07x
+
+
+@pytest.mark.parametrize("case", ["prune", "rsparse", "gqsa", "identity"])
+def test_smollm2_each_method_round_trip_bit_exact(smollm2, case, tmp_path):
+    """Each method alone on SmolLM2 (fp32): reloaded logits == the patched model's, same report."""
+    from _hf_ckpt import gqsa_art
+    from test_hf_checkpoint import _run
+
+    model, tok = smollm2
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    art = gqsa_art(model) if case == "gqsa" else BUILDERS[case](model)
+    with accel.patched(model, art):
+        ref, rows = _run(model, ids), accel.report(model).rows
+        accel.save_pretrained(model, tmp_path / "ck", tokenizer=tok)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    for a, b in zip(ref, _run(loaded, ids)):
+        assert torch.equal(a, b)
+    assert accel.report(loaded).rows == rows and len(rows) > 0
