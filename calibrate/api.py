@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -135,20 +134,14 @@ def _calibrate(model, config_or_recipe, data=None, output=None, *, tokenizer=Non
     artifact's calibration record; calibrator_kwargs go to the method's function."""
     from accel.artifact import check_output_path
 
+    from .checkpoint import resolve_checkpoint_dir
     from .registry import get_calibrator
     from .runner import CalibrationError, check_model
 
     cfg = resolve_config(config_or_recipe)
     cal = get_calibrator(cfg.method)
     out = check_output_path(output, overwrite, "artifact") if output is not None else None
-    temp = False
-    if checkpoint_dir is None:
-        if out is not None:
-            ck = out.with_name(out.name + ".partial")
-        else:
-            ck, temp = Path(tempfile.mkdtemp(prefix="accel-calibrate-")), True
-    else:
-        ck = None if checkpoint_dir is False else Path(checkpoint_dir)
+    ck, temp = resolve_checkpoint_dir(out, checkpoint_dir, "accel-calibrate-")
     try:
         if ck is not None and ck.exists() and not ck.is_dir():
             raise CalibrationError(f"{ck} (the checkpoint directory) is an existing file; move it or pass another "

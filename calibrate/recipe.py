@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -73,21 +72,15 @@ def calibrate_recipe(model, recipe, data=None, output=None, *, tokenizer=None, n
     from accel.patches.stacking import check_recipe
     from accel.recipe import as_recipe
 
-    from .checkpoint import RecipeCheckpoints, stage_key, tensors_digest, weights_digest
+    from .checkpoint import resolve_checkpoint_dir, weights_digest
+    from .recipe_checkpoint import RecipeCheckpoints, stage_key, tensors_digest
     from .registry import get_calibrator
     from .runner import CalibrationError, check_model
 
     recipe = as_recipe(recipe)
     n = len(recipe)
     out = check_output_path(output, overwrite, "artifact") if output is not None else None
-    temp = False
-    if checkpoint_dir is None:
-        if out is not None:
-            ck = out.with_name(out.name + ".partial")
-        else:
-            ck, temp = Path(tempfile.mkdtemp(prefix="accel-recipe-")), True
-    else:
-        ck = None if checkpoint_dir is False else Path(checkpoint_dir)
+    ck, temp = resolve_checkpoint_dir(out, checkpoint_dir, "accel-recipe-")
     try:
         cks = RecipeCheckpoints(ck) if ck is not None else None
         check_model(model, [])

@@ -47,6 +47,14 @@ def fake_quantize_labels(x: torch.Tensor, bits: int) -> torch.Tensor:
     return dequantize_labels(*quantize_labels(x, bits), bits, x.dtype)
 
 
+def _labels(parts, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The label cache's stored parts as labels in `dtype` (dequantized when stored in < 16 bits)."""
+    if parts is None:
+        raise RuntimeError("the label cache is empty")
+    if bits >= 16:
+        return parts[0].to(dtype)
+    return dequantize_labels(*parts, bits, dtype)
+
 class DSLabelLayer(DynamicLayer):
     """A DynamicLayer whose keys carry a label cache. `channels`: [KVH, r] int64."""
 
@@ -89,12 +97,7 @@ class DSLabelLayer(DynamicLayer):
 
     def labels(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """[B, KVH, T, r] in `dtype` (default: the keys' dtype), dequantized if stored quantized."""
-        dtype = dtype or self.keys.dtype
-        if self.label_parts is None:
-            raise RuntimeError("the label cache is empty")
-        if self.bits >= 16:
-            return self.label_parts[0].to(dtype)
-        return dequantize_labels(*self.label_parts, self.bits, dtype)
+        return _labels(self.label_parts, self.bits, dtype or self.keys.dtype)
 
     def label_length(self) -> int:
         return 0 if self.label_parts is None else self.label_parts[0].shape[-2]
@@ -189,12 +192,7 @@ class DSStaticLabelLayer(StaticLayer):
     def labels(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """[B, KVH, max_cache_len, r] in `dtype` (default: the keys' dtype); only the first
         `cumulative_length` tokens are meaningful."""
-        dtype = dtype or self.keys.dtype
-        if self.label_parts is None:
-            raise RuntimeError("the label cache is empty")
-        if self.bits >= 16:
-            return self.label_parts[0].to(dtype)
-        return dequantize_labels(*self.label_parts, self.bits, dtype)
+        return _labels(self.label_parts, self.bits, dtype or self.keys.dtype)
 
     def label_bytes(self) -> int:
         return 0 if self.label_parts is None else sum(p.numel() * p.element_size() for p in self.label_parts)
