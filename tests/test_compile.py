@@ -167,3 +167,87 @@ def test_inductor_bf16_logits_within_tolerance(arts):
             break
         torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
     assert i >= 1
+
+
+def _dense_linear_available():
+    from accel.kernels.dense_linear import cpp_ext
+
+    return cpp_ext.available()
+
+
+needs_dense_kernel = pytest.mark.skipif(not _dense_linear_available(), reason="needs the AVX512-BF16 dense kernel")
+
+
+def _graph_targets(model, cache_len=24):
+    """The call targets of the single graph Dynamo traces for one static-cache decode step."""
+    from transformers import StaticCache
+
+    with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        nxt = model(_ids(), **compat.cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(model)(nxt, **compat.cache_kwargs(cache))
+    assert ex.graph_break_count == 0 and ex.graph_count == 1
+    # Dynamo records an op by its packet (torch.ops.accel.dense_linear) or an overload of it.
+    return [getattr(n.target, "overloadpacket", n.target) for n in ex.graphs[0].graph.nodes if n.op == "call_function"]
+
+
+@needs_dense_kernel
+def test_fast_linears_swapped_tied_and_undone():
+    """accel.compile makes every plain bf16 linear a FastLinear in place: same modules, same
+    Parameters (a tied lm_head still shares the embedding's), same state_dict; fast_linears=False
+    puts nn.Linear back."""
+    from torch import nn
+
+    from accel.patches.fast_linear import FastLinear
+
+    model = accel.models.tiny("llama", dtype=torch.bfloat16, tie_word_embeddings=True)
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    info = accel.compile(model, backend="aot_eager", max_cache_len=24, warmup=False)
+    assert info.fast_linears == len(linears) == 4 * 7 + 1
+    assert all(type(model.get_submodule(n)) is FastLinear and model.get_submodule(n) is m for n, m in linears.items())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    # The compiled decode step calls the C++ op (no Python body), for every linear.
+    targets = _graph_targets(model)
+    assert targets.count(torch.ops.accel.dense_linear) == len(linears)
+    off = accel.compile(model, backend="aot_eager", max_cache_len=24, warmup=False)
+    assert off.reused
+    off = accel.compile(model, backend="aot_eager", max_cache_len=24, warmup=False, fast_linears=False)
+    assert off.fast_linears == 0 and not off.reused
+    assert all(type(m) is nn.Linear for m in linears.values())
+    assert torch.ops.accel.dense_linear not in _graph_targets(model)
+
+
+@needs_dense_kernel
+def test_fast_linears_compiled_bf16_match_eager_and_patching_still_works(arts):
+    """A GQSA-patched bf16 model: only the lm_head is left plain, it becomes a FastLinear; the
+    compiled steps' logits are within bf16 tolerance of eager (plain nn.Linear); accel.report
+    and accel.unpatch still see the patch, and the model can be patched again."""
+    from torch import nn
+
+    from accel.patches.fast_linear import FastLinear
+
+    model = _patched(arts, "gqsa", dtype=torch.bfloat16)
+    report = accel.report(model).rows
+    ref = _gen(model, n=4)
+    torch._dynamo.reset()
+    info = accel.compile(model, backend="aot_eager", max_cache_len=24)
+    assert info.fast_linears == 1 and type(model.lm_head) is FastLinear
+    out = _gen(model, n=4)
+    P = _ids().shape[1]
+    for i, (a, b) in enumerate(zip(out.scores, ref.scores)):
+        if not torch.equal(out.sequences[:, :P + i], ref.sequences[:, :P + i]):
+            break
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+    assert i >= 1
+    assert accel.report(model).rows == report
+    accel.unpatch(model)
+    projs = [m for n, m in model.named_modules() if n.endswith("_proj")]
+    assert len(projs) == 4 * 7 and all(type(m) is nn.Linear for m in projs)
+    accel.patch(model, arts["gqsa"][0])
+    assert type(model.lm_head) is FastLinear
