@@ -19,8 +19,14 @@ Dynamo, so what they do inside (native C++ calls, `Tensor.item()`, data-dependen
 | `accel::ds_attend` | `ds_attention/ops.py` | `decode.py` `attend_impl` | `ds_decode_attention(..., return_indices=True)` |
 | `accel::ds_causal_attention` | `ds_attention/ops.py` | `ds_attention/causal.py` `causal_impl` | `ds_attention.ds_causal_attention` |
 | `accel::ds_update_labels` (in place) | `ds_attention/ops.py` | `decode.py` `update_labels_impl` | `ds_attention.ds_update_labels` (`patches.ds_cache.DSStaticLabelLayer`) |
-| `accel::gqsa_linear` | `gqsa_linear/ops.py` | `cpu.avx512_linear`, `triton_kernel.triton_impl` | `gqsa_linear.cpu.CPUGQSA`, `gqsa_linear.triton_kernel.gqsa_linear_triton` |
+| `accel::gqsa_linear` | `gqsa_linear/ops.py` | `cpu.avx512_linear`, `triton_kernel.triton_impl` | `gqsa_linear.triton_kernel.gqsa_linear_triton` (and a fallback for the CPU path) |
+| `accel::gqsa_mm_cpu` (C++) | `gqsa_linear/gqsa_cpu.cpp` (fake: `gqsa_linear/cpp_ext.py`) | `gqsa_cpu.cpp` `gqsa_linear_cpu` | `gqsa_linear.cpu.CPUGQSA` ("cpu-avx512") |
 | `accel::rsparse_linear` | `rsparse_linear/ops.py` | `rsparse_linear/impl.py` `rsparse_impl` | `rsparse_linear.rsparse_linear`, `rsparse_linear.cpu.rsparse_linear_cpu` |
+
+`accel::gqsa_mm_cpu` is a C++ op (TORCH_LIBRARY_FRAGMENT in the native extension): it exists
+once `gqsa_linear.cpp_ext.available()` has loaded the extension (which choosing the "cpu-avx512"
+path does), so it is listed in NATIVE_OPS, not OPS. A compiled graph calls it with no Python body
+(~2 us of dispatch a call, against ~18 us for a Python custom op at 2 threads).
 
 Eager calls skip the op and run the same implementation directly (`call`): a custom-op dispatch
 costs ~60 us here, against decode GEMVs of tens of microseconds (a SmolLM2 decode step makes ~200
@@ -37,6 +43,8 @@ NAMESPACE = "accel"
 # Registered by ds_attention/ops.py, gqsa_linear/ops.py and rsparse_linear/ops.py (table above).
 OPS = ("ds_decode_attention", "ds_select", "ds_attend", "ds_causal_attention", "ds_update_labels",
        "gqsa_linear", "rsparse_linear")
+# C++ ops, defined when their extension loads (table above).
+NATIVE_OPS = ("gqsa_mm_cpu",)
 
 
 def use_ops() -> bool:

@@ -18,11 +18,19 @@ and zeros), with AVX-512:
   (q - z) * s, `vpermw` dequantises the codes once, and every activation row costs one dot
   instruction. The weights are rounded to bf16 there, exactly as the reference does for bf16.
 
-Rows are split over torch's intra-op threads. The build needs AVX512-BF16 and AVX512-VBMI
+Rows are split over torch's intra-op threads. From PREFILL_ROWS rows on (cpu.py), blocks of
+dequantized rows and a dense GEMM each (`gqsa_linear_cpu`).
+
+The whole linear is also the C++ op `accel::gqsa_mm_cpu(x, qweight, colmask, scales, zeros,
+group_size)`, defined in gqsa_cpu.cpp (TORCH_LIBRARY_FRAGMENT) when the extension loads; its fake
+implementation is registered here, beside the load. A compiled graph calls it straight from C++
+(no Python body per linear: the Python custom op `accel::gqsa_linear` costs ~18 us a call, against
+kernels of 10-60 us at decode). The build needs AVX512-BF16 and AVX512-VBMI
 (`-march=native`); elsewhere `available()` is False and the CPU path keeps its torch kernels.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -32,14 +40,34 @@ from .. import _cpp
 # The C++ source sits beside this file (package data), compiled on first use.
 _SRC_FILE = Path(__file__).with_name("gqsa_cpu.cpp")
 _mod = None
+_fake_registered = False
+_fake_lock = threading.Lock()
 
 
 def available() -> bool:
-    """Build (once per process) and report whether the AVX-512 kernel can run here."""
+    """Build (once per process) and report whether the AVX-512 kernel can run here (then the op
+    `accel::gqsa_mm_cpu` exists, with its fake implementation)."""
     global _mod
-    _mod = _cpp.load("gqsa_cpu", _SRC_FILE, ["simd_available", "gqsa_mm", "gqsa_dequant_rows"],
+    _mod = _cpp.load("gqsa_cpu", _SRC_FILE, ["simd_available", "gqsa_mm", "gqsa_dequant_rows", "gqsa_linear_cpu",
+                                             "prefill_rows"],
                      "GQSA layouts keep the torch CPU paths")
+    if _mod is not None:
+        _register_fake()
     return _mod is not None and bool(_mod.simd_available())
+
+
+def _register_fake() -> None:
+    global _fake_registered
+    with _fake_lock:
+        if _fake_registered:
+            return
+        # Loading the extension ran its TORCH_LIBRARY_FRAGMENT: the op exists now, without a fake.
+        @torch.library.register_fake("accel::gqsa_mm_cpu")
+        def _(x, qweight, colmask, scales, zeros, group_size):
+            torch._check(x.dim() == 2, lambda: "accel::gqsa_mm_cpu: x must be 2-D")
+            return x.new_empty((x.shape[0], colmask.shape[0]))
+
+        _fake_registered = True
 
 
 def supports(group_size: int, bits: int) -> bool:
@@ -52,6 +80,17 @@ def dequantize_rows(qweight: torch.Tensor, colmask: torch.Tensor, scales: torch.
     """Rows row0 .. row0 + len(out) of the dense weight into out: [n, in] (bf16 or fp32), pruned groups zero."""
     _mod.gqsa_dequant_rows(qweight, colmask, scales, zeros, group_size, row0, out)
     return out
+
+
+def linear(x: torch.Tensor, qweight: torch.Tensor, colmask: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+           group_size: int) -> torch.Tensor:
+    """x: [M, in] -> [M, out] in x's dtype, any M (the body of `accel::gqsa_mm_cpu`, called directly)."""
+    return _mod.gqsa_linear_cpu(x, qweight, colmask, scales, zeros, group_size)
+
+
+def prefill_rows() -> int:
+    """Rows from which the native linear dequantizes blocks and runs a dense GEMM (kPrefillRows)."""
+    return int(_mod.prefill_rows())
 
 
 def gqsa_mm(x: torch.Tensor, qweight: torch.Tensor, colmask: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -75,38 +75,18 @@ def _scale_zeros(s: torch.Tensor, z: torch.Tensor, reps: int) -> torch.Tensor:
     return sz.transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
-# Batches of this many rows or more (prefill) dequantize blocks of BLOCK_ROWS output rows and run
-# dense GEMMs: measured here (1 thread, SmolLM2 shapes and 4096x4096) the 8-row kernel passes win
-# below 64 rows and lose above.
+# Batches of this many rows or more (prefill) dequantize blocks of rows and run dense GEMMs
+# (inside the native op; kPrefillRows in gqsa_cpu.cpp, which this mirrors for documentation and
+# tests): fewer rows run the kernel's 1-8-row passes. Each call allocates its own block buffer
+# (issue 13: a shared one let two threads' prefills overwrite each other's weight blocks).
 PREFILL_ROWS = 64
-BLOCK_ROWS = 256
-# No process-wide scratch: the block buffer is allocated per call (once for all blocks of the
-# call). A shared buffer let two threads' prefills overwrite each other's weight blocks (issue 13:
-# 14/30 wrong forwards); a fresh 2 MiB buffer costs ~2 us more than a reused one (measured here),
-# nothing against the GEMMs it feeds.
 
 
 def avx512_linear(x2: torch.Tensor, qweight: torch.Tensor, colmask: torch.Tensor, scales: torch.Tensor,
                   zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """The native "cpu-avx512" path (the body of `accel::gqsa_linear` on CPU): x2 [M, in] -> [M, out]
-    in x2's dtype; no bias. Below PREFILL_ROWS rows one kernel pass; from there, dequantized blocks
-    of rows and a dense GEMM each."""
-    if x2.size(0) < PREFILL_ROWS:
-        return cpp_ext.gqsa_mm(x2, qweight, colmask, scales, zeros, group_size)
-    out_features, in_features = colmask.size(0), x2.size(1)
-    dtype = x2.dtype
-    # Prefill: dequantize blocks of rows into one buffer of this call and run a dense GEMM on
-    # each. A fresh full-size weight would cost more in page faults than the GEMM itself.
-    wdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-    xw = x2.to(wdt)
-    buf = torch.empty(min(BLOCK_ROWS, out_features) * in_features, dtype=wdt)
-    y = torch.empty(x2.size(0), out_features, dtype=wdt)
-    for r0 in range(0, out_features, BLOCK_ROWS):
-        n = min(BLOCK_ROWS, out_features - r0)
-        blk = cpp_ext.dequantize_rows(qweight, colmask, scales, zeros, group_size, r0,
-                                      buf[:n * in_features].view(n, in_features))
-        y[:, r0:r0 + n] = F.linear(xw, blk)
-    return y.to(dtype)
+    in x2's dtype; no bias. The C++ function behind the op `accel::gqsa_mm_cpu`, called directly."""
+    return cpp_ext.linear(x2, qweight, colmask, scales, zeros, group_size)
 
 
 class CPUGQSA:
@@ -177,11 +157,10 @@ class CPUGQSA:
     def _avx512(self, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         w = self.w
         if ops.use_ops():
-            # `accel::gqsa_linear`: the native kernel is opaque to torch.compile. (Registered by
-            # this folder's __init__.py, which Python runs before this module: see ops.py.)
-            return torch.ops.accel.gqsa_linear(x2, w.qweight, w.colmask, None, w.scales, w.zeros, None,
-                                               w.in_features, w.group_size, w.bits, w.tile_rows, "cpu-avx512",
-                                               0, 0, "")
+            # The C++ op `accel::gqsa_mm_cpu` (defined when cpp_ext loaded, which choosing this path
+            # did): opaque to torch.compile, and the compiled graph calls it without a Python body
+            # (the Python op `accel::gqsa_linear` cost ~18 us a call, ~3.8 ms per SmolLM2 token).
+            return torch.ops.accel.gqsa_mm_cpu(x2, w.qweight, w.colmask, w.scales, w.zeros, w.group_size)
         return avx512_linear(x2, w.qweight, w.colmask, w.scales, w.zeros, w.group_size)
 
     def nbytes(self) -> int:

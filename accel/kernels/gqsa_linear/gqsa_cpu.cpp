@@ -247,7 +247,8 @@ bool simd_available() {
 
 // x: [M, K] fp32 or bf16; q: uint8 [N, nkeep * g / 2]; colmask: uint8 [N, ceil(G / 8)] (bit j of byte b:
 // group 8b + j kept); scales, zeros: fp16 [N, nkeep]. Returns [M, N] in x's dtype (fp32 accumulation).
-torch::Tensor gqsa_mm(torch::Tensor x, torch::Tensor q, torch::Tensor colmask, torch::Tensor sc, torch::Tensor ze, int64_t g) {
+torch::Tensor gqsa_mm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& colmask, const torch::Tensor& sc,
+                      const torch::Tensor& ze, int64_t g) {
 #ifndef GQSA_SIMD
   TORCH_CHECK(false, "accel GQSA C++ kernel built without AVX512-BF16/VBMI");
   return x;
@@ -349,8 +350,8 @@ torch::Tensor gqsa_mm(torch::Tensor x, torch::Tensor q, torch::Tensor colmask, t
 // Rows [r0, r0 + out.size(0)) of the dense weight into `out` ([n, K] fp32 or bf16, pruned groups
 // zero), for large batches: a reused block buffer, then a dense GEMM on it. Same rounding as the
 // reference: (q - z) * s in fp32, then out's dtype.
-void gqsa_dequant_rows(torch::Tensor q, torch::Tensor colmask, torch::Tensor sc, torch::Tensor ze, int64_t g,
-                       int64_t r0, torch::Tensor out) {
+void gqsa_dequant_rows(const torch::Tensor& q, const torch::Tensor& colmask, const torch::Tensor& sc, const torch::Tensor& ze,
+                       int64_t g, int64_t r0, const torch::Tensor& out) {
 #ifndef GQSA_SIMD
   TORCH_CHECK(false, "accel GQSA C++ kernel built without AVX512-BF16/VBMI");
 #else
@@ -392,3 +393,43 @@ void gqsa_dequant_rows(torch::Tensor q, torch::Tensor colmask, torch::Tensor sc,
   TORCH_CHECK(bad_row.load() < 0, "GQSA column bitmap of row ", bad_row.load(), " does not hold ", nkeep, " groups below ", G);
 #endif
 }
+
+
+// Batches of this many rows or more (prefill) dequantize blocks of kBlockRows weight rows and run a
+// dense GEMM on each (torch's bf16 GEMM uses AMX here); fewer rows run gqsa_mm's kernel passes.
+// cpu.py's PREFILL_ROWS mirrors it (tests/test_gqsa_cpp_op.py checks they agree).
+static constexpr int64_t kPrefillRows = 64;
+static constexpr int64_t kBlockRows = 256;
+
+int64_t prefill_rows() { return kPrefillRows; }
+
+// The whole native "cpu-avx512" linear, any number of rows: x [M, K] fp32/bf16/fp16 -> [M, N] in
+// x's dtype, no bias. The body of the C++ op accel::gqsa_mm_cpu (registered below), which compiled
+// graphs call without a Python dispatch per linear, and of eager calls.
+torch::Tensor gqsa_linear_cpu(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& colmask,
+                              const torch::Tensor& sc, const torch::Tensor& ze, int64_t g) {
+  TORCH_CHECK(x.dim() == 2, "accel::gqsa_mm_cpu: x must be 2-D [M, in_features], got ", x.dim(), "-D");
+  TORCH_CHECK(x.device().is_cpu(), "accel::gqsa_mm_cpu: x must be a CPU tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = colmask.size(0);
+  if (M < kPrefillRows) return gqsa_mm(x, q, colmask, sc, ze, g);
+  // Prefill: blocks of dequantized rows in one buffer of this call (a fresh full-size weight costs
+  // more in page faults than the GEMM; a shared buffer would race between threads, issue 13).
+  const auto dtype = x.scalar_type();
+  const auto wdt = dtype == torch::kBFloat16 ? torch::kBFloat16 : torch::kFloat;
+  auto xw = x.to(wdt);
+  auto buf = torch::empty({std::min(kBlockRows, N) * K}, torch::dtype(wdt));
+  auto y = torch::empty({M, N}, torch::dtype(wdt));
+  for (int64_t r0 = 0; r0 < N; r0 += kBlockRows) {
+    const int64_t n = std::min(kBlockRows, N - r0);
+    auto blk = buf.narrow(0, 0, n * K).view({n, K});
+    gqsa_dequant_rows(q, colmask, sc, ze, g, r0, blk);
+    y.narrow(1, r0, n).copy_(at::mm(xw, blk.t()));
+  }
+  return dtype == wdt ? y : y.to(dtype);
+}
+
+TORCH_LIBRARY_FRAGMENT(accel, m) {
+  m.def("gqsa_mm_cpu(Tensor x, Tensor qweight, Tensor colmask, Tensor scales, Tensor zeros, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(accel, CPU, m) { m.impl("gqsa_mm_cpu", &gqsa_linear_cpu); }
