@@ -13,9 +13,29 @@ from accel.configs.double_sparsity import DoubleSparsityConfig
 
 from . import compat
 from .core import CheckpointFormat, PatchContext, register_checkpoint, register_method
+from .ds_cache import GrowingLayer
 from .ds_handler import DSAttention
 from .ds_offload import OffloadDSAttention, install_offload
 from .kv_press import install_press, is_sliding_layer, model_dims
+
+
+class _GrowHook:
+    """Pre-hook on layer i's attention: before its first cache update, a plain `DynamicLayer` at
+    cache.layers[i] becomes a layer that appends in place (`upgrade(layer)`: a `GrowingLayer` for
+    the n_dense layers, the handler's `DSLabelLayer` for the sparse ones), so neither the prompt
+    nor any decode step is concatenated. Other layer types (static, sliding, offloaded) are left
+    alone. A callable object, not a closure, so that a deep-copied model's hook is the copy's."""
+
+    def __init__(self, i: int, handler=None):
+        self.i, self.handler = i, handler
+
+    def __call__(self, module, args, kwargs):
+        layers = getattr(compat.cache_from_kwargs(kwargs), "layers", None)
+        if layers is None or len(layers) <= self.i or type(layers[self.i]) is not compat.DynamicLayer:
+            return
+        layer = layers[self.i]
+        layers[self.i] = (self.handler.upgrade_layer(layer) if self.handler is not None
+                          else GrowingLayer.from_layer(layer))
 
 
 def check_channel_order(order, key: str, L: int, KVH: int, D: int, r: int) -> torch.Tensor:
@@ -73,6 +93,12 @@ def apply_double_sparsity(ctx: PatchContext, cfg: DoubleSparsityConfig, tensors:
     handlers = install_press(ctx, make_handler, skip=skip,
                              detail=f"budget={cfg.budget:g} r={r}/{D} labels {label_kind} ({label_bytes} B/token/head) "
                                     f"sink={cfg.sink} recent={cfg.recent} reduce={cfg.group_reduce}")
+    if not cfg.offload:
+        # Every full-attention layer's cache appends in place (the offloaded cache has its own layers).
+        for i, layer in enumerate(compat.decoder_layers(model)):
+            if i in handlers or not is_sliding_layer(model, i, layer.self_attn):
+                ctx.add_hook(layer.self_attn, _GrowHook(i, handlers.get(i)), pre=True,
+                             name=f"{compat.SUPPORTED_MODEL_TYPES[compat.text_config(model.config).model_type]}.{i}.self_attn")
     if cfg.offload:
         install_offload(ctx, cfg, model, {i: h.channels for i, h in handlers.items()},
                         lambda i: is_sliding_layer(model, i, compat.decoder_layers(model)[i].self_attn))

@@ -10,6 +10,14 @@ r channels), as in the paper; `label_bytes()` counts what is stored.
 what a compiled decode step needs): preallocated `[B, KVH, max_cache_len, r]` labels written in
 place at the positions the keys are written (`accel::ds_update_labels`), so shapes never change.
 A press upgrades the plain layer it meets on first use (prefill), as it does a `DynamicLayer`.
+
+`GrowingLayer` is a `DynamicLayer` whose K/V live in buffers with headroom (1/8 of the length,
+at least 256 tokens): a decode step writes its token in place and hands out prefix views, where
+`DynamicLayer` concatenates the whole cache every step (at 8K tokens on SmolLM2, ~190 MB copied
+per token). `DSLabelLayer` grows the same way, labels included. Everything transformers does to
+a layer still works: its crop leaves prefix views of the buffer (kept, no copy); reorder, batch
+ops and offload assign fresh tensors, which the next update copies into a new buffer. Under
+autograd or torch.compile the layer concatenates as `DynamicLayer` does.
 """
 from __future__ import annotations
 
@@ -55,7 +63,84 @@ def _labels(parts, bits: int, dtype: torch.dtype) -> torch.Tensor:
         return parts[0].to(dtype)
     return dequantize_labels(*parts, bits, dtype)
 
-class DSLabelLayer(DynamicLayer):
+# Headroom of a grown buffer: 1/8 of the tokens it must hold (so a regrow, which copies the cache,
+# comes once per n/8 steps: ~8 rows copied per step on average), and at least MIN_HEADROOM tokens.
+MIN_HEADROOM = 256
+HEADROOM_DIV = 8
+
+
+def _is_prefix_of(cur: torch.Tensor, buf: torch.Tensor) -> bool:
+    """Whether cur is buf[..., :n, :] for some n (a view this layer handed out, or a crop of one)."""
+    return (cur.dim() == buf.dim() and cur.data_ptr() == buf.data_ptr() and cur.stride() == buf.stride()
+            and cur.shape[:-2] == buf.shape[:-2] and cur.shape[-1] == buf.shape[-1]
+            and cur.shape[-2] <= buf.shape[-2] and cur.dtype == buf.dtype and cur.device == buf.device)
+
+
+def grow_append(buf: torch.Tensor | None, cur: torch.Tensor | None, x: torch.Tensor):
+    """`cat([cur, x], dim=-2)` as (buffer, prefix view of it), written in place when `cur` is a prefix
+    view of `buf` with room for x; otherwise copied into a new buffer with headroom.
+
+    cur: [..., n, c] (None or empty: nothing cached); x: [..., m, c]. Returns (buf, view [..., n+m, c])."""
+    n = 0 if cur is None or cur.numel() == 0 else cur.shape[-2]
+    need = n + x.shape[-2]
+    fits = (buf is not None and (n == 0 or _is_prefix_of(cur, buf)) and need <= buf.shape[-2]
+            and buf.shape[:-2] == x.shape[:-2] and buf.shape[-1] == x.shape[-1] and buf.dtype == x.dtype
+            and buf.device == x.device
+            # An inference tensor cannot be written outside inference_mode (a cache filled under it).
+            and not (buf.is_inference() and not torch.is_inference_mode_enabled()))
+    if not fits:
+        cap = need + max(MIN_HEADROOM, need // HEADROOM_DIV)
+        new = x.new_empty(*x.shape[:-2], cap, x.shape[-1])
+        if n:
+            new[..., :n, :].copy_(cur)
+        buf = new
+    buf[..., n:need, :].copy_(x)
+    return buf, buf[..., :need, :]
+
+
+def _concatenates(*xs: torch.Tensor) -> bool:
+    """Whether an update must concatenate as DynamicLayer does: a graph being traced, or autograd
+    recording (in-place writes into a buffer whose earlier views autograd saved would fail)."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(x.requires_grad for x in xs))
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends in place (see the module docstring). keys/values are prefix
+    views [B, KVH, T, D] of buffers [B, KVH, capacity, D]."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
+
+    @classmethod
+    def from_layer(cls, layer: DynamicLayer, *args, **kwargs):
+        """Take over a plain DynamicLayer's K/V (no copy; the next update copies them into buffers)."""
+        new = cls(*args, **kwargs)
+        for attr in ("keys", "values", "is_initialized", "dtype", "device"):
+            if hasattr(layer, attr):
+                setattr(new, attr, getattr(layer, attr))
+        return new
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if _concatenates(key_states, value_states, self.keys, self.values):
+            return super().update(key_states, value_states, *args, **kwargs)
+        self._kbuf, self.keys = grow_append(self._kbuf, self.keys, key_states)
+        self._vbuf, self.values = grow_append(self._vbuf, self.values, value_states)
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self._kbuf = self._vbuf = None
+
+    def capacity(self) -> int:
+        """Tokens the K buffer holds before it must grow (0 before the first in-place update)."""
+        return 0 if self._kbuf is None else self._kbuf.shape[-2]
+
+
+class DSLabelLayer(GrowingLayer):
     """A DynamicLayer whose keys carry a label cache. `channels`: [KVH, r] int64."""
 
     def __init__(self, channels: torch.Tensor, bits: int = 16, **kwargs):
@@ -64,14 +149,12 @@ class DSLabelLayer(DynamicLayer):
         self.bits = bits
         # bits == 16: one tensor [B, KVH, T, r]; otherwise (codes, scale, low), all with T at dim -2.
         self.label_parts: tuple[torch.Tensor, ...] | None = None
+        self._label_bufs: tuple[torch.Tensor | None, ...] | None = None
 
     @classmethod
     def from_layer(cls, layer: DynamicLayer, channels: torch.Tensor, bits: int = 16) -> "DSLabelLayer":
         """Take over a plain DynamicLayer's K/V (no copy) and label what it already holds."""
-        new = cls(channels, bits)
-        for attr in ("keys", "values", "is_initialized", "dtype", "device"):
-            if hasattr(layer, attr):
-                setattr(new, attr, getattr(layer, attr))
+        new = super().from_layer(layer, channels, bits)
         if new.get_seq_length() > 0:
             new.label_parts = new._make_parts(new.keys)
         return new
@@ -89,10 +172,18 @@ class DSLabelLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         new = self._make_parts(key_states)
-        if self.label_parts is None:
-            self.label_parts = new
-        else:
-            self.label_parts = tuple(torch.cat([a, b], dim=-2) for a, b in zip(self.label_parts, new))
+        if self._label_bufs is None:
+            self._label_bufs = (None,) * len(new)
+        if _concatenates(key_states):
+            if self.label_parts is None:
+                self.label_parts = new
+            else:
+                self.label_parts = tuple(torch.cat([a, b], dim=-2) for a, b in zip(self.label_parts, new))
+            return keys, values
+        cur = self.label_parts or (None,) * len(new)
+        grown = [grow_append(b, c, x) for b, c, x in zip(self._label_bufs, cur, new)]
+        self._label_bufs = tuple(b for b, _ in grown)
+        self.label_parts = tuple(v for _, v in grown)
         return keys, values
 
     def labels(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -127,7 +218,7 @@ class DSLabelLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.label_parts = None
+        self.label_parts = self._label_bufs = None
 
     def offload(self):
         super().offload()
