@@ -99,6 +99,8 @@ def _block_error(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     """Mean squared error of the block's outputs against `targets` over the samples `idx` (no grad)."""
     device = next(layer.parameters()).device
     tot, n = 0.0, 0
+    # no_grad, not inference_mode: a layer (a patched attention) may keep a tensor made here and
+    # use it in the next training step, which inference tensors forbid.
     with torch.no_grad():
         for j in range(0, len(idx), chunk):
             sel = idx[j:j + chunk]
@@ -118,18 +120,37 @@ def eval_indices(n: int, n_eval: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))[:n_eval].sort().values
 
 
+def bqpo_eval_every(n_eval: int, batch: int) -> int:
+    """Steps between two block-error measurements when the caller does not say: one measurement
+    (n_eval sample forwards) per ceil(n_eval / batch) steps (each a forward and a backward of
+    `batch` samples, ~3 x batch sample forwards), so the guard costs at most about a third of
+    the training it guards. Measuring after every step made stage 1 ~2x slower (8 samples
+    measured per 2-sample step)."""
+    return max(1, -(-n_eval // max(batch, 1)))
+
+
+def eval_steps(steps: int, every: int) -> list[int]:
+    """The steps after which BQPO measures the block error: 0 (the stage-1 start), every
+    `every`-th step, and always the last one."""
+    return sorted({0, steps, *range(every, steps + 1, every)}) if steps > 0 else [0]
+
+
 def bqpo_block(layer: nn.Module, fq: dict[str, FakeQuantLinear], inputs: torch.Tensor,
                targets: torch.Tensor, kwargs_fn, steps: int, lr: float, batch: int,
-               seed: int = 0, desc: str = "", eval_samples: int = 0, keep_best: bool = True) -> tuple[float, float]:
+               seed: int = 0, desc: str = "", eval_samples: int = 0, keep_best: bool = True,
+               eval_every: int | None = None) -> tuple[float, float]:
     """Train the swapped-in FakeQuantLinears of `layer` (names relative to it) for `steps`.
 
     inputs/targets: [N, L, hidden]; kwargs_fn(b) gives the layer's kwargs for a batch of b.
     The block error (MSE to the dense block's outputs) is measured on one fixed set of samples
-    (`eval_indices(N, eval_samples, seed)`) before training and after every step. keep_best: the
-    parameters end as those of the lowest error seen, the stage-1 start included, so BQPO never
-    returns a block worse than the one it was given (a too-large step can raise it: Adam on a few
-    minibatches overshoots). keep_best=False keeps the last step (the version-2 behaviour).
-    Returns (block error before, block error of the kept parameters), on the same samples.
+    (`eval_indices(N, eval_samples, seed)`) at the steps `eval_steps(steps, eval_every)`: before
+    training, every eval_every steps and after the last (eval_every None: `bqpo_eval_every`).
+    keep_best: the parameters end as a measured snapshot, the one of the lowest error (the
+    stage-1 start included), so BQPO never returns a block worse on those samples than the one
+    it was given (a too-large step can raise it: Adam on a few minibatches overshoots); steps
+    between two measurements are never kept on their own. keep_best=False keeps the last step
+    (the version-2 behaviour). Returns (block error before, block error of the kept
+    parameters), on the same samples.
     """
     params_w = [m.weight for m in fq.values() if m.weight is not None]
     params_q = [p for m in fq.values() for p in (m.scale, m.zero)]
@@ -145,6 +166,11 @@ def bqpo_block(layer: nn.Module, fq: dict[str, FakeQuantLinear], inputs: torch.T
     # The runner keeps activations on the CPU; the layer may live on an accelerator.
     device = next(layer.parameters()).device
     ev = eval_indices(inputs.size(0), eval_samples, seed)
+    every = bqpo_eval_every(len(ev), batch) if eval_every is None else int(eval_every)
+    if every < 1:
+        raise ValueError(f"bqpo_block: eval_every={eval_every} must be >= 1")
+    # keep_best=False only needs the two ends (what it reports).
+    at = set(eval_steps(steps, every) if keep_best else (0, steps))
     err = lambda: _block_error(layer, inputs, targets, ev, kwargs_fn, max(batch, 8))  # noqa: E731
     trained = params_w + params_q
     before = best = err()
@@ -158,8 +184,9 @@ def bqpo_block(layer: nn.Module, fq: dict[str, FakeQuantLinear], inputs: torch.T
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        if keep_best or step == steps - 1:
-            last = err()
+        if step + 1 not in at:
+            continue
+        last = err()
         if keep_best and last < best:
             best, best_step = last, step + 1
             best_state = [p.detach().clone() for p in trained]
@@ -172,8 +199,8 @@ def bqpo_block(layer: nn.Module, fq: dict[str, FakeQuantLinear], inputs: torch.T
         kept = last
     what = (f"kept step {best_step}" + (" (the stage-1 start: no step improved it)" if best_step == 0 else "")
             if keep_best else "kept the last step")
-    log.info("BQPO %s: %d steps, block MSE on %d fixed samples %.3e -> %.3e (last step %.3e; %s)",
-             desc, steps, len(ev), before, kept, last, what)
+    log.info("BQPO %s: %d steps, block MSE on %d fixed samples %.3e -> %.3e (last step %.3e; %s; measured after "
+             "steps %s)", desc, steps, len(ev), before, kept, last, what, ",".join(map(str, sorted(at))))
     return before, kept
 
 

@@ -122,3 +122,33 @@ def test_gqsa_config_v3_fields_and_upgrade():
                      (dict(e2e_eval_every=0), "e2e_eval_every"), (dict(e2e_patience=0), "e2e_patience")]:
         with pytest.raises(ConfigError, match=msg):
             GQSAConfig(**bad)
+
+
+def test_bqpo_measures_every_k_steps_and_keeps_a_measured_snapshot(monkeypatch):
+    """The guard's cost: the block error is measured before training, every k steps (default
+    ceil(eval samples / batch)) and after the last, not after every step; what is kept is the
+    best measured snapshot, and the block ends with exactly that error on the fixed samples."""
+    from accel.calibrate import gqsa_opt
+
+    seen = []
+    real = gqsa_opt._block_error
+    monkeypatch.setattr(gqsa_opt, "_block_error", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    layer, fq, inputs, tgt, kw = _block_setup()
+    # 4 fixed samples, batch 2: measured after steps 0, 2, 4, 6, 7 (was: the start and all 7 steps).
+    before, kept = bqpo_block(layer, fq, inputs, tgt, kw, 7, 0.5, 2, 0, eval_samples=4)
+    assert len(seen) == 5, seen
+    assert gqsa_opt.eval_steps(7, 2) == [0, 2, 4, 6, 7] and gqsa_opt.bqpo_eval_every(4, 2) == 2
+    assert before == seen[0] and kept == min(seen)
+    ev = gqsa_opt.eval_indices(inputs.size(0), 4, 0)
+    assert real(layer, inputs, tgt, ev, kw, 8) == pytest.approx(kept, rel=1e-5)
+    # An explicit eval_every, and keep_best=False measures only the two ends.
+    seen.clear()
+    layer, fq, inputs, tgt, kw = _block_setup()
+    bqpo_block(layer, fq, inputs, tgt, kw, 8, 1e-3, 2, 0, eval_samples=4, eval_every=4)
+    assert len(seen) == 3
+    seen.clear()
+    layer, fq, inputs, tgt, kw = _block_setup()
+    bqpo_block(layer, fq, inputs, tgt, kw, 8, 1e-3, 2, 0, eval_samples=4, keep_best=False)
+    assert len(seen) == 2
+    with pytest.raises(ValueError, match="eval_every"):
+        bqpo_block(layer, fq, inputs, tgt, kw, 2, 1e-3, 2, 0, eval_every=0)
