@@ -229,14 +229,14 @@ def split_holdout(samples: torch.Tensor, holdout: float, seed: int) -> tuple[tor
 
 def e2e_oqp(model: nn.Module, packed: dict[str, GQSAWeight], samples: torch.Tensor, steps: int,
             lr: float, batch: int, tile_rows: int, progress: bool = True, seed: int = 0, *,
-            holdout: float = 0.0, eval_every: int = 16, patience: int = 2,
+            holdout: float = 0.125, eval_every: int = 16, patience: int = 2,
             record: dict | None = None) -> dict[str, GQSAWeight]:
     """Stage 2: train scales/zeros of every packed linear with the LM loss; codes stay frozen.
 
     packed: full linear name -> GQSAWeight (the model's linears hold its dequantized weights).
     samples: [N, L] token ids. Returns the re-packed weights (same codes, new scales/zeros).
 
-    Overfitting guard (holdout > 0): `split_holdout` keeps a seeded share of the samples out of
+    Overfitting guard (holdout > 0, the default: GQSAConfig's e2e_holdout): `split_holdout` keeps a seeded share of the samples out of
     training; their LM loss is measured before training, every `eval_every` steps and after the
     last; the scales/zeros of the lowest held-out loss are kept (the stage-1 ones when no step
     helps) and training stops after `patience` evaluations without a new best. Why: 128 steps on

@@ -104,8 +104,15 @@ def _row(name: str, base, tok, spec, samples, opts: dict, cache: dict):
             if not name.endswith("+e2e"):
                 return model, grid + ", stage 1 (BQPO)", time.perf_counter() - t0
             model = copy.deepcopy(model)
-        e2e_oqp(model, packed, samples, opts["e2e_steps"], opts["e2e_lr"], opts["e2e_batch"], tile)
-        return model, grid + f", stage 1+2 (E2E-OQP {opts['e2e_steps']} steps)", time.perf_counter() - t0
+        # By keyword, with the config's guard (held-out early stopping): positionally the sweep's
+        # stage 2 ran with holdout 0, unguarded, unlike `accel calibrate gqsa`.
+        rec = {}
+        e2e_oqp(model, packed, samples, steps=opts["e2e_steps"], lr=opts["e2e_lr"], batch=opts["e2e_batch"],
+                tile_rows=tile, seed=spec.seed if spec is not None else 0, holdout=cfg.e2e_holdout,
+                eval_every=cfg.e2e_eval_every, patience=cfg.e2e_patience, record=rec)
+        guard = (f", held-out guard {cfg.e2e_holdout:g}: kept step {rec.get('kept_step')}/{rec.get('steps_run')}"
+                 if rec.get("heldout_samples") else ", unguarded")
+        return model, grid + f", stage 1+2 (E2E-OQP {opts['e2e_steps']} steps{guard})", time.perf_counter() - t0
     raise ValueError(f"unknown sweep row {name!r}; known: {', '.join(ROWS)}")
 
 

@@ -106,7 +106,7 @@ def test_e2e_guard_keeps_best_held_out_state_and_stops_early():
     assert rec["kept_step"] == 0 and max(v for _, v in rec["heldout_loss"]) > l0
     # Without the guard, the same training (on the same training rows) ends worse on the held-out ones.
     model2, packed2 = _packed_tiny()
-    e2e_oqp(model2, packed2, x[~is_held], 24, 0.02, 2, 1, progress=False)
+    e2e_oqp(model2, packed2, x[~is_held], 24, 0.02, 2, 1, progress=False, holdout=0.0)
     assert _held_loss(model2, held) > l0 + 0.02
 
 
