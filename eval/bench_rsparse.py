@@ -109,3 +109,92 @@ def format_bench(r: dict) -> str:
     lines.append(f"  SmolLM2 decode ({r['decode_tokens']} tokens): dense {r['decode_tok_s_dense']:.1f} tok/s, "
                  f"R-Sparse {r['decode_tok_s_rsparse']:.1f} tok/s ({r['decode_speedup']:.2f}x)")
     return "\n".join(lines)
+
+
+def bench_generate(artifact=None, threads=(1, 2), rounds: int = 5, prefill_tokens: int = 512, new_tokens: int = 48,
+                   sparsity: float = 0.5, model_name: str = "smollm2-135m") -> dict:
+    """What a `generate()` user sees in bf16: dense vs R-Sparse, decode tok/s (`new_tokens` after a
+    short prompt) and the prefill of a `prefill_tokens` prose prompt, per thread count.
+
+    One process; each round measures every thread count and both models in turn (interleaved), and
+    medians over rounds are compared. artifact: a saved R-Sparse artifact (path) or None to
+    calibrate one at `sparsity` (default config, 4 x 256 calibration tokens: speed, not accuracy).
+    """
+    import copy
+    import statistics
+
+    import accel
+    from accel.configs.rsparse import RSparseConfig
+    from accel.data import calibration_samples
+
+    from .matrix_speed import prompt_ids, timed_generate
+
+    model, tok = accel.models.load(model_name, dtype="bfloat16")
+    if artifact is None:
+        artifact = accel.calibrate(model, RSparseConfig(sparsity=sparsity),
+                                   data=calibration_samples(tok, n_samples=4, seq_len=256), progress=False)
+    patched = accel.patch(copy.deepcopy(model), artifact)
+    models = {"dense": model, "rsparse": patched}
+    long_ids = prompt_ids(tok, model, prefill_tokens)
+    short_ids = tok("The history of the city begins", return_tensors="pt").input_ids
+    old = torch.get_num_threads()
+    times = {(name, t): {"prefill": [], "decode": []} for name in models for t in threads}
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            for m in models.values():
+                # Warm-up: first-call builds (weight_t, the native kernel) and allocator growth.
+                timed_generate(m, long_ids, 2), timed_generate(m, short_ids, 4)
+        for _ in range(rounds):
+            for t in threads:
+                torch.set_num_threads(t)
+                for name, m in models.items():
+                    times[(name, t)]["prefill"].append(timed_generate(m, long_ids, 1)[0])
+                    times[(name, t)]["decode"].append(timed_generate(m, short_ids, new_tokens)[1])
+    finally:
+        torch.set_num_threads(old)
+    out = {"model": model_name, "dtype": "bfloat16", "rounds": rounds, "prefill_tokens": prefill_tokens,
+           "new_tokens": new_tokens, "threads": list(threads)}
+    for (name, t), v in times.items():
+        out[f"{name}_prefill_s_{t}t"] = statistics.median(v["prefill"])
+        out[f"{name}_decode_tok_s_{t}t"] = statistics.median(v["decode"])
+    for t in threads:
+        out[f"decode_speedup_{t}t"] = out[f"rsparse_decode_tok_s_{t}t"] / out[f"dense_decode_tok_s_{t}t"]
+        out[f"prefill_speedup_{t}t"] = out[f"dense_prefill_s_{t}t"] / out[f"rsparse_prefill_s_{t}t"]
+    return out
+
+
+def format_generate(r: dict) -> str:
+    lines = [f"{r['model']} bf16 generate(): dense vs R-Sparse, medians of {r['rounds']} interleaved rounds"]
+    for t in r["threads"]:
+        lines.append(f"  {t} thread(s): decode dense {r[f'dense_decode_tok_s_{t}t']:.1f} tok/s, R-Sparse "
+                     f"{r[f'rsparse_decode_tok_s_{t}t']:.1f} ({r[f'decode_speedup_{t}t']:.2f}x); "
+                     f"{r['prefill_tokens']}-token prefill dense {r[f'dense_prefill_s_{t}t'] * 1e3:.0f} ms, "
+                     f"R-Sparse {r[f'rsparse_prefill_s_{t}t'] * 1e3:.0f} ms ({r[f'prefill_speedup_{t}t']:.2f}x)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """python -m accel.eval.bench_rsparse [--artifact DIR] [--rounds N] [--threads 1,2] [--json]"""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m accel.eval.bench_rsparse",
+                                description="bf16 generate(): dense vs R-Sparse decode tok/s and prefill ratios")
+    p.add_argument("--artifact", default=None, help="saved R-Sparse artifact (default: calibrate 50%% now)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    r = bench_generate(a.artifact, tuple(int(t) for t in a.threads.split(",")), a.rounds, a.prefill_tokens,
+                       a.new_tokens)
+    print(format_generate(r))
+    if a.json:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -60,7 +60,7 @@ class RSparseLinear(AccelLinear):
         else:
             self.down = self.up = None
         self.rank = r
-        self._wt = None
+        self._stack = self._wt = self._upt = None
         self._path = None
 
     @property
@@ -73,11 +73,26 @@ class RSparseLinear(AccelLinear):
             self._path = (dev, select_path(dev))
         return self._path[1]
 
+    def stacked_t(self) -> torch.Tensor:
+        # [in + r, out] = [Wᵀ; U_rᵀ]: the decode kernels read W's (and U_r's) columns as contiguous
+        # rows; bf16 prefill multiplies [x_S | down x_rest] by all of it in one GEMM. Built once.
+        w = self.weight
+        if self._wt is None or self._wt.device != w.device or self._wt.dtype != w.dtype:
+            parts = [w.detach().t()] + ([self.up.detach().t().to(w.dtype)] if self.rank else [])
+            stack = torch.cat(parts).contiguous()
+            self._stack, self._wt = stack, stack[: self.in_features]
+            self._upt = stack[self.in_features:] if self.rank else None
+        return self._stack
+
     def weight_t(self) -> torch.Tensor:
-        # The decode kernels read W's columns as contiguous rows; built once, on first decode call.
-        if self._wt is None or self._wt.device != self.weight.device or self._wt.dtype != self.weight.dtype:
-            self._wt = self.weight.detach().t().contiguous()
+        """[in, out] contiguous Wᵀ (a view of `stacked_t()`)."""
+        self.stacked_t()
         return self._wt
+
+    def up_t(self) -> torch.Tensor | None:
+        """[r, out] contiguous U_rᵀ (a view of `stacked_t()`), None at rank 0."""
+        self.stacked_t()
+        return self._upt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.kernel_path
@@ -85,9 +100,13 @@ class RSparseLinear(AccelLinear):
         if path == "cpu":
             # Direct call: at SmolLM2 sizes a decode GEMV takes tens of microseconds, so dispatch
             # overhead matters.
+            if tokens <= DECODE_MAX_TOKENS:
+                wt, upt = self.weight_t(), self.up_t()
+            else:
+                # bf16 prefill: one GEMM over the stacked [Wᵀ; U_rᵀ]; fp32 keeps the masked dense path.
+                wt, upt = (self.stacked_t() if x.dtype == torch.bfloat16 else None), None
             return rsparse_linear_cpu(x, self.weight, self.scale, self.threshold, self.down, self.up, self.bias,
-                                      weight_t=self.weight_t() if tokens <= DECODE_MAX_TOKENS else None,
-                                      thr_vec=self.thr_vec)
+                                      weight_t=wt, thr_vec=self.thr_vec, up_t=upt)
         if path == "triton" and tokens > DECODE_MAX_TOKENS:
             path = "reference"
         wt = self.weight_t() if path in ("triton", "cpu") and tokens <= DECODE_MAX_TOKENS else None

@@ -88,14 +88,69 @@ torch::Tensor rsparse_gemv_f32(torch::Tensor x, torch::Tensor thr, torch::Tensor
 """
 
 _mod = None
+_fake_done = False
 
 
 def available() -> bool:
     """Build (once per process) and report success; False keeps the COO path."""
-    global _mod
-    _mod = _cpp.load("rsparse_cpu_v2", _SRC, ["sum_rows_f32", "rsparse_gemv_f32"],
-                     "R-Sparse fp32 decode uses the COO path")
+    global _mod, _fake_done
+    from .bf16_src import SRC as _BF16_SRC
+
+    _mod = _cpp.load("rsparse_cpu_v3", _SRC + _BF16_SRC, ["sum_rows_f32", "rsparse_gemv_f32", "rsparse_decode",
+                                                          "bf16_simd", "rsparse_split_bf16"],
+                     "R-Sparse decode uses the torch paths (COO / embedding bag)")
+    if _mod is not None and not _fake_done:
+        _fake_done = True
+        # Loading the library registered accel::rsparse_decode (TORCH_LIBRARY_FRAGMENT in the C++);
+        # the compiler gets its output shape here.
+        torch.library.register_fake("accel::rsparse_decode")(_decode_fake)
     return _mod is not None
+
+
+def bf16_available() -> bool:
+    """The native bf16 decode kernel runs here (AVX512-BF16 in the -march=native build)."""
+    return available() and bool(_mod.bf16_simd())
+
+
+def _decode_fake(x, thr, wt, down, up_t, bias, grain):
+    return x.new_empty((x.shape[0], wt.shape[1]))
+
+
+# 32-column chunks a thread must get before decode splits a linear's columns over threads: below,
+# the fork/join costs more than the second core saves (measured at SmolLM2's shapes).
+DECODE_GRAIN = 4
+
+
+def rsparse_decode(x: torch.Tensor, thr: torch.Tensor, weight_t: torch.Tensor, down: torch.Tensor | None,
+                   up_t: torch.Tensor | None, bias: torch.Tensor | None, grain: int = DECODE_GRAIN) -> torch.Tensor:
+    """Decode tokens, fused (mask, active-row sum, low-rank term, bias), fp32 or bf16.
+
+    x: [M, in] (M small: each token has its own active set); thr: fp32 [in]; weight_t: [in, out]
+    contiguous; down: [r, in]; up_t: [r, out] (U_r transposed) -> [M, out] in x's dtype.
+    bf16: AVX512-BF16 (`bf16_available()`). Eager calls the extension directly; under
+    torch.compile the C++ op `accel::rsparse_decode` (no Python in the compiled graph)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.accel.rsparse_decode(x, thr, weight_t, down, up_t, bias, grain)
+    return _mod.rsparse_decode(x, thr, weight_t, down, up_t, bias, grain)
+
+
+def prefill_bf16(x: torch.Tensor, thr: torch.Tensor, stacked: torch.Tensor, down: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """Many bf16 tokens as ONE GEMM: [x_S | down·x_rest] @ [Wᵀ; U_rᵀ] (+ bias), the same sum as
+    W x_S + U_r (down x_rest) with the low-rank term folded into K (in + r instead of in).
+
+    x: [T, in]; thr: fp32 [in]; stacked: [in + r, out] contiguous (Wᵀ over U_rᵀ); down: [r, in]
+    -> [T, out]. One native pass splits x (the torch masking took longer than the GEMM at
+    SmolLM2's sizes); torch.mm over the [in, out] layout is also faster than F.linear's [out, in]."""
+    t, n_in = x.shape
+    r = stacked.shape[0] - n_in
+    buf = x.new_empty((t, n_in + r))
+    rest = x.new_empty((t, n_in)) if r else x.new_empty(0)
+    _mod.rsparse_split_bf16(x.contiguous(), thr, buf, rest)
+    if r:
+        # Written straight into the last r columns (a strided output: ldc = in + r).
+        torch.mm(rest, down.t(), out=buf[:, n_in:])
+    return torch.mm(buf, stacked) if bias is None else torch.addmm(bias, buf, stacked)
 
 
 def rsparse_gemv_f32(x: torch.Tensor, thr: torch.Tensor, weight_t: torch.Tensor, down: torch.Tensor | None,

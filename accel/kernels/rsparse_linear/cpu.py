@@ -16,7 +16,11 @@ dense GEMV it replaces). Measured at 4096², 1 thread, 47.5% active, caches flus
 The low-rank term is added with one `addmm_` into the same output.
 
 Prefill / many tokens: every token has its own active set, so the union of columns is nearly all
-of W; a masked dense matmul is the fastest exact way there.
+of W; a masked dense matmul is the fastest exact way there. In bf16 with the native kernel it is
+one GEMM: a native pass splits x into [x_S | x_rest], then [x_S | down·x_rest] @ [Wᵀ; U_rᵀ]
+(cpp_ext.prefill_bf16); the torch masking it replaces took longer than the GEMM itself.
+
+bf16 decode (<= GATHER_MAX_TOKENS tokens): the native `accel::rsparse_decode` (cpp_ext.py).
 """
 from __future__ import annotations
 
@@ -36,15 +40,35 @@ COO_MIN_NUMEL = 1 << 22
 def rsparse_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, threshold: float,
                        down: torch.Tensor | None = None, up: torch.Tensor | None = None,
                        bias: torch.Tensor | None = None, *, weight_t: torch.Tensor | None = None,
-                       thr_vec: torch.Tensor | None = None) -> torch.Tensor:
+                       thr_vec: torch.Tensor | None = None, up_t: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., in] -> [..., out]. weight_t: [in, out] contiguous (required for the gather path);
-    thr_vec: [in] fp32 `channel_thresholds(scale, threshold)` when precomputed.
-    `accel::rsparse_linear` (path "cpu") under torch.compile: the active set has a data-dependent size."""
+    for bf16 prefill (> GATHER_MAX_TOKENS tokens) the stacked [Wᵀ; U_rᵀ]: [in + r, out] (one GEMM);
+    thr_vec: [in] fp32 `channel_thresholds(scale, threshold)` when precomputed; up_t: [r, out]
+    contiguous `up.T` (the bf16 decode kernel reads it; built per call when not given).
+    bf16 decode (<= GATHER_MAX_TOKENS tokens, native kernel built): the C++ op `accel::rsparse_decode`,
+    also under torch.compile. Otherwise `accel::rsparse_linear` (path "cpu") under torch.compile:
+    the active set has a data-dependent size."""
+    n_in = x.shape[-1]
+    tokens = x.numel() // max(n_in, 1)
+    if (0 < tokens <= GATHER_MAX_TOKENS and weight_t is not None and thr_vec is not None
+            and x.dtype == torch.bfloat16 and weight_t.dtype == torch.bfloat16 and _bf16_native()):
+        has_lr = down is not None and down.numel() > 0
+        if has_lr and up_t is None:
+            up_t = up.t().contiguous()
+        y = cpp_ext.rsparse_decode(x.reshape(tokens, n_in), thr_vec, weight_t, down if has_lr else None,
+                                   up_t if has_lr else None, bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
     if ops.use_ops():
         # Registered by this folder's __init__.py, which Python runs before this module (ops.py).
         return torch.ops.accel.rsparse_linear(x, weight, scale, float(threshold), down, up, bias, weight_t, thr_vec,
                                               "cpu")
     return rsparse_cpu_impl(x, weight, scale, threshold, down, up, bias, weight_t, thr_vec)
+
+
+@torch.compiler.assume_constant_result
+def _bf16_native() -> bool:
+    # A constant for torch.compile: the build (and its lock) must not be traced.
+    return cpp_ext.bf16_available()
 
 
 def rsparse_cpu_impl(x, weight, scale, threshold, down, up, bias, weight_t, thr_vec) -> torch.Tensor:
@@ -54,6 +78,11 @@ def rsparse_cpu_impl(x, weight, scale, threshold, down, up, bias, weight_t, thr_
     if thr_vec is None:
         thr_vec = channel_thresholds(scale, threshold)
     has_lr = down is not None and down.numel() > 0
+    r = down.shape[0] if has_lr else 0
+    if (x2.size(0) > GATHER_MAX_TOKENS and weight_t is not None and weight_t.shape[0] == n_in + r
+            and x2.dtype == torch.bfloat16 and weight_t.dtype == torch.bfloat16 and _bf16_native()):
+        # bf16 prefill: weight_t is the stacked [Wᵀ; U_rᵀ] ([in + r, out]); one split pass + one GEMM.
+        return cpp_ext.prefill_bf16(x2, thr_vec, weight_t, down if has_lr else None, bias).view(*lead, -1)
     if (x2.size(0) == 1 and weight_t is not None and x2.dtype == torch.float32
             and weight_t.dtype == torch.float32 and cpp_ext.available()):
         # Decode: one native call (each torch op costs microseconds at SmolLM2's sizes).
