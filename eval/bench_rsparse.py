@@ -118,7 +118,7 @@ def bench_generate(artifact=None, threads=(1, 2), rounds: int = 5, prefill_token
 
     One process; each round measures every thread count and both models in turn (interleaved), and
     medians over rounds are compared. artifact: a saved R-Sparse artifact (path) or None to
-    calibrate one at `sparsity` (default config, 4 x 256 calibration tokens: speed, not accuracy).
+    calibrate one at `sparsity` (default config, 2 x 128 calibration tokens: speed, not accuracy).
     """
     import copy
     import statistics
@@ -132,7 +132,7 @@ def bench_generate(artifact=None, threads=(1, 2), rounds: int = 5, prefill_token
     model, tok = accel.models.load(model_name, dtype="bfloat16")
     if artifact is None:
         artifact = accel.calibrate(model, RSparseConfig(sparsity=sparsity),
-                                   data=calibration_samples(tok, n_samples=4, seq_len=256), progress=False)
+                                   data=calibration_samples(tok, n_samples=2, seq_len=128), progress=False)
     patched = accel.patch(copy.deepcopy(model), artifact)
     models = {"dense": model, "rsparse": patched}
     long_ids = prompt_ids(tok, model, prefill_tokens)

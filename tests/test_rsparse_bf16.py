@@ -182,3 +182,36 @@ def test_patched_bf16_prefill_and_decode_agree_with_the_spec():
     assert_within(rel_err(pre, ref), rel_err(tb, ref), torch.bfloat16, 105, what="prefill")
     assert_within(rel_err(dec, ref[:, -1:]), rel_err(tb[:, -1:], ref[:, -1:]), torch.bfloat16, 105, what="decode")
     assert mod.stacked_t().shape == (105, 63) and mod.weight_t().data_ptr() == mod.stacked_t().data_ptr()
+
+
+def test_patched_tiny_bf16_decode_step_compiles_without_graph_break():
+    """A whole decode step of a patched bf16 model (static cache): one graph, no break, and the
+    C++ op in it (issue 19)."""
+    from transformers import StaticCache
+
+    import accel
+    from accel.configs.rsparse import RSparseConfig
+    from accel.patches import compat
+
+    model = accel.models.tiny("llama")
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(42))
+    art = accel.calibrate(model, RSparseConfig(sparsity=0.5), data=x, progress=False)
+    model = model.to(torch.bfloat16)
+    accel.patch(model, art)
+    ids = x[:1, :10]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=24)
+        nxt = model(ids, **compat.cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(model)(nxt, **compat.cache_kwargs(cache))
+        torch._dynamo.reset()
+        torch.compile(model, backend=backend)(nxt, **compat.cache_kwargs(cache))
+    assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons]
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum("rsparse_decode" in t for t in targets) == 7 * 4, targets
