@@ -28,25 +28,50 @@ _SRC = r"""
 
 static constexpr int64_t PF = 16;
 
-static inline void prefetch_row(const float* row, int64_t D) {
-  for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(row + d, 0, 3);
+static inline void prefetch_bytes(const void* p, int64_t nbytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < nbytes; o += 64) __builtin_prefetch(c + o, 0, 3);
 }
 
-// q: [B*H, D] fp32; kflat/vflat: row-major [rows, D] fp32 views of the caches (row stride D);
-// krows/vrows: [B*KVH, n] int64 flat rows of the selected tokens. Returns [B*H, D].
-torch::Tensor ds_attend_f32(torch::Tensor q, torch::Tensor kflat, torch::Tensor vflat, torch::Tensor krows,
-                            torch::Tensor vrows, int64_t G, double scaling) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat && kflat.scalar_type() == torch::kFloat &&
-              vflat.scalar_type() == torch::kFloat, "fp32 only");
+static inline float h2f(uint16_t h, bool bf) {
+  if (bf) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// Row `row` of a [rows, D] cache as fp32: the row itself (fp32, KIND 0) or widened exactly into tmp
+// (KIND 1 bf16, KIND 2 fp16).
+template <int KIND>
+static inline const float* row_f32(const void* base, int64_t row, int64_t D, float* __restrict__ tmp) {
+  if (KIND == 0) return static_cast<const float*>(base) + row * D;
+  const uint16_t* __restrict__ r = static_cast<const uint16_t*>(base) + row * D;
+  if (KIND == 1) {
+    #pragma omp simd
+    for (int64_t d = 0; d < D; ++d) { const uint32_t u = uint32_t(r[d]) << 16; std::memcpy(tmp + d, &u, 4); }
+  } else {
+    for (int64_t d = 0; d < D; ++d) tmp[d] = h2f(r[d], false);
+  }
+  return tmp;
+}
+
+// q: [B*H, D] fp32; kflat/vflat: row-major [rows, D] views of the caches (row stride D), fp32
+// (KIND 0), bf16 (1) or fp16 (2); krows/vrows: [B*KVH, n] int64 flat rows of the selected tokens.
+// Returns [B*H, D] fp32 (every product and sum in fp32).
+template <int KIND>
+static torch::Tensor attend_rows(torch::Tensor q, torch::Tensor kflat, torch::Tensor vflat, torch::Tensor krows,
+                                 torch::Tensor vrows, int64_t G, double scaling) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat, "q: fp32");
   TORCH_CHECK(q.is_contiguous() && krows.is_contiguous() && vrows.is_contiguous(), "contiguous q / rows");
   const int64_t D = q.size(1), BK = krows.size(0), n = krows.size(1);
   TORCH_CHECK(kflat.stride(0) == D && kflat.stride(1) == 1 && vflat.stride(0) == D && vflat.stride(1) == 1,
               "K/V views must have row stride D");
   TORCH_CHECK(q.size(0) == BK * G && vrows.size(0) == BK && vrows.size(1) == n, "shape mismatch");
   const int64_t krow_max = kflat.size(0), vrow_max = vflat.size(0);
+  const int64_t rb = D * (KIND == 0 ? 4 : 2);
   const float* qp = q.data_ptr<float>();
-  const float* kp = kflat.data_ptr<float>();
-  const float* vp = vflat.data_ptr<float>();
+  const void* kp = kflat.data_ptr();
+  const void* vp = vflat.data_ptr();
+  const char* kc = static_cast<const char*>(kp);
+  const char* vc = static_cast<const char*>(vp);
   const int64_t* kr = krows.data_ptr<int64_t>();
   const int64_t* vr = vrows.data_ptr<int64_t>();
   for (int64_t i = 0; i < BK * n; ++i)
@@ -55,17 +80,17 @@ torch::Tensor ds_attend_f32(torch::Tensor q, torch::Tensor kflat, torch::Tensor 
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scaling);
   at::parallel_for(0, BK, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> logit(G * n);
+    std::vector<float> logit(G * n), tmp(D);
     for (int64_t p = p0; p < p1; ++p) {
       const float* qg = qp + p * G * D;
       const int64_t* rk = kr + p * n;
       const int64_t* rv = vr + p * n;
-      for (int64_t j = 0; j < PF && j < n; ++j) prefetch_row(kp + rk[j] * D, D);
+      for (int64_t j = 0; j < PF && j < n; ++j) prefetch_bytes(kc + rk[j] * rb, rb);
       for (int64_t j = 0; j < n; ++j) {
         // Selected rows are scattered over the cache: prefetch PF rows ahead so that many
         // cache misses are in flight (a plain loop waits on one row at a time).
-        if (j + PF < n) prefetch_row(kp + rk[j + PF] * D, D);
-        const float* __restrict__ krow = kp + rk[j] * D;
+        if (j + PF < n) prefetch_bytes(kc + rk[j + PF] * rb, rb);
+        const float* __restrict__ krow = row_f32<KIND>(kp, rk[j], D, tmp.data());
         for (int64_t g = 0; g < G; ++g) {
           const float* __restrict__ qq = qg + g * D;
           float acc = 0.f;
@@ -84,10 +109,10 @@ torch::Tensor ds_attend_f32(torch::Tensor q, torch::Tensor kflat, torch::Tensor 
         for (int64_t j = 0; j < n; ++j) l[j] *= inv;
       }
       float* og = op + p * G * D;
-      for (int64_t j = 0; j < PF && j < n; ++j) prefetch_row(vp + rv[j] * D, D);
+      for (int64_t j = 0; j < PF && j < n; ++j) prefetch_bytes(vc + rv[j] * rb, rb);
       for (int64_t j = 0; j < n; ++j) {
-        if (j + PF < n) prefetch_row(vp + rv[j + PF] * D, D);
-        const float* __restrict__ vrow = vp + rv[j] * D;
+        if (j + PF < n) prefetch_bytes(vc + rv[j + PF] * rb, rb);
+        const float* __restrict__ vrow = row_f32<KIND>(vp, rv[j], D, tmp.data());
         for (int64_t g = 0; g < G; ++g) {
           const float w = logit[g * n + j];
           float* __restrict__ o = og + g * D;
@@ -98,6 +123,21 @@ torch::Tensor ds_attend_f32(torch::Tensor q, torch::Tensor kflat, torch::Tensor 
     }
   });
   return out;
+}
+
+torch::Tensor ds_attend_f32(torch::Tensor q, torch::Tensor kflat, torch::Tensor vflat, torch::Tensor krows,
+                            torch::Tensor vrows, int64_t G, double scaling) {
+  TORCH_CHECK(kflat.scalar_type() == torch::kFloat && vflat.scalar_type() == torch::kFloat, "fp32 only");
+  return attend_rows<0>(q, kflat, vflat, krows, vrows, G, scaling);
+}
+
+// The same over a 16-bit (bf16 or fp16) cache: each K/V element widened exactly, fp32 math.
+torch::Tensor ds_attend_16(torch::Tensor q, torch::Tensor kflat, torch::Tensor vflat, torch::Tensor krows,
+                           torch::Tensor vrows, int64_t G, double scaling) {
+  const auto t = kflat.scalar_type();
+  TORCH_CHECK((t == torch::kBFloat16 || t == torch::kHalf) && vflat.scalar_type() == t, "K/V: both bf16 or both fp16");
+  return t == torch::kBFloat16 ? attend_rows<1>(q, kflat, vflat, krows, vrows, G, scaling)
+                               : attend_rows<2>(q, kflat, vflat, krows, vrows, G, scaling);
 }
 
 // Order-preserving map of a float to uint32 (larger float -> larger key; -inf lowest, +inf highest).
@@ -160,10 +200,6 @@ torch::Tensor topk_rows_f32(torch::Tensor s, int64_t k) {
 // Label scores of one decode query over 16-bit (bf16/fp16) labels, in fp32 as the spec: each label is
 // widened exactly and the dot products accumulate in fp32, without an fp32 copy of all T labels
 // (the torch path's upcast of every label on every step cost more than the matmul itself).
-static inline float h2f(uint16_t h, bool bf) {
-  if (bf) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
-}
 template <bool BF, int RC>
 static void score_pair(const float* q, const uint16_t* lab, int64_t st, int64_t T, int64_t r_, int64_t G, bool mx, float* out) {
   constexpr int64_t TB = 64;
@@ -238,7 +274,7 @@ torch::Tensor label_scores_16(torch::Tensor q, torch::Tensor labels, bool reduce
 
 def load():
     """The built extension, or None (the caller keeps the torch path)."""
-    return _cpp.load("ds_attend_v4", _SRC, ["ds_attend_f32", "topk_rows_f32", "label_scores_16"],
+    return _cpp.load("ds_attend_v5", _SRC, ["ds_attend_f32", "ds_attend_16", "topk_rows_f32", "label_scores_16"],
                      "DS decode uses torch's gather and topk")
 
 
@@ -260,9 +296,11 @@ def label_scores_16(mod, q_lab: torch.Tensor, labels: torch.Tensor, group_reduce
 
 def ds_attend_f32(mod, q: torch.Tensor, kflat: torch.Tensor, vflat: torch.Tensor, krows: torch.Tensor,
                   vrows: torch.Tensor, G: int, scaling: float) -> torch.Tensor:
-    """q: [B, H, 1, D] fp32; kflat/vflat: [rows, D]; krows/vrows: [B, KVH, n] flat rows -> [B, H, 1, D]."""
+    """q: [B, H, 1, D] fp32; kflat/vflat: [rows, D] fp32, or both bf16 / both fp16 (widened exactly,
+    fp32 math); krows/vrows: [B, KVH, n] flat rows -> [B, H, 1, D] fp32."""
     B, H, _, D = q.shape
     BK = krows.shape[0] * krows.shape[1]
-    out = mod.ds_attend_f32(q.reshape(B * H, D).contiguous(), kflat, vflat, krows.reshape(BK, -1).contiguous(),
+    fn = mod.ds_attend_f32 if kflat.dtype == torch.float32 else mod.ds_attend_16
+    out = fn(q.reshape(B * H, D).contiguous(), kflat, vflat, krows.reshape(BK, -1).contiguous(),
                             vrows.reshape(BK, -1).contiguous(), G, float(scaling))
     return out.view(B, H, 1, D)

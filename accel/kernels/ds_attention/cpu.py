@@ -123,6 +123,10 @@ def ds_select_cpu(q, labels, channels, budget: int, sink: int = 4, recent: int =
     return torch.topk(s, min(budget, T), dim=-1, sorted=False).indices
 
 
+# Cache dtypes the native attention reads (fp32 or 16-bit rows; fp64 stays on the torch path).
+_NATIVE_KV = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def ds_attend_cpu(q, k, v, idx, scaling: float | None = None, key_mask=None) -> torch.Tensor:
     """Exact attention over selected tokens idx [B, KVH, n]: out [B, H, 1, D] in q.dtype."""
     B, H, _, D = q.shape
@@ -132,11 +136,14 @@ def ds_attend_cpu(q, k, v, idx, scaling: float | None = None, key_mask=None) -> 
     scaling = D ** -0.5 if scaling is None else scaling
     kflat, kbase = _flat_rows(k)
     vflat, vbase = _flat_rows(v)
-    if key_mask is None and q.dtype == k.dtype == v.dtype == torch.float32:
+    if key_mask is None and k.dtype == v.dtype and k.dtype in _NATIVE_KV and q.dtype in _NATIVE_KV:
         mod = cpp_ext.load()
         if mod is not None:
-            # Native: reads each selected K/V row once from the cache (no gathered copies).
-            return cpp_ext.ds_attend_f32(mod, q, kflat, vflat, idx + kbase, idx + vbase, G, scaling)
+            # Native: reads each selected K/V row once from the cache (no gathered copies), fp32 math
+            # (for a 16-bit cache: no bf16-rounded logits or weights, and no bf16 GEMMs at M = G,
+            # which cost ~10x the gather here).
+            out = cpp_ext.ds_attend_f32(mod, q.float(), kflat, vflat, idx + kbase, idx + vbase, G, scaling)
+            return out.to(q.dtype)
     kb, vb = _gather_buffers(B * KVH * n, D, k.dtype, k.device)
     kidx = (idx + kbase).view(-1)
     torch.index_select(kflat, 0, kidx, out=kb)
