@@ -25,10 +25,31 @@ bool simd_available() {
 }
 
 #ifdef DL_SIMD
-// Sum of each accumulator's 16 lanes for R accumulators.
+// The 16-lane sums of R accumulators (R = 1, 4 or 8), R floats in out: halves added, then a
+// horizontal-add tree, so 8 row sums cost ~20 instructions instead of 8 full reductions.
+static inline __m256 half_sum(__m512 a) {
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+}
+
+static inline __m256 sum4x(const __m512* a) {
+  // Per 128-bit lane: [s0 s1 s2 s3] of lane 0 | [s0 s1 s2 s3] of lane 1.
+  const __m256 h01 = _mm256_hadd_ps(half_sum(a[0]), half_sum(a[1]));
+  const __m256 h23 = _mm256_hadd_ps(half_sum(a[2]), half_sum(a[3]));
+  return _mm256_hadd_ps(h01, h23);
+}
+
 template <int R>
 static inline void hsum(const __m512 (&acc)[R], float (&out)[R]) {
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  if constexpr (R == 8) {
+    const __m256 lo = sum4x(acc), hi = sum4x(acc + 4);
+    const __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+    _mm256_storeu_ps(out, s);
+  } else if constexpr (R == 4) {
+    const __m256 t = sum4x(acc);
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+  } else {
+    for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  }
 }
 
 // MB activation rows (x, row stride K) against R weight rows starting at row n: y[m, n + r].
