@@ -13,10 +13,14 @@
 #   LLAMA_CPP_PYTHON_VERSION  sdist version (default 0.3.36: llama.cpp of 2026-10-01)
 #   JOBS                      parallel compile jobs (default 2)
 #   NICE                      nice level of the build (default 19: the machine is shared)
-#   GGML_NATIVE               ON (default): -march=native, so AVX-512 / AVX-VNNI / AMX where the CPU has them.
-#                             The ggml CPU backend then also builds its AMX path (Q4_0/Q4_1/Q8_0/K-quants)
-#                             when the compiler defines __AMX_INT8__; llama-bench's system line says "AMX_INT8 = 1".
-#   EXTRA_CMAKE_ARGS          appended to the configure line, e.g. "-DCMAKE_C_FLAGS=-mno-amx-int8" to compare
+#   GGML_NATIVE               ON (default): -march=native, so AVX-512 / AVX-512 VNNI / BF16 where the CPU has them.
+#   AMX                       OFF (default): adds -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 after -march=native, so
+#                             ggml's AMX path (amx/mmq.cpp, used for Q4_0/Q4_1/Q8_0/K-quant weights) is not built.
+#                             Why: on this machine (llama.cpp 0c1e570, GCC 12, Sapphire-Rapids-class VM) an AMX build
+#                             dies at the first matmul (SIGSEGV, general protection fault on `ldtilecfg` in
+#                             ggml_backend_amx_mul_mat). AMX=ON builds it anyway; run such a binary with
+#                             `--repack 0` (no extra buffer types) to get the non-AMX kernels from it.
+#   EXTRA_CMAKE_ARGS          appended to the configure line (word-split)
 #   PYTHON                    python with pip (default: python3)
 # cmake (>= 3.14) and ninja come from the system when present, otherwise from PyPI into DEST_DIR/venv.
 # DEST_DIR must be outside the accel repository (the build is ~300 MB); set ALLOW_IN_REPO=1 to override.
@@ -30,6 +34,9 @@ VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 JOBS="${JOBS:-2}"
 NICE="${NICE:-19}"
 NATIVE="${GGML_NATIVE:-ON}"
+AMX="${AMX:-OFF}"
+NO_AMX_FLAGS=""
+[[ "$AMX" == ON ]] || NO_AMX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 PY="${PYTHON:-python3}"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 # Resolved before anything is created, so a refused DEST_DIR leaves nothing behind.
@@ -76,13 +83,14 @@ fi
 SRC="$SRC_ROOT/vendor/llama.cpp"
 BUILD="$DEST/build"
 
-log "configure $SRC -> $BUILD (GGML_NATIVE=$NATIVE, Release, static)"
+log "configure $SRC -> $BUILD (GGML_NATIVE=$NATIVE, AMX=$AMX, Release, static)"
 # No server/UI/tests/examples (the UI step downloads assets), no OpenSSL (llama-bench needs no HTTPS).
 # shellcheck disable=SC2086
 "$CMAKE" -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_MAKE_PROGRAM="$NINJA" \
     -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE="$NATIVE" \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF ${EXTRA_CMAKE_ARGS:-} \
+    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF \
+    -DCMAKE_C_FLAGS="$NO_AMX_FLAGS" -DCMAKE_CXX_FLAGS="$NO_AMX_FLAGS" ${EXTRA_CMAKE_ARGS:-} \
     >"$LOGS/configure.log" 2>&1 || { tail -30 "$LOGS/configure.log" >&2; exit 1; }
 
 log "build llama-bench (-j$JOBS, nice $NICE)"
