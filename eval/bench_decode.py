@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import shutil
+import signal
 import statistics
 import subprocess
 import time
@@ -117,15 +118,29 @@ def run_llama_bench(binary: str, gguf: str | None, threads, new_tokens: int, pro
     """llama.cpp's llama-bench on the GGUF: [{"threads", "prefill_tok_s", "decode_tok_s"}]."""
     import accel
 
+    from accel.configs.base import ConfigError
+
     exe = shutil.which(binary) or binary
     gguf = gguf or str(accel.models.smollm2_gguf_path())
     rows = []
     for t in threads:
-        res = subprocess.run([exe, "-m", gguf, "-t", str(t), "-p", str(prompt_tokens), "-n", str(new_tokens),
-                              "-o", "json"], capture_output=True, text=True, check=True, timeout=600)
+        cmd = [exe, "-m", gguf, "-t", str(t), "-p", str(prompt_tokens), "-n", str(new_tokens), "-o", "json"]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except OSError as e:
+            raise ConfigError(f"--llama-bench {binary}: cannot run it ({e})") from e
+        if res.returncode:
+            sig = -res.returncode
+            why = (f"killed by signal {sig} ({signal.Signals(sig).name if sig in signal.valid_signals() else '?'})"
+                   if sig > 0 else f"exit code {res.returncode}")
+            last = (res.stderr.strip().splitlines() or [""])[-1]
+            # An AMX build of llama.cpp 0c1e570 segfaults here (scripts/build_llama_bench.sh builds without AMX).
+            raise ConfigError(f"--llama-bench {binary}: `{' '.join(cmd)}` failed, {why}; last stderr line: {last!r}")
+        # llama-bench prints one test object per run: the prompt run (n_prompt > 0) and the generation run.
+        row = {"threads": t}
         for r in json.loads(res.stdout):
-            kind = "prefill_tok_s" if r.get("n_prompt", 0) else "decode_tok_s"
-            rows.append({"threads": t, kind: r.get("avg_ts")})
+            row["prefill_tok_s" if r.get("n_prompt", 0) else "decode_tok_s"] = r.get("avg_ts")
+        rows.append(row)
     return rows
 
 
