@@ -37,6 +37,29 @@ static inline __m512bh load_x2(const uint16_t* a, const uint16_t* b) {
 // Pair index pattern: lanes 0-7 take element a, lanes 8-15 element b.
 static inline __m512i pair_idx(int a, int b) { return _mm512_inserti64x4(_mm512_set1_epi32(a), _mm256_set1_epi32(b), 1); }
 
+// pair_idx(2j, 2j + 1) for j = 0..7 as loads: built in registers they cost 3 uops (one a shuffle)
+// per pair, rebuilt every row once the kernel runs out of vector registers.
+alignas(64) static const int32_t kPairIdx[8][16] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1}, {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5}, {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9}, {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13},
+    {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}};
+
+// r[i] = sum of the 16 lanes of v[i], for 16 vectors at once: 45 uops and no per-row latency chain,
+// against ~10 dependent uops per row for _mm512_reduce_add_ps. The additions of a row run in the
+// same order whichever slot it takes (so a thread split changes no bit).
+static inline __m512 reduce16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+
 struct Args {
   const uint16_t *xh, *xl;  // bf16 bits [M, K] (xl: residual of fp32 activations, or == xh)
   const uint16_t* xi;       // bf16 x per chunk of 8 rows, group-major: [chunk][K / 16][rows][16] (table kernel)
@@ -44,8 +67,15 @@ struct Args {
   int64_t K, G, g, nkeep, N;
   const uint8_t* q;         // [N, nkeep * g / 2]
   const uint16_t *sc, *ze;  // fp16 bits [N, nkeep]
-  float* y;                 // [M, N]
+  void* y;                  // [M, N] in the output dtype (yk)
+  int yk;                   // 0 fp32, 1 bf16, 2 fp16: the kernel rounds once, as y.to(dtype) did
 };
+
+static inline void store_y(const Args& a, int64_t i, float v) {
+  if (a.yk == 1) static_cast<at::BFloat16*>(a.y)[i] = at::BFloat16(v);
+  else if (a.yk == 2) static_cast<at::Half*>(a.y)[i] = at::Half(v);
+  else static_cast<float*>(a.y)[i] = v;
+}
 
 // g == 16, 1-2 activation rows or fp32 activations: integer codes, fp32 scales.
 // One block = 16 kept groups (FULL) or the row's last kn < 16; lanes past kn load scale 0, so a
@@ -77,7 +107,7 @@ static inline void block_exact16(const Args& a, const int32_t* cidx, const uint1
     const int64_t ka = k + 2 * j, kb = two ? ka + 1 : ka;
     const __m128i bytes = two ? _mm_loadu_si128((const __m128i*)(qr + ka * 8)) : _mm_loadl_epi64((const __m128i*)(qr + ka * 8));
     const __m512bh w = codes_bf16(bytes);
-    const __m512 sv = _mm512_permutexvar_ps(pair_idx(2 * j, 2 * j + 1), s16);
+    const __m512 sv = _mm512_permutexvar_ps(_mm512_load_si512(kPairIdx[j]), s16);
     const int64_t oa = (int64_t)cidx[ka] * 16, ob = (int64_t)cidx[kb] * 16;
     for (int m = 0; m < MB; ++m) {
       __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), w, load_x2(xh + m * a.K + oa, xh + m * a.K + ob));
@@ -87,8 +117,16 @@ static inline void block_exact16(const Args& a, const int32_t* cidx, const uint1
   }
 }
 
-template <int MB, bool LO>
-static void rows_exact16(const Args& a, const int32_t* cidx, int64_t r, int64_t m0) {
+// Defer (MB == 1): the row's lanes go to *vout and its scalar tail term to *zout; the caller
+// reduces 16 rows at once (reduce16).
+struct Defer {
+  __m512* vout;
+  float* zout;
+};
+
+template <int MB, bool LO, bool DEFER = false>
+static inline __attribute__((always_inline)) void rows_exact16(const Args& a, const int32_t* cidx, int64_t r, int64_t m0,
+                                                               Defer df = {}) {
   constexpr int U = MB == 1 ? 2 : 1;
   const int64_t nk = a.nkeep;
   const uint16_t* sr = a.sc + r * nk;
@@ -110,13 +148,18 @@ static void rows_exact16(const Args& a, const int32_t* cidx, int64_t r, int64_t 
   for (int m = 0; m < MB; ++m) {
     __m512 t = acc[m][0];
     for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[m][u]);
-    a.y[(m0 + m) * a.N + r] = _mm512_reduce_add_ps(_mm512_sub_ps(t, zacc[m])) - zt[m];
+    if constexpr (DEFER) {
+      *df.vout = _mm512_sub_ps(t, zacc[m]);
+      *df.zout = zt[m];
+    } else {
+      store_y(a, (m0 + m) * a.N + r, _mm512_reduce_add_ps(_mm512_sub_ps(t, zacc[m])) - zt[m]);
+    }
   }
 }
 
 // g == 16, 3-8 bf16 activation rows: a bf16 (q - z) * s table per pair of groups, one dot per row.
 template <int MB>
-static void rows_table16(const Args& a, const int32_t* cidx, int64_t r, int64_t m0) {
+static inline __attribute__((always_inline)) void rows_table16(const Args& a, const int32_t* cidx, int64_t r, int64_t m0) {
   const int64_t nk = a.nkeep;
   const uint16_t* sr = a.sc + r * nk;
   const uint16_t* zr = a.ze + r * nk;
@@ -153,12 +196,13 @@ static void rows_table16(const Args& a, const int32_t* cidx, int64_t r, int64_t 
       for (int j = 0; 2 * j < kn; ++j) pair(j, 2 * j + 1 < kn);
     }
   }
-  for (int m = 0; m < MB; ++m) a.y[(m0 + m) * a.N + r] = _mm512_reduce_add_ps(acc[m]);
+  for (int m = 0; m < MB; ++m) store_y(a, (m0 + m) * a.N + r, _mm512_reduce_add_ps(acc[m]));
 }
 
 // g % 32 == 0: each kept group is g/32 chunks of 32 codes under one scale.
-template <int MB, bool LO>
-static void rows_exact32(const Args& a, const int32_t* cidx, int64_t r, int64_t m0) {
+template <int MB, bool LO, bool DEFER = false>
+static inline __attribute__((always_inline)) void rows_exact32(const Args& a, const int32_t* cidx, int64_t r, int64_t m0,
+                                                               Defer df = {}) {
   const int64_t nk = a.nkeep, g = a.g, nc = g / 32;
   const uint16_t* sr = a.sc + r * nk;
   const uint16_t* zr = a.ze + r * nk;
@@ -199,20 +243,14 @@ static void rows_exact32(const Args& a, const int32_t* cidx, int64_t r, int64_t 
       for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(d[m], sv, acc[m]);
     }
   }
-  for (int m = 0; m < MB; ++m) a.y[(m0 + m) * a.N + r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[m], zacc[m])) - zt[m];
-}
-
-template <int MB>
-static void run_rows(const Args& a, bool lo, const int32_t* cidx, int64_t r, int64_t m0) {
-  if (a.g == 16) {
-    if (lo) rows_exact16<MB, true>(a, cidx, r, m0);
-    else if (MB <= 2) rows_exact16<MB, false>(a, cidx, r, m0);
-    else rows_table16<MB>(a, cidx, r, m0);
+  if constexpr (DEFER) {
+    *df.vout = _mm512_sub_ps(acc[0], zacc[0]);
+    *df.zout = zt[0];
   } else {
-    if (lo) rows_exact32<MB, true>(a, cidx, r, m0);
-    else rows_exact32<MB, false>(a, cidx, r, m0);
+    for (int m = 0; m < MB; ++m) store_y(a, (m0 + m) * a.N + r, _mm512_reduce_add_ps(_mm512_sub_ps(acc[m], zacc[m])) - zt[m]);
   }
 }
+
 // Decode one row's bitmap into kept group indices (ascending), 16 groups per step; false if the
 // row does not keep exactly nkeep groups below G. `out` needs nkeep + 16 slots.
 static bool decode_row(const uint8_t* mr, int64_t mw, int64_t nkeep, int64_t G, int32_t* out) {
@@ -227,6 +265,63 @@ static bool decode_row(const uint8_t* mr, int64_t mw, int64_t nkeep, int64_t G, 
     n += cnt;
   }
   return n == nkeep && (nkeep == 0 || out[nkeep - 1] < G);
+}
+
+// Activation rows [m0, m0 + MB) against weight rows [r0, r1), the row kernel inlined into the loop:
+// its constant vectors are built once per range and a row's reduction overlaps the next row (a call
+// per row cost ~40% of a g16 GEMV in prologue, constants and a reduction that could not overlap).
+// Two index buffers: row r+1 is decoded before row r runs, so the wide stores have retired by the
+// time their lanes are read back one by one (a store-forwarding stall otherwise).
+template <int MB, int KIND>
+static void range_rows(const Args& a, const uint8_t* cm, int64_t mw, int64_t r0, int64_t r1, int64_t m0,
+                       int32_t* cur, int32_t* nxt, std::atomic<int64_t>& bad_row) {
+  if (!decode_row(cm + r0 * mw, mw, a.nkeep, a.G, cur)) { bad_row = r0; return; }
+  if constexpr (MB == 1 && KIND != 2) {
+    // One activation row: rows' lanes are kept 16 at a time and reduced together.
+    __m512 v[16];
+    alignas(64) float zt[16], out[16];
+    for (int64_t rb = r0; rb < r1; rb += 16) {
+      const int n = (int)std::min<int64_t>(16, r1 - rb);
+      for (int i = 0; i < n; ++i) {
+        const int64_t r = rb + i;
+        if (r + 1 < r1 && !decode_row(cm + (r + 1) * mw, mw, a.nkeep, a.G, nxt)) { bad_row = r + 1; return; }
+        const Defer df{v + i, zt + i};
+        if constexpr (KIND == 0) rows_exact16<1, false, true>(a, cur, r, m0, df);
+        else if constexpr (KIND == 1) rows_exact16<1, true, true>(a, cur, r, m0, df);
+        else if constexpr (KIND == 3) rows_exact32<1, false, true>(a, cur, r, m0, df);
+        else rows_exact32<1, true, true>(a, cur, r, m0, df);
+        std::swap(cur, nxt);
+      }
+      for (int i = n; i < 16; ++i) v[i] = _mm512_setzero_ps();
+      _mm512_store_ps(out, reduce16(v));
+      for (int i = 0; i < n; ++i) store_y(a, m0 * a.N + rb + i, out[i] - zt[i]);
+    }
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r + 1 < r1 && !decode_row(cm + (r + 1) * mw, mw, a.nkeep, a.G, nxt)) { bad_row = r + 1; return; }
+    if constexpr (KIND == 0) rows_exact16<MB, false>(a, cur, r, m0);
+    else if constexpr (KIND == 1) rows_exact16<MB, true>(a, cur, r, m0);
+    else if constexpr (KIND == 2) rows_table16<MB>(a, cur, r, m0);
+    else if constexpr (KIND == 3) rows_exact32<MB, false>(a, cur, r, m0);
+    else rows_exact32<MB, true>(a, cur, r, m0);
+    std::swap(cur, nxt);
+  }
+}
+
+// g == 16: the exact kernel for fp32 activations (hi + lo) and 1-2 bf16 rows, the table kernel for
+// 3-8 bf16 rows; g % 32 == 0: the exact kernel.
+template <int MB>
+static void run_range(const Args& a, bool lo, const uint8_t* cm, int64_t mw, int64_t r0, int64_t r1, int64_t m0,
+                      int32_t* cur, int32_t* nxt, std::atomic<int64_t>& bad_row) {
+  if (a.g == 16) {
+    if (lo) range_rows<MB, 1>(a, cm, mw, r0, r1, m0, cur, nxt, bad_row);
+    else if constexpr (MB <= 2) range_rows<MB, 0>(a, cm, mw, r0, r1, m0, cur, nxt, bad_row);
+    else range_rows<MB, 2>(a, cm, mw, r0, r1, m0, cur, nxt, bad_row);
+  } else {
+    if (lo) range_rows<MB, 4>(a, cm, mw, r0, r1, m0, cur, nxt, bad_row);
+    else range_rows<MB, 3>(a, cm, mw, r0, r1, m0, cur, nxt, bad_row);
+  }
 }
 
 // 16 codes (8 bytes) -> 16 fp32 integers.
@@ -244,6 +339,10 @@ bool simd_available() {
   return false;
 #endif
 }
+
+// Kept groups x activation rows (fp32 activations count twice: hi + lo) from which gqsa_mm splits
+// rows over threads: ~2 ns each at one row, so below this a fork/join would cost more than half.
+static constexpr int64_t kParallelWork = 8192;
 
 // x: [M, K] fp32 or bf16; q: uint8 [N, nkeep * g / 2]; colmask: uint8 [N, ceil(G / 8)] (bit j of byte b:
 // group 8b + j kept); scales, zeros: fp16 [N, nkeep]. Returns [M, N] in x's dtype (fp32 accumulation).
@@ -267,9 +366,11 @@ torch::Tensor gqsa_mm(const torch::Tensor& x, const torch::Tensor& q, const torc
   // One pass over x: bf16 bits (bf16 input is used in place), the bf16 residual of other dtypes,
   // and exact fp32 group sums for the zero-point term.
   auto xc = x.contiguous();
-  auto xs = torch::empty({M, G}, torch::dtype(torch::kFloat));
-  torch::Tensor xh = xc, xl = xc;
-  float* xsp = xs.data_ptr<float>();
+  // Scratch in plain vectors (a torch::empty costs ~1 us, against GEMVs of 5-60 us at decode).
+  std::vector<float> xsv(M * G);
+  float* xsp = xsv.data();
+  std::vector<uint16_t> xhv, xlv;
+  const uint16_t *xhp, *xlp;
   if (!lo) {
     const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
     for (int64_t i = 0; i < M * G; ++i) {
@@ -277,13 +378,14 @@ torch::Tensor gqsa_mm(const torch::Tensor& x, const torch::Tensor& q, const torc
       for (int64_t e = 0; e < g; ++e) t += (float)xp[i * g + e];
       xsp[i] = t;
     }
+    xhp = xlp = reinterpret_cast<const uint16_t*>(xp);
   } else {
     auto xf = xc.to(torch::kFloat).contiguous();
-    xh = torch::empty({M, K}, torch::dtype(torch::kBFloat16));
-    xl = torch::empty({M, K}, torch::dtype(torch::kBFloat16));
+    xhv.resize(M * K);
+    xlv.resize(M * K);
     const float* xp = xf.data_ptr<float>();
-    at::BFloat16* hp = xh.data_ptr<at::BFloat16>();
-    at::BFloat16* lp = xl.data_ptr<at::BFloat16>();
+    at::BFloat16* hp = reinterpret_cast<at::BFloat16*>(xhv.data());
+    at::BFloat16* lp = reinterpret_cast<at::BFloat16*>(xlv.data());
     for (int64_t i = 0; i < M * G; ++i) {
       float t = 0.f;
       for (int64_t e = 0; e < g; ++e) {
@@ -295,55 +397,55 @@ torch::Tensor gqsa_mm(const torch::Tensor& x, const torch::Tensor& q, const torc
       }
       xsp[i] = t;
     }
+    xhp = xhv.data();
+    xlp = xlv.data();
   }
   // The table kernel (bf16, g == 16, chunks of 3-8 rows) reads x group-major per chunk.
-  torch::Tensor xi = xh;
+  std::vector<uint16_t> xiv;
+  const uint16_t* xip = xhp;
   if (!lo && g == 16 && M >= 3) {
-    xi = torch::empty({M * K}, torch::dtype(torch::kBFloat16));
-    const uint16_t* src = reinterpret_cast<const uint16_t*>(xh.data_ptr<at::BFloat16>());
-    uint16_t* dst = reinterpret_cast<uint16_t*>(xi.data_ptr<at::BFloat16>());
+    xiv.resize(M * K);
+    uint16_t* dst = xiv.data();
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
       const int64_t mb = std::min<int64_t>(8, M - m0);
       for (int64_t u = 0; u < K / 16; ++u)
         for (int64_t m = 0; m < mb; ++m)
-          std::memcpy(dst + m0 * K + (u * mb + m) * 16, src + (m0 + m) * K + u * 16, 32);
+          std::memcpy(dst + m0 * K + (u * mb + m) * 16, xhp + (m0 + m) * K + u * 16, 32);
     }
+    xip = dst;
   }
-  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat));
-  Args a{reinterpret_cast<const uint16_t*>(xh.data_ptr<at::BFloat16>()), reinterpret_cast<const uint16_t*>(xl.data_ptr<at::BFloat16>()),
-         reinterpret_cast<const uint16_t*>(xi.data_ptr<at::BFloat16>()),
-         xsp, K, G, g, nkeep, N, q.data_ptr<uint8_t>(),
+  // The output in x's dtype, rounded once by the kernel (the same bits as fp32 then .to(dtype)).
+  const auto xt = x.scalar_type();
+  const int yk = xt == torch::kBFloat16 ? 1 : xt == torch::kHalf ? 2 : 0;
+  auto y = torch::empty({M, N}, torch::dtype(yk == 0 ? torch::kFloat : xt));
+  Args a{xhp, xlp, xip, xsp, K, G, g, nkeep, N, q.data_ptr<uint8_t>(),
          reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()), reinterpret_cast<const uint16_t*>(ze.data_ptr<at::Half>()),
-         y.data_ptr<float>()};
+         y.data_ptr(), yk};
   const uint8_t* cm = colmask.data_ptr<uint8_t>();
   std::atomic<int64_t> bad_row{-1};
-  auto decode = [&](int64_t r, int32_t* out) { return decode_row(cm + r * mw, mw, nkeep, G, out); };
-  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
-    // Two index buffers: row r+1 is decoded before row r runs, so the wide stores have retired by
-    // the time their lanes are read back one by one (a store-forwarding stall otherwise).
+  // A second thread only when the matrix is big enough to pay its fork/join (a few us): below
+  // kParallelWork kept groups x rows of x, one thread runs all rows.
+  const int64_t work = N * std::max<int64_t>(nkeep, 1) * (lo ? 2 * M : M);
+  const int64_t grain = work < kParallelWork ? N : 16;
+  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
     std::vector<int32_t> buf(2 * (nkeep + 32), 0);
     int32_t* cur = buf.data();
     int32_t* nxt = buf.data() + nkeep + 32;
-    if (!decode(r0, cur)) { bad_row = r0; return; }
-    for (int64_t r = r0; r < r1; ++r) {
-      if (r + 1 < r1 && !decode(r + 1, nxt)) { bad_row = r + 1; return; }
-      for (int64_t m0 = 0; m0 < M; m0 += 8) {
-        switch (std::min<int64_t>(8, M - m0)) {
-          case 1: run_rows<1>(a, lo, cur, r, m0); break;
-          case 2: run_rows<2>(a, lo, cur, r, m0); break;
-          case 3: run_rows<3>(a, lo, cur, r, m0); break;
-          case 4: run_rows<4>(a, lo, cur, r, m0); break;
-          case 5: run_rows<5>(a, lo, cur, r, m0); break;
-          case 6: run_rows<6>(a, lo, cur, r, m0); break;
-          case 7: run_rows<7>(a, lo, cur, r, m0); break;
-          default: run_rows<8>(a, lo, cur, r, m0);
-        }
+    for (int64_t m0 = 0; m0 < M && bad_row.load() < 0; m0 += 8) {
+      switch (std::min<int64_t>(8, M - m0)) {
+        case 1: run_range<1>(a, lo, cm, mw, r0, r1, m0, cur, nxt, bad_row); break;
+        case 2: run_range<2>(a, lo, cm, mw, r0, r1, m0, cur, nxt, bad_row); break;
+        case 3: run_range<3>(a, lo, cm, mw, r0, r1, m0, cur, nxt, bad_row); break;
+        case 4: run_range<4>(a, lo, cm, mw, r0, r1, m0, cur, nxt, bad_row); break;
+        case 5: run_range<5>(a, lo, cm, mw, r0, r1, m0, cur, nxt, bad_row); break;
+        case 6: run_range<6>(a, lo, cm, mw, r0, r1, m0, cur, nxt, bad_row); break;
+        case 7: run_range<7>(a, lo, cm, mw, r0, r1, m0, cur, nxt, bad_row); break;
+        default: run_range<8>(a, lo, cm, mw, r0, r1, m0, cur, nxt, bad_row);
       }
-      std::swap(cur, nxt);
     }
   });
   TORCH_CHECK(bad_row.load() < 0, "GQSA column bitmap of row ", bad_row.load(), " does not hold ", nkeep, " groups below ", G);
-  return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
+  return yk == 0 && xt != torch::kFloat ? y.to(xt) : y;
 #endif
 }
 
