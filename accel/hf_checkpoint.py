@@ -20,6 +20,7 @@ Loading: accel/hf_checkpoint_load.py.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -140,6 +141,21 @@ def _card(model, state, calibration: dict | None, metrics: dict | None, files: d
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def session_keys_off(config):
+    """Take accel.models.load's `accel_*` config keys (accel_source, accel_bos_token_id) off
+    `config` for the block, then put them back. They say how this process loaded the model (read
+    by calibration, perplexity, lm-eval): written to config.json, a later load would trust them.
+    transformers serialises every key of config.__dict__, so they must be absent while it writes
+    (accel.save_pretrained, and a patched model's plain save_pretrained: patches/hf_quantizer.py)."""
+    d = config.__dict__
+    session = {k: d.pop(k) for k in list(d) if k.startswith("accel_")}
+    try:
+        yield session
+    finally:
+        d.update(session)
+
+
 def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False,
                     metrics: dict | None = None, calibration: dict | None = None,
                     max_shard_size: str | int | None = None) -> Path:
@@ -160,13 +176,8 @@ def save_pretrained(model, path: str | os.PathLike, *, tokenizer=None, overwrite
     tmp = make_output_tmpdir(path)
     try:
         kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-        # accel.models.load's `accel_*` config keys (accel_source, accel_bos_token_id) say how this
-        # process loaded the model: kept off config.json, where a later load would trust them.
-        session = {k: model.config.__dict__.pop(k) for k in list(model.config.__dict__) if k.startswith("accel_")}
-        try:
+        with session_keys_off(model.config):
             model.save_pretrained(tmp, **kw)
-        finally:
-            model.config.__dict__.update(session)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.suffix == ".safetensors"}

@@ -16,6 +16,7 @@ module is the glue transformers calls.
 from __future__ import annotations
 
 import logging
+import types
 from typing import Any
 
 from accel.hf_checkpoint import FORMAT_VERSION, QUANT_METHOD, SUPPORTED_FORMAT_VERSIONS
@@ -121,6 +122,15 @@ def quantizer_for(configs) -> AccelHfQuantizer:
     return AccelHfQuantizer(cfg, pre_quantized=True)
 
 
+def _save_pretrained(model, *args, **kwargs):
+    """A patched model's `save_pretrained`: transformers' own, with accel.models.load's session
+    keys kept off config.json (config.json then holds accel only as quantization_config)."""
+    from accel.hf_checkpoint import session_keys_off
+
+    with session_keys_off(model.config):
+        return type(model).save_pretrained(model, *args, **kwargs)
+
+
 def attach(model, state) -> None:
     """Give the patched model accel's quantizer and quantization_config, undoably, so that
     `model.save_pretrained(dir)` writes an accel checkpoint (or refuses, naming a method that
@@ -136,6 +146,11 @@ def attach(model, state) -> None:
     state.undo.append(core.ConfigEntry("quantization_config",
                                        model.config.__dict__.get("quantization_config", _MISSING)))
     model.config.__dict__["quantization_config"] = q.quantization_config
+    # transformers writes config.json from every key of model.config after the quantizer's last
+    # hook (get_state_dict_and_metadata), so the session keys are taken off around the whole call.
+    # A bound method, not a closure: copy.deepcopy(model) rebinds it to the copy.
+    state.undo.append(DictEntry("", "save_pretrained", model.__dict__.get("save_pretrained", _MISSING)))
+    model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained, model)
 
 
 def register() -> None:
