@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Build llama.cpp's `llama-bench` from source, taken from PyPI, for `accel bench decode --llama-bench PATH`.
 #
-# Usage:  bash scripts/build_llama_bench.sh DEST_DIR
+# Usage:  bash scripts/build_llama_bench.sh DEST_DIR [GGUF]
 #   -> DEST_DIR/bin/llama-bench (its path is the last line printed); logs in DEST_DIR/logs/.
+#   With GGUF (e.g. `.venv/bin/python -c "import accel; print(accel.models.smollm2_gguf_path())"`), the binary
+#   is smoke-run on it (-p 8 -n 4, 1 thread) and the script fails if it crashes.
 #   Then:  accel bench decode --compile --threads 1,2 --json --llama-bench DEST_DIR/bin/llama-bench
 #
 # Why PyPI: machines here reach package registries only. The llama-cpp-python sdist vendors llama.cpp
 # (vendor/llama.cpp, tools/llama-bench included), so `pip download --no-binary` gives a pinned source tree.
-# Only the llama-bench target is built (ggml, llama, llama-common, llama-bench: ~15 min at -j2 on 2 cores).
+# Only the llama-bench target is built (ggml, llama, llama-common, llama-bench: 134 ninja steps, 22 min at -j2
+# on this 2-core machine under load ~12; the sdist is 77 MB, the build dir ~300 MB).
 #
 # Environment (all optional):
 #   LLAMA_CPP_PYTHON_VERSION  sdist version (default 0.3.36: llama.cpp of 2026-10-01)
@@ -26,8 +29,8 @@
 # DEST_DIR must be outside the accel repository (the build is ~300 MB); set ALLOW_IN_REPO=1 to override.
 set -euo pipefail
 
-if [[ $# -ne 1 || "$1" == -* ]]; then
-    sed -n '2,6p' "$0" >&2
+if [[ $# -lt 1 || $# -gt 2 || "$1" == -* ]]; then
+    sed -n '2,8p' "$0" >&2
     exit 2
 fi
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
@@ -101,4 +104,10 @@ log "built in $(( $(date +%s) - start )) s"
 install -m 755 "$BUILD/bin/llama-bench" "$DEST/bin/llama-bench"
 # Which ISA paths went in: -march=native defines __AMX_INT8__ etc. on AMX CPUs.
 grep -o -- '-march=[a-z0-9-]*' "$LOGS/build.log" | sort -u | tee -a "$LOGS/steps.log" >&2 || true
+if [[ $# -eq 2 ]]; then
+    log "smoke run on $2"
+    "$DEST/bin/llama-bench" -m "$2" -t 1 -p 8 -n 4 -r 1 >"$LOGS/smoke.log" 2>&1 \
+        || { echo "build_llama_bench.sh: $DEST/bin/llama-bench failed on $2 (exit $?), see $LOGS/smoke.log" >&2; exit 1; }
+    tail -4 "$LOGS/smoke.log" >&2
+fi
 echo "$DEST/bin/llama-bench"
