@@ -103,3 +103,58 @@ def bench_decode(model_name: str = "smollm2-135m", new_tokens: int = 32, group_s
     tps = {k: new_tokens / statistics.median(v) for k, v in res.items()}
     return {"dense_bf16_tok_s": tps["dense"], "gqsa_tok_s": tps["gqsa"], "speedup": tps["gqsa"] / tps["dense"],
             "new_tokens": new_tokens, "gqsa_paths": paths, "note": "lm_head and embeddings stay dense bf16"}
+
+
+# SmolLM2-135M's linears of one decoder layer, (in, out, count): q, k, v, o, gate, up, down.
+SMOLLM2_LAYER = [(576, 576, 2), (576, 192, 2), (576, 1536, 2), (1536, 576, 1)]
+
+
+def bench_ops(threads=(1, 2), group_size: int = 16, sparsity: float = 0.5, rounds: int = 9, reps: int = 200,
+              layers: int = 30, seed: int = 42) -> dict:
+    """us per call at one activation row, SmolLM2 shapes, of: the C++ op `accel::gqsa_mm_cpu` (what
+    a compiled graph calls), the Python custom op `accel::gqsa_linear` (what it called before), the
+    direct call (eager) and dense bf16 F.linear; interleaved round by round (medians). Also the
+    per-token sums over `layers` decoder layers (ms)."""
+    from accel.kernels.gqsa_linear import cpp_ext
+    from accel.kernels.gqsa_linear.format import pack_weight
+
+    if not cpp_ext.available():
+        raise RuntimeError("bench_ops needs the native GQSA kernel (a C++ compiler and AVX512-BF16/VBMI)")
+    g = torch.Generator().manual_seed(seed)
+    old = torch.get_num_threads()
+    out = {"rows": [], "per_token_ms": {}}
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            tot = {"cpp_op": 0.0, "py_op": 0.0, "direct": 0.0, "dense_bf16": 0.0}
+            for k, n, cnt in SMOLLM2_LAYER:
+                W = torch.randn(n, k, generator=g) * 0.02
+                w, wb = pack_weight(W, sparsity=sparsity, group_size=group_size), W.bfloat16()
+                x = torch.randn(1, k, generator=g).bfloat16()
+                a = (w.qweight, w.colmask, w.scales, w.zeros)
+                fns = {"cpp_op": lambda: torch.ops.accel.gqsa_mm_cpu(x, *a, group_size),
+                       "py_op": lambda: torch.ops.accel.gqsa_linear(x, w.qweight, w.colmask, None, w.scales, w.zeros,
+                                                                    None, k, group_size, 4, 1, "cpu-avx512", 0, 0, ""),
+                       "direct": lambda: cpp_ext.linear(x, *a, group_size),
+                       "dense_bf16": lambda: F.linear(x, wb)}
+                us = {kk: v * 1e3 for kk, v in _interleaved(fns, rounds, reps).items()}
+                out["rows"].append({"threads": t, "in": k, "out": n, **{f"us_{kk}": v for kk, v in us.items()}})
+                for kk in tot:
+                    tot[kk] += us[kk] * cnt * layers / 1e3
+            out["per_token_ms"][f"{t}t"] = tot
+    finally:
+        torch.set_num_threads(old)
+    return out
+
+
+if __name__ == "__main__":
+    # python -m eval.bench_gqsa: per-call costs of the GQSA ops at decode (bench_ops).
+    import json
+
+    res = bench_ops()
+    for r in res["rows"]:
+        print(f"{r['threads']}t {r['in']:>5}->{r['out']:<5} " + "  ".join(
+            f"{k[3:]} {v:6.1f} us" for k, v in r.items() if k.startswith("us_")))
+    for t, tot in res["per_token_ms"].items():
+        print(f"{t} per token (30 layers, 7 linears each): " + "  ".join(f"{k} {v:.2f} ms" for k, v in tot.items()))
+    print(json.dumps(res))

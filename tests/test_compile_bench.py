@@ -17,3 +17,18 @@ def test_bench_decode_json_shape(capsys):
     assert set(r["compile_seconds_by_config"]) == {"dense_compiled", "gqsa_compiled"}
     assert {(row["config"], row["threads"]) for row in r["rows"]} == {
         (c, 1) for c in ("dense_eager", "dense_compiled", "gqsa_eager", "gqsa_compiled")}
+
+
+def test_bench_ops_shape():
+    """eval.bench_gqsa.bench_ops: per-call costs of the GQSA ops (no timing assertions)."""
+    import pytest
+
+    from accel.kernels.gqsa_linear import cpp_ext
+    from eval.bench_gqsa import SMOLLM2_LAYER, bench_ops
+
+    if not cpp_ext.available():
+        pytest.skip("no native GQSA kernel on this machine")
+    r = bench_ops(threads=(1,), rounds=1, reps=1, layers=2)
+    assert len(r["rows"]) == len(SMOLLM2_LAYER)
+    assert set(r["per_token_ms"]["1t"]) == {"cpp_op", "py_op", "direct", "dense_bf16"}
+    assert all(v > 0 for v in r["per_token_ms"]["1t"].values())
