@@ -24,8 +24,9 @@ class GQSAConfig(MethodConfig):
     above owl_m × its mean, same mean; see calibrate/owl.py). bqpo_*: stage-1 block optimisation; e2e_*: stage-2
     scale/zero tuning.
     bqpo_eval_samples: calibration samples (a fixed, seeded choice; 0 = all) on which BQPO measures
-    the block error before and after each step; bqpo_keep_best: keep the lowest-error parameters
-    seen, the stage-1 start included (False: the last step, version 2).
+    the block error before training, every ceil(bqpo_eval_samples / bqpo_batch) steps and after the
+    last; bqpo_keep_best: keep the lowest-error measured parameters, the stage-1 start included
+    (False: the last step, version 2).
     e2e_holdout: fraction of the calibration samples held out of E2E-OQP training (0 = none, the
     version-2 behaviour); their LM loss is measured every e2e_eval_every steps and the stage ends
     with the best scales/zeros seen, stopping after e2e_patience evaluations without a gain.
