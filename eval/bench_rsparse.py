@@ -7,6 +7,7 @@ set so that the active fraction is (1 − s)·rho, with the rank from the budget
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -111,28 +112,72 @@ def format_bench(r: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_artifact(model, ids: torch.Tensor, sparsity: float = 0.5, rho: float = 0.95):
+    """An R-Sparse artifact with the shapes and active fractions of a real one, made in seconds
+    (speed only): uniform (s, rho) on every decoder linear, thresholds at the 1 - (1 - s)·rho
+    quantile of |x|·‖W[:, i]‖ on `ids` [n, seq] (real text), low-rank factors by a randomized SVD
+    (the calibrator's exact fp64 SVDs of every weight take minutes)."""
+    from accel.artifact import Artifact
+    from accel.configs.rsparse import RSparseConfig, active_fraction, rank_for
+    from accel.patches.rsparse import channel_scale
+    from accel.patches.targets import iter_linears
+
+    cfg = RSparseConfig(sparsity=sparsity, sparse_share=rho, search="uniform")
+    lins = {n: m for n, m in iter_linears(model, cfg.targets, cfg.ignore) if isinstance(m, nn.Linear)}
+    q = 1 - active_fraction(sparsity, rho)
+    tensors, hooks = {}, []
+
+    def hook(name, scale):
+        def f(mod, inp, out):
+            score = (inp[0].float().abs() * scale).flatten()
+            tensors[f"rsparse/{name}.threshold"] = torch.quantile(score[:1 << 24], q).reshape(())
+        return f
+
+    for name, lin in lins.items():
+        hooks.append(lin.register_forward_hook(hook(name, channel_scale(lin, "rsparse"))))
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    # svd_lowrank draws from the global generator: seeded here, the caller's state restored.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for name, lin in lins.items():
+            tensors[f"rsparse/{name}.s_rho"] = torch.tensor([sparsity, rho])
+            r = rank_for(lin.in_features, lin.out_features, sparsity, rho)
+            if r:
+                u, sv, v = torch.svd_lowrank(lin.weight.detach().float(), q=r, niter=1)
+                tensors[f"rsparse/{name}.down"] = (sv[:, None] * v.t()).contiguous()
+                tensors[f"rsparse/{name}.up"] = u.contiguous()
+    return Artifact.for_model(model, [cfg], tensors)
+
+
 def bench_generate(artifact=None, threads=(1, 2), rounds: int = 5, prefill_tokens: int = 512, new_tokens: int = 48,
                    sparsity: float = 0.5, model_name: str = "smollm2-135m") -> dict:
     """What a `generate()` user sees in bf16: dense vs R-Sparse, decode tok/s (`new_tokens` after a
     short prompt) and the prefill of a `prefill_tokens` prose prompt, per thread count.
 
     One process; each round measures every thread count and both models in turn (interleaved), and
-    medians over rounds are compared. artifact: a saved R-Sparse artifact (path) or None to
-    calibrate one at `sparsity` (default config, 2 x 128 calibration tokens: speed, not accuracy).
+    medians over rounds are compared. artifact: a saved R-Sparse artifact (path), or None for
+    `speed_artifact` at `sparsity` (a path that does not exist yet receives it, for the next run).
     """
     import copy
     import statistics
 
     import accel
-    from accel.configs.rsparse import RSparseConfig
     from accel.data import calibration_samples
 
     from .matrix_speed import prompt_ids, timed_generate
 
     model, tok = accel.models.load(model_name, dtype="bfloat16")
-    if artifact is None:
-        artifact = accel.calibrate(model, RSparseConfig(sparsity=sparsity),
-                                   data=calibration_samples(tok, n_samples=2, seq_len=128), progress=False)
+    if artifact is None or not Path(artifact).exists():
+        art = speed_artifact(model, calibration_samples(tok, n_samples=2, seq_len=128), sparsity)
+        if artifact is not None:
+            # A path that does not exist yet: keep this calibration there for the next run.
+            art.save(artifact)
+        artifact = art
     patched = accel.patch(copy.deepcopy(model), artifact)
     models = {"dense": model, "rsparse": patched}
     long_ids = prompt_ids(tok, model, prefill_tokens)
@@ -181,7 +226,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m accel.eval.bench_rsparse",
                                 description="bf16 generate(): dense vs R-Sparse decode tok/s and prefill ratios")
-    p.add_argument("--artifact", default=None, help="saved R-Sparse artifact (default: calibrate 50%% now)")
+    p.add_argument("--artifact", default=None, help="saved R-Sparse artifact; a new path: calibrate 50%% now and save it there")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", default="1,2")
     p.add_argument("--prefill-tokens", type=int, default=512)

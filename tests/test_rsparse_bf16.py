@@ -215,3 +215,31 @@ def test_patched_tiny_bf16_decode_step_compiles_without_graph_break():
     assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons]
     targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert sum("rsparse_decode" in t for t in targets) == 7 * 4, targets
+
+
+def test_bench_speed_artifact_patches_with_the_planned_active_fraction():
+    import accel
+    from accel.configs.rsparse import rank_for
+    from accel.eval.bench_rsparse import speed_artifact
+    from accel.patches.rsparse import RSparseLinear
+
+    model = accel.models.tiny("llama")
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(42))
+    state = torch.random.get_rng_state()
+    art = speed_artifact(model, ids, 0.5, 0.95)
+    assert torch.equal(torch.random.get_rng_state(), state), "speed_artifact changed the global RNG"
+    active = []
+    with accel.patched(model, art):
+        mods = [m for m in model.modules() if isinstance(m, RSparseLinear)]
+        hooks = [m.register_forward_hook(lambda mod, i, o: active.append(
+            float((i[0].float().abs() > mod.thr_vec).float().mean()))) for m in mods]
+        with torch.no_grad():
+            model(input_ids=ids)
+        for h in hooks:
+            h.remove()
+        assert len(mods) == 28 and all(m.rank == rank_for(m.in_features, m.out_features, 0.5, 0.95) for m in mods)
+        assert any(m.rank > 0 for m in mods)
+    # Thresholds from the dense model on these inputs: layer 0's q/k/v (called first) see exactly
+    # those inputs, (1 - 0.5) * 0.95 = 0.475 active; later linears see patched upstream layers.
+    assert all(abs(a - 0.475) < 0.005 for a in active[:3]), active[:3]
+    assert all(abs(a - 0.475) < 0.1 for a in active), active
