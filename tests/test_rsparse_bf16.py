@@ -243,3 +243,26 @@ def test_bench_speed_artifact_patches_with_the_planned_active_fraction():
     # those inputs, (1 - 0.5) * 0.95 = 0.475 active; later linears see patched upstream layers.
     assert all(abs(a - 0.475) < 0.005 for a in active[:3]), active[:3]
     assert all(abs(a - 0.475) < 0.1 for a in active), active
+
+
+@pytest.mark.parametrize("seed", range(42, 54))
+def test_bf16_native_random_shapes(seed):
+    """Random shapes, ranks, token counts (decode <= 8 < prefill), bias and active fractions."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    out_f, in_f = pick(1, 300), pick(1, 300)
+    r, tokens = pick(0, min(out_f, in_f, 20)), [1, 2, 5, 8, 9, 33][pick(0, 5)]
+    active = [0.0, 0.3, 0.5, 0.8, 1.0][pick(0, 4)]
+    x, w, scale, down, up, bias, thr = _case(out_f, in_f, r, tokens, active, seed)
+    xb, wb, db, ub = (t.bfloat16() for t in (x, w, down, up))
+    bb = bias.bfloat16() if pick(0, 1) else None
+    lr = (db, ub) if r else (None, None)
+    stacked = torch.cat([wb.t(), ub.t()]).contiguous()
+    wt = stacked if tokens > 8 else stacked[:in_f]
+    got = rsparse_linear_cpu(xb, wb, scale, thr, *lr, bb, weight_t=wt, thr_vec=channel_thresholds(scale, thr),
+                             up_t=stacked[in_f:] if r else None)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = rsparse_linear_ref(xb.double(), wb.double(), scale.double(), thr, *(d(t) for t in lr), d(bb))
+    torch_err = rel_err(rsparse_linear_ref(xb, wb, scale, thr, *lr, bb), ref)
+    assert got.shape == (tokens, out_f)
+    assert_within(rel_err(got, ref), torch_err, torch.bfloat16, in_f + r, what=f"{out_f}x{in_f} r{r} T{tokens}")
