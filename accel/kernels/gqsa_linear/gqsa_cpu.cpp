@@ -29,6 +29,22 @@ static inline __m512bh codes_bf16(__m128i bytes) {
   return (__m512bh)_mm512_permutexvar_epi16(spread32(bytes), table);
 }
 
+// The exact kernel's codes, as bf16 128 + q (bits 0x4300 | q, exact): the group pair's two 8-byte
+// code runs broadcast into the lower / upper four qwords straight from memory, then one
+// multishift and one and-or, where codes_bf16 spends three shuffles (the shuffle port bounds this
+// kernel). The 128 * sum(x_group) it adds is taken out with the zero point (z + 128).
+// two == false: group b's codes read as 0, i.e. 128; its scale lanes are 0 there.
+static inline __m512bh codes_bf16_off(const uint8_t* p, bool two) {
+  const __m512i ctrl = _mm512_set_epi64(0x3F3C3F383F343F30LL, 0x3F2C3F283F243F20LL, 0x3F1C3F183F143F10LL, 0x3F0C3F083F043F00LL,
+                                        0x3F3C3F383F343F30LL, 0x3F2C3F283F243F20LL, 0x3F1C3F183F143F10LL, 0x3F0C3F083F043F00LL);
+  long long qa, qb = 0;
+  std::memcpy(&qa, p, 8);
+  if (two) std::memcpy(&qb, p + 8, 8);
+  const __m512i v = _mm512_mask_set1_epi64(_mm512_set1_epi64(qa), (__mmask8)0xF0, qb);
+  return (__m512bh)_mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, v), _mm512_set1_epi16(0x000F),
+                                             _mm512_set1_epi16(0x4300), 0xEA);
+}
+
 static inline __m512bh load_x2(const uint16_t* a, const uint16_t* b) {
   return (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
                                       _mm256_loadu_si256((const __m256i*)b), 1);
@@ -89,14 +105,15 @@ static inline void block_exact16(const Args& a, const int32_t* cidx, const uint1
   const __m256i sh = FULL ? _mm256_loadu_si256((const __m256i*)(sr + k)) : _mm256_maskz_loadu_epi16(km, sr + k);
   const __m256i zh = FULL ? _mm256_loadu_si256((const __m256i*)(zr + k)) : _mm256_maskz_loadu_epi16(km, zr + k);
   const __m512 s16 = _mm512_cvtph_ps(sh);
-  const __m512 sz16 = _mm512_mul_ps(s16, _mm512_cvtph_ps(zh));
+  // (z + 128) * s: the codes arrive as 128 + q (codes_bf16_off).
+  const __m512 sz16 = _mm512_mul_ps(s16, _mm512_add_ps(_mm512_cvtph_ps(zh), _mm512_set1_ps(128.f)));
   if (FULL) {
     for (int m = 0; m < MB; ++m) zacc[m] = _mm512_fmadd_ps(sz16, _mm512_i32gather_ps(c16, xs + m * a.G, 4), zacc[m]);
   } else {
     // A short tail: scalar math beats a masked gather, whose cost does not shrink with the mask
     // (and a vector built through memory would stall on store forwarding).
     for (int j = 0; j < kn; ++j) {
-      const float sz = _cvtsh_ss(sr[k + j]) * _cvtsh_ss(zr[k + j]);
+      const float sz = _cvtsh_ss(sr[k + j]) * (_cvtsh_ss(zr[k + j]) + 128.f);
       for (int m = 0; m < MB; ++m) zt[m] += sz * xs[m * a.G + cidx[k + j]];
     }
   }
@@ -105,8 +122,7 @@ static inline void block_exact16(const Args& a, const int32_t* cidx, const uint1
   for (int j = 0; j < np; ++j) {
     const bool two = FULL || 2 * j + 1 < kn;
     const int64_t ka = k + 2 * j, kb = two ? ka + 1 : ka;
-    const __m128i bytes = two ? _mm_loadu_si128((const __m128i*)(qr + ka * 8)) : _mm_loadl_epi64((const __m128i*)(qr + ka * 8));
-    const __m512bh w = codes_bf16(bytes);
+    const __m512bh w = codes_bf16_off(qr + ka * 8, two);
     const __m512 sv = _mm512_permutexvar_ps(_mm512_load_si512(kPairIdx[j]), s16);
     const int64_t oa = (int64_t)cidx[ka] * 16, ob = (int64_t)cidx[kb] * 16;
     for (int m = 0; m < MB; ++m) {
