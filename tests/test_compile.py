@@ -251,3 +251,27 @@ def test_fast_linears_compiled_bf16_match_eager_and_patching_still_works(arts):
     assert len(projs) == 4 * 7 and all(type(m) is nn.Linear for m in projs)
     accel.patch(model, arts["gqsa"][0])
     assert type(model.lm_head) is FastLinear
+
+
+@needs_dense_kernel
+def test_fast_lm_head_saves_the_same_checkpoint(arts, tmp_path):
+    """accel.save_pretrained of a GQSA-patched bf16 model writes the same tensors and config with a
+    FastLinear lm_head as without (the swap is not part of any checkpoint)."""
+    from safetensors.torch import load_file
+
+    from accel.patches.fast_linear import FastLinear
+
+    model = _patched(arts, "gqsa", dtype=torch.bfloat16)
+    accel.save_pretrained(model, tmp_path / "plain")
+    accel.compile(model, backend="aot_eager", max_cache_len=24, warmup=False)
+    assert type(model.lm_head) is FastLinear
+    accel.save_pretrained(model, tmp_path / "fast")
+    files = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "fast").iterdir())
+    for name in files:
+        a, b = tmp_path / "plain" / name, tmp_path / "fast" / name
+        if name.endswith(".safetensors"):
+            ta, tb = load_file(a), load_file(b)
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+        elif name == "config.json":
+            assert a.read_text() == b.read_text()
