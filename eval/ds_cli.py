@@ -79,7 +79,7 @@ def _cmd_retrieval(args) -> int:
     model, tok, art = _load(args.model, args.dtype, args.artifact, args.num_calibration_samples)
     res = run_retrieval(model, tok, art, tasks=args.tasks, contexts=args.contexts, n=args.n, budget=args.budget,
                         base=_base_config(art, args), seed=args.seed, progress=not args.json,
-                        min_context=args.min_context)
+                        min_context=args.min_context, haystack=args.haystack)
     emit(res, args.json, format_retrieval(res))
     return 0
 
@@ -168,6 +168,9 @@ def register(cli) -> None:
     q.add_argument("--n", type=int, default=10, help="prompts per task and context length")
     q.add_argument("--budget", type=_fraction_list, default=[1 / 16], help="token budget(s), e.g. 1/16")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--haystack", default="filler", choices=["filler", "prose"],
+                   help="passkey haystack: a repeated filler paragraph (default) or natural prose (wiki "
+                        "evaluation articles, different ones per prompt)")
     q.add_argument("--min-context", type=int, default=0, metavar="TOKENS",
                    help="decode steps with fewer cached tokens stay dense (default 0: every decode step is "
                         "sparse, what this test measures; pass the artifact's value to see what generate() does)")
