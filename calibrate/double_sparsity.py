@@ -172,8 +172,12 @@ def calibrate_ds(model, config, samples: torch.Tensor, *, spec, checkpoint_dir=N
 
     from .runner import check_model
 
+    import dataclasses
+
     check_model(model)
     dims = _check_channels(model, config)
+    # The artifact stores r itself, not "the default": its meaning cannot move with accel's defaults.
+    config = dataclasses.replace(config, heavy_channels=config.channels_for(dims["head_dim"]))
     stats = collect_stats(model, samples, batch_size=batch_size, progress=progress)
     tensors = {f"{config.method}/{k}": v for k, v in artifact_tensors(stats, dims["kv_heads"]).items()}
     calib = {**spec.to_dict(), "tokens": int(samples.numel()), "statistics": "post-RoPE mean |q|, |k|, |q*k|"}

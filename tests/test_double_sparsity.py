@@ -43,7 +43,8 @@ def test_config_rejects_bad_values(kwargs, match):
 def test_config_budget_and_channels():
     assert DoubleSparsityConfig(budget=1 / 8).budget_tokens(2048) == 256
     assert DoubleSparsityConfig(budget=100).budget_tokens(2048) == 100
-    assert DoubleSparsityConfig().channels_for(64) == 8
+    assert DoubleSparsityConfig().channels_for(64) == 16  # d/4 since config version 2
+    assert DoubleSparsityConfig(channel_divisor=8).channels_for(64) == 8
     with pytest.raises(ConfigError, match="head_dim"):
         DoubleSparsityConfig(heavy_channels=17).channels_for(16)
 
@@ -227,7 +228,9 @@ def test_eval_mode_rows_equal_decode_steps():
 # ---- runtime on five architectures ---------------------------------------------------------------
 def test_full_budget_generate_is_dense(tiny_model):
     model = tiny_model
-    art = _calibrated(model, DoubleSparsityConfig(budget=1.0, min_context=0, heavy_channels=4, n_dense=1))
+    # 16-bit labels: the label cache must equal the gathered keys exactly.
+    art = _calibrated(model, DoubleSparsityConfig(budget=1.0, min_context=0, heavy_channels=4, n_dense=1,
+                                                  label_bits=16))
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 512, (2, 40), generator=g)
     am = torch.ones_like(ids)
@@ -277,7 +280,7 @@ def test_sparse_eval_and_decode_agree(tiny_model):
 
 def test_crop_keeps_labels_in_step():
     model = accel.models.tiny("llama")
-    art = _calibrated(model, DoubleSparsityConfig(budget=8, min_context=0, heavy_channels=4))
+    art = _calibrated(model, DoubleSparsityConfig(budget=8, min_context=0, heavy_channels=4, label_bits=16))
     x = torch.randint(1, 512, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode(), accel.patched(model, art):
         cache = compat.output_cache(model(x[:, :20], use_cache=True))

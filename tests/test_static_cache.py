@@ -17,7 +17,7 @@ CONFIGS = {
     "prune": [PruneConfig(sparsity=0.5)],
     "gqsa": [GQSAConfig(bits=4, sparsity=0.5, group_size=16, bqpo_steps=0, e2e_steps=0)],
     "rsparse": [RSparseConfig(sparsity=0.5)],
-    "ds": [DoubleSparsityConfig(**DS)],
+    "ds": [DoubleSparsityConfig(**DS, label_bits=16)],
     "ds-8bit-labels": [DoubleSparsityConfig(**DS, label_bits=8)],
     "ds-min-context": [DoubleSparsityConfig(**{**DS, "min_context": 16})],
 }

@@ -21,7 +21,11 @@ class DoubleSparsityConfig(MethodConfig):
 
     budget: tokens attended per decode step (sink + recent + top-k). A value in (0, 1] is a
         fraction of the context; a value > 1 is a whole number of tokens.
-    heavy_channels: r, the label channels per KV head (default head_dim / 8 when None).
+    heavy_channels: r, the label channels per KV head; None = head_dim // channel_divisor.
+        Calibration stores the resolved r in the artifact.
+    channel_divisor: r = head_dim // channel_divisor when heavy_channels is None (default 4:
+        passkey at 1/16 on three models, eval/results/ds_passkey_defaults.json; version-1
+        artifacts, from when the default was head_dim / 8, load with 8).
     channel_type: which calibration statistic ranks the channels ("q", "k" or "qk").
     sink / recent: first / last tokens always attended (counted inside the budget).
     group_reduce: how the query heads of a GQA group combine approximate scores.
@@ -31,7 +35,9 @@ class DoubleSparsityConfig(MethodConfig):
         4K, 0.9-1.4x attention at 8K); evaluation-mode forwards ignore it. Set it with
         `accel calibrate double-sparsity --min-context N` (stored in the artifact) or by replacing
         the artifact's config; 0 makes every decode step sparse.
-    label_bits: 16 keeps labels in the KV dtype; 8 or 4 stores them min-max quantized.
+    label_bits: 16 keeps labels in the KV dtype; 8 or 4 stores them min-max quantized. Default 8:
+        r = d/4 at 8 bits costs the label bytes of d/8 at 16 bits (plus a 4-byte scale) and
+        retrieves far better (version-1 artifacts keep the 16 they stored).
     score_mode: what a forward without a KV cache (perplexity / lm-eval scoring) does with its
         query rows: "sparse" applies the decode selection causally to every row, "dense" does not.
     offload: keep the full K/V in a slow tier: "cpu" (pinned host memory, for a CUDA model) or
@@ -41,22 +47,32 @@ class DoubleSparsityConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "double-sparsity"
-    version: ClassVar[int] = 1
+    # 2: default r from head_dim / 8 to head_dim / 4 (channel_divisor) and label_bits 16 -> 8.
+    version: ClassVar[int] = 2
 
     budget: float = 1 / 16
     heavy_channels: int | None = None
+    channel_divisor: int = 4
     channel_type: str = "qk"
     sink: int = 4
     recent: int = 32
     group_reduce: str = "max"
     n_dense: int = 2
     min_context: int = 8192
-    label_bits: int = 16
+    label_bits: int = 8
     score_mode: str = "sparse"
     # Double Sparsity-Offload (accel.offload, patches/ds_offload.py): None | "cpu" | "disk".
     offload: str | None = None
     offload_dir: str | None = None
     offload_select: str = "exact"
+
+    @classmethod
+    def upgrade_params(cls, version, params):
+        # Version 1 meant r = head_dim / 8 when heavy_channels was None, and 16-bit labels when
+        # its params predate label_bits: pin both, so an old artifact keeps what it meant.
+        if version == 1:
+            return {"label_bits": 16, **params, "channel_divisor": 8}
+        return super().upgrade_params(version, params)
 
     def validate(self) -> None:
         b = self.budget
@@ -72,6 +88,8 @@ class DoubleSparsityConfig(MethodConfig):
             raise ConfigError(f"double-sparsity: group_reduce must be one of {GROUP_REDUCES}, got {self.group_reduce!r}")
         if self.score_mode not in SCORE_MODES:
             raise ConfigError(f"double-sparsity: score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
+        if isinstance(self.channel_divisor, bool) or self.channel_divisor < 1:
+            raise ConfigError(f"double-sparsity: channel_divisor must be an int >= 1, got {self.channel_divisor!r}")
         for name in ("sink", "recent", "n_dense", "min_context"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -98,9 +116,12 @@ class DoubleSparsityConfig(MethodConfig):
 
     def channels_for(self, head_dim: int) -> int:
         """r for a model with `head_dim`; raises ConfigError when r does not fit."""
-        r = self.heavy_channels if self.heavy_channels is not None else max(1, head_dim // 8)
+        r = self.heavy_channels if self.heavy_channels is not None else max(1, head_dim // self.channel_divisor)
         if r > head_dim:
             raise ConfigError(f"double-sparsity: heavy_channels={r} exceeds the model's head_dim={head_dim}")
+        if self.label_bits == 4 and r % 2:
+            raise ConfigError(f"double-sparsity: 4-bit labels pack two channels a byte; r = {r} (head_dim={head_dim}, "
+                              f"channel_divisor={self.channel_divisor}) must be even; set heavy_channels")
         return r
 
     def budget_tokens(self, context: int) -> int:
