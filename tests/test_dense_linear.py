@@ -79,3 +79,13 @@ def test_opcheck(bias):
     for x in (torch.randn(1, 1000, generator=g).bfloat16(), torch.randn(3, 1, 1000, generator=g).bfloat16()):
         torch.library.opcheck(torch.ops.accel.dense_linear, (x, w, b),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_not_ready_means_f_linear(monkeypatch):
+    """A FastLinear in a process that never built the kernel (an unpickled model) must not call an
+    op that is not registered yet: until available() has succeeded, F.linear runs."""
+    monkeypatch.setattr(cpp_ext, "READY", False)
+    g = torch.Generator().manual_seed(42)
+    x, w = torch.randn(1, 1000, generator=g).bfloat16(), torch.randn(63, 1000, generator=g).bfloat16()
+    assert not dl.usable(x, w)
+    assert torch.equal(dl.dense_linear(x, w), F.linear(x, w))

@@ -33,6 +33,10 @@ from .. import _cpp
 _SRC_FILE = Path(__file__).with_name("dense_cpu.cpp")
 _mod = None
 _fake_done = False
+# True once available() has built the kernel and registered the op in this process: cpu.usable()
+# reads it, so a FastLinear in a process that never asked (an unpickled model) runs F.linear
+# instead of calling an op that does not exist yet.
+READY = False
 _lock = threading.Lock()
 # Mirrors MAX_ROWS in dense_cpu.cpp (checked against the built library in available()).
 MAX_ROWS = 8
@@ -44,7 +48,7 @@ def _fake(x, weight, bias):
 
 def available() -> bool:
     """Build (once per process) and report whether the AVX512-BF16 kernel and its op exist here."""
-    global _mod, _fake_done
+    global _mod, _fake_done, READY
     _mod = _cpp.load("dense_linear", _SRC_FILE, ["simd_available", "max_rows"], "plain linears keep F.linear")
     if _mod is None or not bool(_mod.simd_available()):
         return False
@@ -54,4 +58,5 @@ def available() -> bool:
                 assert int(_mod.max_rows()) == MAX_ROWS, "dense_cpu.cpp MAX_ROWS differs from cpp_ext.MAX_ROWS"
                 torch.library.register_fake("accel::dense_linear")(_fake)
                 _fake_done = True
+    READY = True
     return True

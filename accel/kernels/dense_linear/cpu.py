@@ -10,12 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpp_ext
 from .cpp_ext import MAX_ROWS
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether the native kernel computes this call: bf16 CPU tensors, 1..MAX_ROWS rows, no autograd
-    (the op has no backward)."""
+    (the op has no backward), and `cpp_ext.available()` has been True in this process."""
+    if not cpp_ext.READY:
+        return False
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu" or weight.dim() != 2:
         return False
     if weight.device.type != "cpu" or (bias is not None and bias.dtype != torch.bfloat16):
