@@ -25,6 +25,8 @@ import torch
 log = logging.getLogger(__name__)
 
 METHODS = ("gqsa", "prune", "rsparse", "ds")
+# Per llama-bench call (one thread count).
+LLAMA_BENCH_TIMEOUT_S = 600
 
 
 def speed_artifact(model, method: str, seed: int = 0):
@@ -126,9 +128,13 @@ def run_llama_bench(binary: str, gguf: str | None, threads, new_tokens: int, pro
     for t in threads:
         cmd = [exe, "-m", gguf, "-t", str(t), "-p", str(prompt_tokens), "-n", str(new_tokens), "-o", "json"]
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=LLAMA_BENCH_TIMEOUT_S)
         except OSError as e:
             raise ConfigError(f"--llama-bench {binary}: cannot run it ({e})") from e
+        except subprocess.TimeoutExpired as e:
+            # A loaded machine: OpenMP's active spin-wait makes 2-thread llama-bench crawl; OMP_WAIT_POLICY=passive.
+            raise ConfigError(f"--llama-bench {binary}: `{' '.join(cmd)}` timed out after {e.timeout} s "
+                              f"(a loaded machine? try OMP_WAIT_POLICY=passive)") from e
         if res.returncode:
             sig = -res.returncode
             why = (f"killed by signal {sig} ({signal.Signals(sig).name if sig in signal.valid_signals() else '?'})"

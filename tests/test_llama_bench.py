@@ -57,3 +57,13 @@ def test_crashing_binary_is_an_accel_error_with_its_signal(tmp_path):
     exe = _exe(tmp_path, f"#!{sys.executable}\nimport os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
     with pytest.raises(AccelError, match=r"--llama-bench.*(SIGSEGV|signal 11)"):
         run_llama_bench(exe, str(tmp_path / "m.gguf"), (1,), 8, 8)
+
+
+def test_timeout_is_an_accel_error(tmp_path, monkeypatch):
+    # 2-thread llama-bench on a loaded 2-core VM (OpenMP spin-waits) can run for many minutes.
+    import eval.bench_decode as bd
+
+    monkeypatch.setattr(bd, "LLAMA_BENCH_TIMEOUT_S", 0.5)
+    exe = _exe(tmp_path, f"#!{sys.executable}\nimport time\ntime.sleep(30)\n")
+    with pytest.raises(AccelError, match=r"--llama-bench.*timed out"):
+        bd.run_llama_bench(exe, str(tmp_path / "m.gguf"), (1,), 8, 8)
