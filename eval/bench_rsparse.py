@@ -6,12 +6,15 @@ set so that the active fraction is (1 − s)·rho, with the rank from the budget
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_SHAPES = {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576), "gate/up 1536x576": (1536, 576),
                   "down 576x1536": (576, 1536)}
@@ -190,12 +193,16 @@ def bench_generate(artifact=None, threads=(1, 2), rounds: int = 5, prefill_token
             for m in models.values():
                 # Warm-up: first-call builds (weight_t, the native kernel) and allocator growth.
                 timed_generate(m, long_ids, 2), timed_generate(m, short_ids, 4)
-        for _ in range(rounds):
+        for i in range(rounds):
             for t in threads:
                 torch.set_num_threads(t)
                 for name, m in models.items():
                     times[(name, t)]["prefill"].append(timed_generate(m, long_ids, 1)[0])
                     times[(name, t)]["decode"].append(timed_generate(m, short_ids, new_tokens)[1])
+                d, rs = times[("dense", t)], times[("rsparse", t)]
+                log.info("round %d/%d, %d thread(s): decode %.2fx (dense %.1f tok/s), prefill %.2fx (dense %.0f ms)",
+                         i + 1, rounds, t, rs["decode"][-1] / d["decode"][-1], d["decode"][-1],
+                         d["prefill"][-1] / rs["prefill"][-1], d["prefill"][-1] * 1e3)
     finally:
         torch.set_num_threads(old)
     out = {"model": model_name, "dtype": "bfloat16", "rounds": rounds, "prefill_tokens": prefill_tokens,
@@ -204,13 +211,17 @@ def bench_generate(artifact=None, threads=(1, 2), rounds: int = 5, prefill_token
         out[f"{name}_prefill_s_{t}t"] = statistics.median(v["prefill"])
         out[f"{name}_decode_tok_s_{t}t"] = statistics.median(v["decode"])
     for t in threads:
-        out[f"decode_speedup_{t}t"] = out[f"rsparse_decode_tok_s_{t}t"] / out[f"dense_decode_tok_s_{t}t"]
-        out[f"prefill_speedup_{t}t"] = out[f"dense_prefill_s_{t}t"] / out[f"rsparse_prefill_s_{t}t"]
+        d, rs = times[("dense", t)], times[("rsparse", t)]
+        # The median of per-round ratios: each pair ran back to back, so slow phases of a shared
+        # machine cancel within a round.
+        out[f"decode_speedup_{t}t"] = statistics.median(a / b for a, b in zip(rs["decode"], d["decode"]))
+        out[f"prefill_speedup_{t}t"] = statistics.median(a / b for a, b in zip(d["prefill"], rs["prefill"]))
     return out
 
 
 def format_generate(r: dict) -> str:
-    lines = [f"{r['model']} bf16 generate(): dense vs R-Sparse, medians of {r['rounds']} interleaved rounds"]
+    lines = [f"{r['model']} bf16 generate(): dense vs R-Sparse, medians of {r['rounds']} interleaved rounds "
+             f"(speedups: median of the per-round ratios)"]
     for t in r["threads"]:
         lines.append(f"  {t} thread(s): decode dense {r[f'dense_decode_tok_s_{t}t']:.1f} tok/s, R-Sparse "
                      f"{r[f'rsparse_decode_tok_s_{t}t']:.1f} ({r[f'decode_speedup_{t}t']:.2f}x); "
@@ -233,6 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     r = bench_generate(a.artifact, tuple(int(t) for t in a.threads.split(",")), a.rounds, a.prefill_tokens,
                        a.new_tokens)
     print(format_generate(r))
