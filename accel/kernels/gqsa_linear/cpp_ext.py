@@ -10,8 +10,8 @@ and zeros), with AVX-512:
   to bf16 (a 32-entry table);
 - `vdpbf16ps` multiplies 32 codes by the bf16 activations of two 16-channel groups (the x rows are
   contiguous per group, so two 32-byte loads);
-- "exact" kernel (1-2 activation rows, and fp32 activations): codes stay integers (as bf16 128 + q,
-  one and-or from the nibbles; the 128 * sum(x_group) leaves with the zero point), each group's
+- "exact" kernel (1-2 activation rows, and fp32 activations): codes stay integers (bf16 activations:
+  as bf16 128 + q, one and-or from the nibbles; the 128 * sum(x_group) leaves with the zero point), each group's
   scale multiplies its partial sums in fp32, and the zero point enters as s*z*sum(x_group), the
   group sums gathered 16 groups at a time. fp32 activations are split into bf16 hi + lo parts,
   so the result keeps ~16 bits of each activation;
