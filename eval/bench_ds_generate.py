@@ -30,23 +30,29 @@ log = logging.getLogger(__name__)
 ROWS = ("dense", "ds", "gqsa", "ds+gqsa")
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 class _Stamps:
     """A StoppingCriteria that never stops and records when each new token arrived."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock) -> None:
         self.t: list[float] = []
+        self.clock = clock
 
     def __call__(self, input_ids, scores, **kwargs):
-        self.t.append(time.perf_counter())
+        self.t.append(self.clock())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generate_steps(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
-    """(prefill seconds, [seconds of each decode step]) of one greedy eager `generate()`."""
+def generate_steps(model, ids: torch.Tensor, new_tokens: int, clock: str = "wall") -> tuple[float, list[float]]:
+    """(prefill seconds, [seconds of each decode step]) of one greedy eager `generate()`, by `clock`
+    ("wall", or "cpu": this process's CPU seconds, which at 1 thread hardly depend on the load of
+    other processes; at more threads it counts every thread, spin-waits included)."""
     from transformers import StoppingCriteriaList
 
-    st = _Stamps()
-    t0 = time.perf_counter()
+    st = _Stamps(CLOCKS[clock])
+    t0 = st.clock()
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
@@ -73,7 +79,7 @@ def artifacts(model, budget: float, min_context: int, rows) -> dict:
 
 def bench(model_name: str = "smollm2-135m", context: int = 8192, threads: int = 2, new_tokens: int = 16,
           rounds: int = 3, rows=ROWS, budget: float = 1 / 16, min_context: int = 0, dtype: str = "bfloat16",
-          profile_row: str | None = None) -> dict:
+          profile_row: str | None = None, clock: str = "wall") -> dict:
     import accel
     from accel.eval.matrix_speed import prompt_ids
 
@@ -99,7 +105,7 @@ def bench(model_name: str = "smollm2-135m", context: int = 8192, threads: int = 
                 try:
                     if rd == 0:
                         generate_steps(model, ids[:, :16], 2)  # first-call set-up stays out of the timings
-                    p, s = generate_steps(model, ids, new_tokens)
+                    p, s = generate_steps(model, ids, new_tokens, clock)
                     prefill[r].append(p)
                     steps[r].extend(s)
                     if profile_row == r and rd == rounds - 1:
@@ -111,7 +117,7 @@ def bench(model_name: str = "smollm2-135m", context: int = 8192, threads: int = 
     finally:
         torch.set_num_threads(old)
     out = {"model": model_name, "context": context, "threads": threads, "new_tokens": new_tokens,
-           "rounds": rounds, "budget": budget, "min_context": min_context, "rows": {}}
+           "rounds": rounds, "budget": budget, "min_context": min_context, "clock": clock, "rows": {}}
     for r in rows:
         out["rows"][r] = {"prefill_s": statistics.median(prefill[r]),
                           "decode_tok_s": 1.0 / statistics.median(steps[r])}
@@ -147,6 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list from {', '.join(ROWS)}")
     ap.add_argument("--budget", type=float, default=1 / 16)
     ap.add_argument("--min-context", type=int, default=0)
+    ap.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                    help="wall seconds, or this process's CPU seconds (use with --threads 1 on a loaded machine)")
     ap.add_argument("--profile", default=None, metavar="ROW", help="print a torch.profiler table of ROW's decode")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -156,8 +164,9 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"--rows: unknown {bad}; choose from {', '.join(ROWS)}")
     r = bench(a.model, a.context, a.threads, a.new_tokens, a.rounds, rows, a.budget, a.min_context,
-              profile_row=a.profile)
-    print(f"{r['model']} context {r['context']}, {r['threads']} threads, {r['rounds']} rounds x {r['new_tokens']} tokens")
+              profile_row=a.profile, clock=a.clock)
+    print(f"{r['model']} context {r['context']}, {r['threads']} threads, {r['rounds']} rounds x {r['new_tokens']} tokens, "
+          f"{r['clock']} clock")
     for name, c in r["rows"].items():
         print(f"{name:>8}: decode {c['decode_tok_s']:6.2f} tok/s ({c.get('decode_speedup', float('nan')):.2f}x)  "
               f"prefill {c['prefill_s']:6.2f} s ({c.get('prefill_speedup', float('nan')):.2f}x)")

@@ -78,7 +78,8 @@ class DSAttention(PressHandler):
         if Tq != 1 or Tk < max(cfg.min_context, 1):
             return self.dense(module, query, key, value, attention_mask, **kwargs)
         labels = self._labels(layer, key)
-        key_mask = allowed_from_mask(attention_mask, B, 1, Tk, query.device)[:, 0]
+        # No mask (generate() without padding): every key is valid; skip building and testing one.
+        key_mask = None if attention_mask is None else allowed_from_mask(attention_mask, B, 1, Tk, query.device)[:, 0]
         out = ds_decode_attention(query, key, value, labels, self.channels.to(query.device), cfg.budget_tokens(Tk),
                                   sink=cfg.sink, recent=cfg.recent, scaling=kwargs.get("scaling"),
                                   group_reduce=cfg.group_reduce, key_mask=key_mask)
