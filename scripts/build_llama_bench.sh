@@ -22,7 +22,12 @@
 #                             Why: on this machine (llama.cpp 0c1e570, GCC 12, Sapphire-Rapids-class VM) an AMX build
 #                             dies at the first matmul (SIGSEGV, general protection fault on `ldtilecfg` in
 #                             ggml_backend_amx_mul_mat). AMX=ON builds it anyway; run such a binary with
-#                             `--repack 0` (no extra buffer types) to get the non-AMX kernels from it.
+#                             `--repack 0` (no extra buffer types) to get the non-AMX kernels from it: for the
+#                             embedded SmolLM2 GGUF (Q4_1, Q8_0 embeddings) x86 has no CPU_REPACK layout, so those
+#                             are the kernels an AMX=OFF build runs.
+# Measuring on a loaded machine: llama-bench (OpenMP) spin-waits; with more runnable threads than cores, 2-thread
+# decode fell to 0.13 tok/s (load ~20) and came back to ~60 tok/s with OMP_WAIT_POLICY=passive. On a quiet
+# machine leave the default.
 #   EXTRA_CMAKE_ARGS          appended to the configure line (word-split)
 #   PYTHON                    python with pip (default: python3)
 # cmake (>= 3.14) and ninja come from the system when present, otherwise from PyPI into DEST_DIR/venv.
