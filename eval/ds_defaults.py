@@ -166,6 +166,23 @@ def format_summary(res: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(res: dict) -> str:
+    """The passkey table as markdown (docs/methods/double_sparsity.md): accuracy, and in brackets
+    the share of the prompts dense attention solves that the candidate solves too."""
+    cands = res["meta"]["candidates"]
+    lines = ["| model | context | haystack | n | dense | " + " | ".join(cands) + " |",
+             "|---|---|---|---|---|" + "---|" * len(cands)]
+    for mo, cs in res["passkey"].items():
+        for cx, hs in cs.items():
+            for h, cell in hs.items():
+                def one(c):
+                    rel = cell.get(f"{c} of dense")
+                    return f"{cell[c]:.2f}" + ("" if rel is None else f" ({rel:.2f})")
+                lines.append(f"| {mo} | {cx} | {h} | {cell['n']} | {cell['dense']:.2f} | "
+                             + " | ".join(one(c) for c in cands) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     from accel.artifact import check_output_path, write_file
 
@@ -190,6 +207,8 @@ def main(argv=None) -> int:
                    help="summarise these records files (written by --records) instead of measuring")
     p.add_argument("--output", default=None, help="write the summary JSON here")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--markdown", action="store_true", help="also print the passkey table as markdown")
+    p.add_argument("--note", default=None, help="a line stored in the summary's meta (how the run went)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for c in args.candidates:
@@ -198,10 +217,15 @@ def main(argv=None) -> int:
         check_output_path(args.output, args.overwrite, "file")
     meta = {k: getattr(args, k) for k in ("models", "candidates", "contexts", "haystacks", "n", "budget", "dtype",
                                           "calib_samples", "seed", "new_tokens")}
-    meta.update(min_context=0, pass_threshold=PASS, ppl_slack=PPL_SLACK)
+    meta.update(min_context=0, pass_threshold=PASS, ppl_slack=PPL_SLACK, note=args.note)
     ppl: dict = {}
     if args.from_records:
         recs = [json.loads(line) for f in args.from_records for line in open(f) if line.strip()]
+        # What the records hold, not this command line's defaults (n is per cell in the table).
+        runs = [r for r in recs if "solved" in r]
+        meta.update(models=list(dict.fromkeys(r["model"] for r in recs)),
+                    contexts=sorted({r["context"] for r in runs}), haystacks=sorted({r["haystack"] for r in runs}),
+                    n=max((r["prompt"] + 1 for r in runs), default=0), dtype=runs[0].get("dtype", args.dtype) if runs else args.dtype)
     else:
         import os
         import tempfile
@@ -215,6 +239,8 @@ def main(argv=None) -> int:
             os.unlink(path)
     res = summarize(recs, ppl, args.candidates, meta)
     print(format_summary(res))
+    if args.markdown:
+        print(format_markdown(res))
     if args.output:
         doc = json.dumps(res, indent=1) + "\n"
 
