@@ -5,6 +5,7 @@ cpp_ext.py's docstring; this file is only the text the compiler sees.
 """
 
 SRC = r"""
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -183,29 +184,50 @@ static torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& th
 #endif
 }
 
-// Prefill split, bf16: xs[t, i] = x[t, i] where |x| > thr_i else 0 (into the first `in` columns of
-// xs, whose row stride may be larger), xr = x - xs (when given). One pass; tokens over threads.
-void rsparse_split_bf16(torch::Tensor x, torch::Tensor thr, torch::Tensor xs, torch::Tensor xr) {
+// Prefill split, bf16, fused with the low-rank input: per token, buf[t, :in] = x_S (x where
+// |x| > thr_i, else 0) and buf[t, in + j] = bf16(down[j] . x_rest) for j < r, so one GEMM
+// buf @ [Wt; Ut] gives the linear. One pass over x, one parallel region (tokens over threads).
+void rsparse_split_bf16(torch::Tensor x, torch::Tensor thr, torch::Tensor buf, torch::Tensor down) {
 #if RS_SIMD
-  const int64_t T = x.size(0), n_in = x.size(1), ld = xs.stride(0);
-  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kBFloat16 && xs.scalar_type() == torch::kBFloat16 &&
-              xs.stride(1) == 1 && xs.size(0) == T && xs.size(1) >= n_in && thr.numel() == n_in,
-              "rsparse_split: x bf16 [T, in] contiguous, xs bf16 [T, >= in] with unit column stride, thr fp32 [in]");
-  const bool rest = xr.numel() > 0;
-  TORCH_CHECK(!rest || (xr.is_contiguous() && xr.size(0) == T && xr.size(1) == n_in), "rsparse_split: xr [T, in]");
+  const int64_t T = x.size(0), n_in = x.size(1), r = down.numel() ? down.size(0) : 0;
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kBFloat16 && buf.scalar_type() == torch::kBFloat16 &&
+              buf.is_contiguous() && buf.size(0) == T && buf.size(1) == n_in + r && thr.numel() == n_in &&
+              thr.scalar_type() == torch::kFloat,
+              "rsparse_split: x bf16 [T, in] contiguous, buf bf16 [T, in + r] contiguous, thr fp32 [in]");
+  TORCH_CHECK(!r || (down.is_contiguous() && down.scalar_type() == torch::kBFloat16 && down.size(1) == n_in),
+              "rsparse_split: down must be bf16 [r, in] contiguous");
   const uint16_t* xp = (const uint16_t*)x.data_ptr<at::BFloat16>();
-  uint16_t* sp = (uint16_t*)xs.data_ptr<at::BFloat16>();
-  uint16_t* rp = rest ? (uint16_t*)xr.data_ptr<at::BFloat16>() : nullptr;
+  uint16_t* bp = (uint16_t*)buf.data_ptr<at::BFloat16>();
+  const uint16_t* dp = r ? (const uint16_t*)down.data_ptr<at::BFloat16>() : nullptr;
   const float* tp = thr.data_ptr<float>();
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+  const int64_t ld = n_in + r, pad = (n_in + 31) / 32 * 32;
+  at::parallel_for(0, T, 32, [&](int64_t t0, int64_t t1) {
+    std::vector<uint16_t> xr(pad, 0);
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t i = 0; i < n_in; i += 16) {
         const __mmask16 lm = n_in - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_in - i)) - 1);
         const __m256i xh = _mm256_maskz_loadu_epi16(lm, xp + t * n_in + i);
         const __mmask16 act = _mm512_mask_cmp_ps_mask(lm, _mm512_abs_ps(bf16_f32(xh)), _mm512_maskz_loadu_ps(lm, tp + i),
                                                       _CMP_GT_OQ);
-        _mm256_mask_storeu_epi16(sp + t * ld + i, lm, _mm256_maskz_mov_epi16(act, xh));
-        if (rest) _mm256_mask_storeu_epi16(rp + t * n_in + i, lm, _mm256_maskz_mov_epi16((__mmask16)~act, xh));
+        _mm256_mask_storeu_epi16(bp + t * ld + i, lm, _mm256_maskz_mov_epi16(act, xh));
+        _mm256_storeu_si256((__m256i*)(xr.data() + i), _mm256_maskz_mov_epi16((__mmask16)(lm & ~act), xh));
+      }
+      // Up to 8 rows of down at a time: independent accumulators (one chain was latency-bound,
+      // 4x slower at r = 7), each x_rest chunk loaded once for all of them.
+      for (int64_t j0 = 0; j0 < r; j0 += 8) {
+        const int nj = (int)std::min<int64_t>(8, r - j0);
+        __m512 acc[8];
+        for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n_in; i += 32) {
+          const __mmask32 lm = n_in - i >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (n_in - i)) - 1);
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr.data() + i);
+          for (int jj = 0; jj < nj; ++jj)
+            acc[jj] = _mm512_dpbf16_ps(acc[jj], (__m512bh)_mm512_maskz_loadu_epi16(lm, dp + (j0 + jj) * n_in + i), xv);
+        }
+        for (int jj = 0; jj < nj; ++jj) {
+          const at::BFloat16 z(_mm512_reduce_add_ps(acc[jj]));
+          std::memcpy(bp + t * ld + n_in + j0 + jj, &z, 2);
+        }
       }
     }
   });
