@@ -35,9 +35,11 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
-def load(name: str, source: str | Path, functions: list[str], what: str):
+def load(name: str, source: str | Path, functions: list[str], what: str, extra_cflags: tuple[str, ...] = ()):
     """The built extension `accel_<name>` exporting `functions`, or None (logged once, with `what`
-    naming the fallback the caller keeps). `source`: C++ text, or a file read only when building."""
+    naming the fallback the caller keeps). `source`: C++ text, or a file read only when building.
+    extra_cflags: more compiler flags (e.g. "-fopenmp": at::parallel_for is a header template whose
+    `#pragma omp parallel` is ignored, i.e. runs on one thread, without it)."""
     if name in _mods:
         return _mods[name]
     with _lock:
@@ -55,7 +57,8 @@ def load(name: str, source: str | Path, functions: list[str], what: str):
                 log.info("building the C++ kernel %s (once per machine)", name)
                 text = source.read_text() if isinstance(source, Path) else source
                 mod = load_inline(name=f"accel_{name}_{_cpu_tag()}", cpp_sources=[text], functions=functions,
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp-simd", *extra_cflags],
+                                  verbose=False)
             except Exception as e:  # any build failure leaves the caller's torch path in place
                 log.warning("C++ kernel %s failed to build (%s); %s", name,
                             str(e).splitlines()[0] if str(e) else type(e).__name__, what)
