@@ -38,8 +38,9 @@ def _cpu_tag() -> str:
 def load(name: str, source: str | Path, functions: list[str], what: str, extra_cflags: tuple[str, ...] = ()):
     """The built extension `accel_<name>` exporting `functions`, or None (logged once, with `what`
     naming the fallback the caller keeps). `source`: C++ text, or a file read only when building.
-    extra_cflags: more compiler flags (e.g. "-fopenmp": at::parallel_for is a header template whose
-    `#pragma omp parallel` is ignored, i.e. runs on one thread, without it)."""
+    extra_cflags: more compiler flags. Every build gets -fopenmp: at::parallel_for is a header
+    template whose `#pragma omp parallel` is compiled out without it, and every kernel then ran on
+    one thread whatever torch.get_num_threads() said."""
     if name in _mods:
         return _mods[name]
     with _lock:
@@ -57,7 +58,7 @@ def load(name: str, source: str | Path, functions: list[str], what: str, extra_c
                 log.info("building the C++ kernel %s (once per machine)", name)
                 text = source.read_text() if isinstance(source, Path) else source
                 mod = load_inline(name=f"accel_{name}_{_cpu_tag()}", cpp_sources=[text], functions=functions,
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp-simd", *extra_cflags],
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags],
                                   verbose=False)
             except Exception as e:  # any build failure leaves the caller's torch path in place
                 log.warning("C++ kernel %s failed to build (%s); %s", name,
