@@ -152,6 +152,17 @@ def test_reuse_reapplies_generation_config_settings():
     assert gc.compile_config is not None and gc.compile_config.backend == "aot_eager"
 
 
+def _assert_scores_close(out, ref):
+    """bf16 logits of every step within tolerance of the reference run's, compared only while both
+    runs have fed the same tokens (bf16 may flip a near-tie); at least two steps compared."""
+    P = _ids().shape[1]
+    for i, (a, b) in enumerate(zip(out.scores, ref.scores)):
+        if not torch.equal(out.sequences[:, :P + i], ref.sequences[:, :P + i]):
+            break
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+    assert i >= 1
+
+
 @pytest.mark.slow
 def test_inductor_bf16_logits_within_tolerance(arts):
     """DS + GQSA in bf16 through inductor: logits of every step within bf16's tolerance of eager."""
@@ -159,14 +170,7 @@ def test_inductor_bf16_logits_within_tolerance(arts):
     ref = _gen(model, n=4)
     torch._dynamo.reset()
     accel.compile(model, backend="inductor", max_cache_len=24)
-    out = _gen(model, n=4)
-    P = _ids().shape[1]
-    for i, (a, b) in enumerate(zip(out.scores, ref.scores)):
-        # Compare a step only while both runs have fed the same tokens (bf16 may flip a near-tie).
-        if not torch.equal(out.sequences[:, :P + i], ref.sequences[:, :P + i]):
-            break
-        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
-    assert i >= 1
+    _assert_scores_close(_gen(model, n=4), ref)
 
 
 def _dense_linear_available():
@@ -238,13 +242,7 @@ def test_fast_linears_compiled_bf16_match_eager_and_patching_still_works(arts):
     torch._dynamo.reset()
     info = accel.compile(model, backend="aot_eager", max_cache_len=24)
     assert info.fast_linears == 1 and type(model.lm_head) is FastLinear
-    out = _gen(model, n=4)
-    P = _ids().shape[1]
-    for i, (a, b) in enumerate(zip(out.scores, ref.scores)):
-        if not torch.equal(out.sequences[:, :P + i], ref.sequences[:, :P + i]):
-            break
-        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
-    assert i >= 1
+    _assert_scores_close(_gen(model, n=4), ref)
     assert accel.report(model).rows == report
     accel.unpatch(model)
     projs = [m for n, m in model.named_modules() if n.endswith("_proj")]
