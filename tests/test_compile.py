@@ -140,6 +140,22 @@ def test_compiled_greedy_tokens_equal_eager_fp32(arts, method):
     assert again.reused and again.seconds == info.seconds
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_inductor_greedy_tokens_equal_eager_fp32(arts, method):
+    """What users run (inductor, the default backend): fp32 greedy tokens equal eager's for every method."""
+    model = _patched(arts, method)
+    ref = _gen(model)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    accel.compile(model, backend="inductor", max_cache_len=24)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    out = _gen(model)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
 def test_reuse_reapplies_generation_config_settings():
     """A reused compile skips only the warm-up: settings the user changed since are set again."""
     model = accel.models.tiny("llama")
