@@ -90,7 +90,7 @@ def register(cli) -> None:
     # Attention only (no --targets/--ignore); one statistics pass, nothing to checkpoint.
     add_calibration_args(p, "double-sparsity", linears=False, checkpoints=False)
     p.add_argument("--channel-type", default="qk", choices=["q", "k", "qk"])
-    p.add_argument("--heavy-channels", type=int, default=None, help="r label channels (default head_dim/8)")
+    p.add_argument("--heavy-channels", type=int, default=None, help="r label channels (default head_dim / channel_divisor = head_dim/4)")
     p.add_argument("--budget", type=_budget, default=1 / 16,
                    help="runtime token budget stored in the config: fraction like 1/16, or a token count")
     p.add_argument("--min-context", type=int, default=None, metavar="TOKENS",

@@ -174,13 +174,15 @@ def demo_step(model, tok, max_tokens: int = 4096, seq_len: int = 1024, budget: f
     from accel.data import eval_tokens
 
     t0 = time.perf_counter()
-    art = calibrate_double_sparsity(model, tok, DoubleSparsityConfig(budget=budget, min_context=0), n_samples=8,
-                                    seq_len=256, progress=False)
+    cfg = DoubleSparsityConfig(budget=budget, min_context=0)
+    art = calibrate_double_sparsity(model, tok, cfg, n_samples=8, seq_len=256, progress=False)
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    r = cfg.channels_for(head_dim)
     tokens = eval_tokens(tok, "wiki", max_tokens)
     dense = _ppl(model, tokens, seq_len, 2, "dense")
     with accel.patched(model, art):
         ds = _ppl(model, tokens, seq_len, 2, "ds")
-    print(f"[double-sparsity] budget {budget_name(budget)}, r=head_dim/8: ppl {ds:.3f} vs dense {dense:.3f} "
+    print(f"[double-sparsity] budget {budget_name(budget)}, r={r} of head_dim {head_dim}, {cfg.label_bits}-bit labels: ppl {ds:.3f} vs dense {dense:.3f} "
           f"({100 * (ds / dense - 1):+.1f}%) over {tokens.numel()} tokens ({seq_len}-token windows), "
           f"{time.perf_counter() - t0:.0f}s")
     return {"ds_ppl": ds, "dense_ppl": dense, "budget": budget}
