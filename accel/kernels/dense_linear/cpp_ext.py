@@ -49,10 +49,8 @@ def _fake(x, weight, bias):
 def available() -> bool:
     """Build (once per process) and report whether the AVX512-BF16 kernel and its op exist here."""
     global _mod, _fake_done, READY
-    # -fopenmp: without it at::parallel_for's `#pragma omp parallel` (a header template) is
-    # compiled out and every call runs on one thread (measured: no gain from 2 threads).
-    _mod = _cpp.load("dense_linear", _SRC_FILE, ["simd_available", "max_rows"], "plain linears keep F.linear",
-                     extra_cflags=("-fopenmp",))
+    # _cpp.load builds every kernel with -fopenmp (at::parallel_for needs it to use threads).
+    _mod = _cpp.load("dense_linear", _SRC_FILE, ["simd_available", "max_rows"], "plain linears keep F.linear")
     if _mod is None or not bool(_mod.simd_available()):
         return False
     if not _fake_done:
