@@ -116,17 +116,69 @@ def cache_key(model, tok, row: str, settings: MatrixSettings) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def row_path(model, tok, model_name: str, row: str, settings: MatrixSettings, cache_dir: Path) -> Path:
+    """`<cache_dir>/<model>/<row>-<key>`: the row's artifact directory (for dense, only the stem of
+    its cached accuracy file: the key is then the model's fingerprint and the tokenizer's BOS)."""
+    from accel.artifact import fingerprint
+    from accel.data import bos_token_id
+
+    from .matrix_rows import recipe, safe_name
+
+    if recipe(row) is None:
+        key = hashlib.sha256(json.dumps([fingerprint(model), bos_token_id(tok), settings.dtype],
+                                        default=str).encode()).hexdigest()[:12]
+    else:
+        key = cache_key(model, tok, row, settings)
+    return Path(cache_dir) / safe_name(model_name) / f"{safe_name(row)}-{key}"
+
+
+# The settings an accuracy result depends on (besides the artifact, named by its directory).
+_ACCURACY_FIELDS = ("max_tokens", "seq_len", "batch_size", "corpora", "passkey_context", "passkey_n", "seed",
+                    "dtype")
+
+
+def accuracy_path(row_dir: Path, settings: MatrixSettings) -> Path:
+    """Where a row's accuracy (perplexities, passkey) is cached beside its artifact: a rerun with
+    the same artifact and accuracy settings (for example to add the speed run) does not redo them."""
+    from accel._version import __version__
+
+    doc = {k: getattr(settings, k) for k in _ACCURACY_FIELDS} | {"accel": __version__}
+    key = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return row_dir.parent / f"{row_dir.name}.accuracy-{key}.json"
+
+
+def cached_accuracy(model, tok, art, row_dir: Path, tokens: dict, settings: MatrixSettings, progress: bool,
+                    label: str, recompute: bool = False) -> tuple[dict, bool]:
+    """(accuracy(...), cached: bool); computed results are written atomically for the next run."""
+    from accel.artifact import write_file
+
+    path = accuracy_path(row_dir, settings)
+    if path.is_file() and not recompute:
+        try:
+            out = json.loads(path.read_text())
+        except ValueError:
+            log.warning("[%s] unreadable cached accuracy %s: recomputing", label, path)
+        else:
+            if isinstance(out, dict) and set(out.get("ppl", {})) == set(settings.corpora):
+                log.info("[%s] accuracy cached at %s", label, path)
+                return out, True
+    out = accuracy(model, tok, art, tokens, settings, progress, label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(path, lambda tmp: Path(tmp).write_text(json.dumps(out, default=float)), overwrite=True)
+    return out, False
+
+
 def row_artifact(model, tok, model_name: str, row: str, settings: MatrixSettings, cache_dir: Path,
                  progress: bool = True):
     """(artifact or None for dense, cached: bool, seconds)."""
     from accel.artifact import CONFIG_NAME, Artifact
 
-    from .matrix_rows import recipe, safe_name
+    from .matrix_rows import recipe
 
     rec = recipe(row)
     if rec is None:
         return None, False, 0.0
-    path = Path(cache_dir) / safe_name(model_name) / f"{safe_name(row)}-{cache_key(model, tok, row, settings)}"
+    path = row_path(model, tok, model_name, row, settings, cache_dir)
     if (path / CONFIG_NAME).is_file():
         log.info("[%s] %s: calibration cached at %s", model_name, row, path)
         return Artifact.load(path), True, 0.0
@@ -217,9 +269,10 @@ class _nullcontext:
 
 
 def run_model(model_name: str, rows, settings: MatrixSettings, cache_dir: Path, progress: bool = True,
-              on_row=None) -> list[dict]:
+              on_row=None, recompute: bool = False) -> list[dict]:
     """Every row on one model: a list of row records (see docs/matrix.md). on_row(record) is
-    called as each record is final (after the speed run when there is one)."""
+    called as each record is final (after the speed run when there is one). Accuracy results
+    cached by an earlier run with the same artifact and settings are reused unless `recompute`."""
     from accel.data import eval_tokens
 
     from .matrix_speed import measure_speed, model_bf16_bytes, weight_bytes
@@ -234,11 +287,12 @@ def run_model(model_name: str, rows, settings: MatrixSettings, cache_dir: Path, 
                  (time.perf_counter() - t0) / 60)
         art, cached, secs = row_artifact(model, tok, model_name, row, settings, cache_dir, progress)
         arts[row] = art
+        acc, acc_cached = cached_accuracy(model, tok, art, row_path(model, tok, model_name, row, settings, cache_dir),
+                                          tokens, settings, progress, f"{model_name} {row}", recompute)
         rec = {"model": model_name, "row": row, "methods": [c.method for c in art.configs] if art else [],
                "calibration": calibration_budget(art), "calibration_cached": cached,
                "calibration_seconds": round(secs, 1), "seq_len": settings.seq_len,
-               "tokens": settings.max_tokens, **accuracy(model, tok, art, tokens, settings, progress,
-                                                         f"{model_name} {row}")}
+               "tokens": settings.max_tokens, "accuracy_cached": acc_cached, **acc}
         records.append(rec)
     del model
     smodel, stok = load_model(model_name, "bfloat16")

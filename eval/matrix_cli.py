@@ -124,7 +124,7 @@ def run_cli(args) -> int:
             print(json.dumps(rec, default=float), flush=True)
 
     for m in models:
-        recs = run_model(m, rows, settings, cache, progress=not args.json, on_row=on_row)
+        recs = run_model(m, rows, settings, cache, progress=not args.json, on_row=on_row, recompute=args.recompute)
         records.extend(recs)
         if not args.json:
             print(fmt_model(recs, settings), flush=True)
@@ -175,6 +175,9 @@ def register(cli) -> None:
     p.add_argument("--no-speed", action="store_true", help="skip the speed run (accuracy and bytes only)")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="calibrated artifacts, reused by a rerun (default: <accel cache>/matrix)")
+    p.add_argument("--recompute", action="store_true",
+                   help="recompute perplexity and passkey even when an earlier run cached them for the same "
+                        "artifact and settings")
     p.add_argument("--output", default=None, metavar="FILE",
                    help="results JSON (default eval/results/matrix-<date>.json)")
     p.add_argument("--plot", default=None, metavar="DIR", help="write the scatter and bar-chart PNGs here")

@@ -59,7 +59,7 @@ def _run(args, capsys):
     return rc, out, err
 
 
-def test_end_to_end_json_plots_and_cache_reuse(tmp_path, capsys, counted):
+def test_end_to_end_json_plots_and_cache_reuse(tmp_path, capsys, counted, monkeypatch):
     cache, plots = tmp_path / "cache", tmp_path / "plots"
     args = SMALL + ["--rows", ROWS, "--cache-dir", str(cache), "--json"]
     rc, out, err = _run(args + ["--output", str(tmp_path / "a.json"), "--plot", str(plots)], capsys)
@@ -88,13 +88,28 @@ def test_end_to_end_json_plots_and_cache_reuse(tmp_path, capsys, counted):
     saved = json.loads((tmp_path / "a.json").read_text())
     assert len(saved["records"]) == 4 and saved["summary"]["composition"] == summ["composition"]
     assert sorted(counted) == [["double-sparsity"], ["double-sparsity", "prune"], ["prune"]]
-    # A rerun evaluates only: every calibration comes from the cache.
+    assert not any(r["accuracy_cached"] for r in recs)
+    # A rerun only measures speed: every calibration and every accuracy result comes from the cache.
+    import accel.eval.perplexity as ppl_mod
+
+    real_ppl = ppl_mod.perplexity
+    monkeypatch.setattr(ppl_mod, "perplexity", lambda *a, **k: pytest.fail("perplexity recomputed"))
     rc, out, err = _run(args + ["--output", str(tmp_path / "b.json")], capsys)
     assert rc == 0, err
     assert len(counted) == 3
     recs2 = [json.loads(x) for x in out.strip().splitlines()][:-1]
     assert [r["calibration_cached"] for r in recs2] == [False, True, True, True]
+    assert [r["accuracy_cached"] for r in recs2] == [True] * 4
     assert [r["ppl"] for r in recs2] == [r["ppl"] for r in recs]
+    assert [r.get("passkey") for r in recs2] == [r.get("passkey") for r in recs]
+    # --recompute measures again (same artifacts, so the same perplexities).
+    calls = []
+    monkeypatch.setattr(ppl_mod, "perplexity", lambda *a, **k: calls.append(1) or real_ppl(*a, **k))
+    rc, out, err = _run(SMALL + ["--rows", "dense", "--cache-dir", str(cache), "--json", "--no-speed",
+                                 "--recompute", "--output", str(tmp_path / "r.json")], capsys)
+    assert rc == 0, err
+    rec = json.loads(out.strip().splitlines()[0])
+    assert len(calls) == 2 and rec["accuracy_cached"] is False and rec["ppl"] == by["dense"]["ppl"]
     # Other calibration settings are another cache entry.
     rc, out, err = _run(SMALL[:-2] + ["--max-seq-length", "32", "--rows", "wanda-2:4", "--cache-dir", str(cache),
                                       "--output", str(tmp_path / "c.json"), "--no-speed"], capsys)
