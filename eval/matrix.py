@@ -132,40 +132,61 @@ def row_path(model, tok, model_name: str, row: str, settings: MatrixSettings, ca
     return Path(cache_dir) / safe_name(model_name) / f"{safe_name(row)}-{key}"
 
 
-# The settings an accuracy result depends on (besides the artifact, named by its directory).
-_ACCURACY_FIELDS = ("max_tokens", "seq_len", "batch_size", "corpora", "passkey_context", "passkey_n", "seed",
-                    "dtype")
+# What each cached accuracy part depends on (besides the artifact, named by its directory).
+_PPL_FIELDS = ("max_tokens", "seq_len", "batch_size", "corpora", "dtype")
+_PASSKEY_FIELDS = ("passkey_context", "passkey_n", "seed", "dtype")
 
 
-def accuracy_path(row_dir: Path, settings: MatrixSettings) -> Path:
-    """Where a row's accuracy (perplexities, passkey) is cached beside its artifact: a rerun with
-    the same artifact and accuracy settings (for example to add the speed run) does not redo them."""
+def accuracy_path(row_dir: Path, settings: MatrixSettings, part: str) -> Path:
+    """Where a row's perplexities (part "ppl") or passkey result ("passkey") are cached beside its
+    artifact: a rerun with the same artifact and settings (for example to add the speed run) does
+    not redo them. The passkey key includes the retrieval task's version, so a changed prompt
+    is measured again while the perplexities stay."""
     from accel._version import __version__
 
-    doc = {k: getattr(settings, k) for k in _ACCURACY_FIELDS} | {"accel": __version__}
+    from .ds_retrieval import TASK_VERSION
+
+    fields = _PPL_FIELDS if part == "ppl" else _PASSKEY_FIELDS
+    doc = {k: getattr(settings, k) for k in fields} | {"accel": __version__}
+    if part == "passkey":
+        doc["task_version"] = TASK_VERSION
     key = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return row_dir.parent / f"{row_dir.name}.accuracy-{key}.json"
+    return row_dir.parent / f"{row_dir.name}.{part}-{key}.json"
 
 
-def cached_accuracy(model, tok, art, row_dir: Path, tokens: dict, settings: MatrixSettings, progress: bool,
-                    label: str, recompute: bool = False) -> tuple[dict, bool]:
-    """(accuracy(...), cached: bool); computed results are written atomically for the next run."""
+def _cached(path: Path, label: str, recompute: bool, compute, valid):
+    """(value, cached): the JSON at `path` when it is there and valid, else compute() written there."""
     from accel.artifact import write_file
 
-    path = accuracy_path(row_dir, settings)
     if path.is_file() and not recompute:
         try:
             out = json.loads(path.read_text())
         except ValueError:
-            log.warning("[%s] unreadable cached accuracy %s: recomputing", label, path)
+            log.warning("[%s] unreadable cached result %s: recomputing", label, path)
         else:
-            if isinstance(out, dict) and set(out.get("ppl", {})) == set(settings.corpora):
-                log.info("[%s] accuracy cached at %s", label, path)
+            if valid(out):
+                log.info("[%s] cached result %s", label, path)
                 return out, True
-    out = accuracy(model, tok, art, tokens, settings, progress, label)
+    out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_file(path, lambda tmp: Path(tmp).write_text(json.dumps(out, default=float)), overwrite=True)
     return out, False
+
+
+def cached_accuracy(model, tok, art, row_dir: Path, tokens: dict, settings: MatrixSettings, progress: bool,
+                    label: str, recompute: bool = False) -> tuple[dict, bool]:
+    """({"ppl": ..., "passkey": ... for DS rows}, cached: bool, True when nothing was measured);
+    computed parts are written atomically for the next run."""
+    ppl, c1 = _cached(accuracy_path(row_dir, settings, "ppl"), label, recompute,
+                      lambda: perplexities(model, tok, art, tokens, settings, progress, label),
+                      lambda v: isinstance(v, dict) and set(v) == set(settings.corpora))
+    out = {"ppl": ppl}
+    if not _ds_configs(art):
+        return out, c1
+    pk, c2 = _cached(accuracy_path(row_dir, settings, "passkey"), label, recompute,
+                     lambda: passkey(model, tok, art, settings, progress, label),
+                     lambda v: isinstance(v, dict) and "ds" in v)
+    return {**out, "passkey": pk}, c1 and c2
 
 
 def row_artifact(model, tok, model_name: str, row: str, settings: MatrixSettings, cache_dir: Path,
@@ -224,40 +245,49 @@ def weight_part(art):
     return Artifact(configs=cfgs, tensors=tensors, fingerprint=art.fingerprint)
 
 
-def accuracy(model, tok, art, tokens: dict, settings: MatrixSettings, progress: bool, label: str) -> dict:
-    """{"ppl": {corpus: ppl}, "passkey": {...} for DS rows}."""
+def _ds_configs(art) -> list:
+    return [c for c in (art.configs if art is not None else []) if c.method == "double-sparsity"]
+
+
+def perplexities(model, tok, art, tokens: dict, settings: MatrixSettings, progress: bool, label: str) -> dict:
+    """{corpus: ppl}, DS rows in their scoring mode (eval_artifact)."""
     import accel
     from accel.data import bos_token_id
 
     from .perplexity import perplexity
 
-    out: dict = {"ppl": {}}
+    out: dict = {}
     ctx = accel.patched(model, eval_artifact(art)) if art is not None else _nullcontext()
     with ctx:
         for corpus, ids in tokens.items():
             t0 = time.perf_counter()
             r = perplexity(model, ids, seq_len=settings.seq_len, batch_size=settings.batch_size,
                            progress=progress, desc=f"{label} ppl {corpus}", bos_token_id=bos_token_id(tok))
-            out["ppl"][corpus] = r.ppl
+            out[corpus] = r.ppl
             log.info("[%s] ppl %s %.4f (%d tokens, %.0fs)", label, corpus, r.ppl, r.tokens, time.perf_counter() - t0)
-    ds = [c for c in (art.configs if art is not None else []) if c.method == "double-sparsity"]
-    if ds:
-        from .ds_retrieval import run_retrieval
-
-        t0 = time.perf_counter()
-        wp = weight_part(art)
-        ctx = accel.patched(model, wp) if wp is not None else _nullcontext()
-        with ctx:
-            res = run_retrieval(model, tok, art, tasks=("passkey",), contexts=(settings.passkey_context,),
-                                n=settings.passkey_n, budget=(ds[0].budget,), base=ds[0], seed=settings.seed,
-                                progress=progress, min_context=0)
-        acc = res["accuracy"]["passkey"]
-        c = str(settings.passkey_context)
-        out["passkey"] = {"context": settings.passkey_context, "n": settings.passkey_n,
-                          "ds": acc["ds"][c], "without_ds": acc["dense"][c]}
-        log.info("[%s] passkey at %d: %.2f (without DS %.2f, %.0fs)", label, settings.passkey_context,
-                 acc["ds"][c], acc["dense"][c], time.perf_counter() - t0)
     return out
+
+
+def passkey(model, tok, art, settings: MatrixSettings, progress: bool, label: str) -> dict:
+    """Passkey retrieval of a DS row at `passkey_context`; a composed row's weight method stays applied."""
+    import accel
+
+    from .ds_retrieval import run_retrieval
+
+    ds = _ds_configs(art)
+    t0 = time.perf_counter()
+    wp = weight_part(art)
+    ctx = accel.patched(model, wp) if wp is not None else _nullcontext()
+    with ctx:
+        res = run_retrieval(model, tok, art, tasks=("passkey",), contexts=(settings.passkey_context,),
+                            n=settings.passkey_n, budget=(ds[0].budget,), base=ds[0], seed=settings.seed,
+                            progress=progress, min_context=0)
+    acc = res["accuracy"]["passkey"]
+    c = str(settings.passkey_context)
+    log.info("[%s] passkey at %d: %.2f (without DS %.2f, %.0fs)", label, settings.passkey_context,
+             acc["ds"][c], acc["dense"][c], time.perf_counter() - t0)
+    return {"context": settings.passkey_context, "n": settings.passkey_n, "ds": acc["ds"][c],
+            "without_ds": acc["dense"][c]}
 
 
 class _nullcontext:

@@ -110,6 +110,20 @@ def test_end_to_end_json_plots_and_cache_reuse(tmp_path, capsys, counted, monkey
     assert rc == 0, err
     rec = json.loads(out.strip().splitlines()[0])
     assert len(calls) == 2 and rec["accuracy_cached"] is False and rec["ppl"] == by["dense"]["ppl"]
+    # A new passkey task version measures the passkey again, not the perplexities.
+    import accel.eval.ds_retrieval as ret
+
+    monkeypatch.setattr(ppl_mod, "perplexity", lambda *a, **k: pytest.fail("perplexity recomputed"))
+    monkeypatch.setattr(ret, "TASK_VERSION", ret.TASK_VERSION + 1)
+    runs = []
+    real_ret = ret.run_retrieval
+    monkeypatch.setattr(ret, "run_retrieval", lambda *a, **k: runs.append(1) or real_ret(*a, **k))
+    rc, out, err = _run(SMALL + ["--rows", "ds-1/16", "--cache-dir", str(cache), "--json", "--no-speed",
+                                 "--output", str(tmp_path / "p.json")], capsys)
+    assert rc == 0, err
+    rec = json.loads(out.strip().splitlines()[0])
+    assert runs == [1] and rec["accuracy_cached"] is False and rec["passkey"] == by["ds-1/16"]["passkey"]
+    monkeypatch.setattr(ppl_mod, "perplexity", real_ppl)
     # Other calibration settings are another cache entry.
     rc, out, err = _run(SMALL[:-2] + ["--max-seq-length", "32", "--rows", "wanda-2:4", "--cache-dir", str(cache),
                                       "--output", str(tmp_path / "c.json"), "--no-speed"], capsys)
