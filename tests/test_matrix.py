@@ -182,3 +182,21 @@ def test_a_changed_config_version_or_bos_is_another_cache_entry(tmp_path, counte
                 r.input_ids = [0, *r.input_ids] if return_tensors != "pt" else r.input_ids
             return r
     assert matrix.cache_key(model, BosTok(), "wanda-2:4", st) != matrix.cache_key(model, tok, "wanda-2:4", st)
+
+
+def test_markdown_table_of_records():
+    from accel.eval.matrix_markdown import markdown_table, summary_lines
+
+    sp = {"8192/2t": {"prefill_speedup": 1.0, "decode_speedup": 1.0}}
+    recs = [{"model": "m", "row": "dense", "ppl": {"wiki": 10.0, "shakespeare": 20.0}, "weight_ratio": 1.0,
+             "speed": sp},
+            {"model": "m", "row": "ds+gqsa-w4s50", "ppl": {"wiki": 12.5, "shakespeare": 30.0}, "weight_ratio": 0.3,
+             "passkey": {"ds": 0.95, "n": 20, "context": 4096},
+             "speed": {"8192/2t": {"prefill_speedup": 0.97, "decode_speedup": 2.61}}}]
+    lines = markdown_table(recs).splitlines()
+    assert lines[0].startswith("| model | row | ppl wiki (×dense) | ppl shakespeare (×dense) | passkey | bytes |")
+    assert lines[2] == "| m | `dense` | 10.00 | 20.00 | – | 1.00 | 1.00× | 1.00× |"
+    assert lines[3] == "| m | `ds+gqsa-w4s50` | 12.50 (1.25) | 30.00 (1.50) | 95% (n=20, 4096 tok) | 0.30 | 0.97× | 2.61× |"
+    s = summary_lines({"composition": [{"model": "m", "row": "ds+x", "corpus": "wiki", "ratio": 1.01,
+                                        "bound": 1.05, "verdict": "PASS"}], "speed_target": []})
+    assert s == "- composition m `ds+x` wiki: ppl(DS+X)/ppl(X) 1.010 vs bound 1.050: **PASS**"
