@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from accel.kernels.ds_attention import ds_update_labels, gather_labels
+from accel.kernels.ds_attention import (QuantizedLabels, dequantize_codes, ds_update_labels, gather_labels,
+                                        native_label_codes)
 
 from .compat import DynamicLayer, StaticLayer, is_compiling, mark_static_address
 
@@ -43,9 +44,9 @@ def quantize_labels(x: torch.Tensor, bits: int):
 
 def dequantize_labels(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int,
                       dtype: torch.dtype) -> torch.Tensor:
-    if bits == 4:
-        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
-    return (codes.float() * scale.float() + low.float()).to(dtype)
+    """The inverse of quantize_labels, in `dtype` (the formula lives with the kernels, which score
+    quantized labels without this copy: accel.kernels.ds_attention.QuantizedLabels)."""
+    return dequantize_codes(codes, scale, low, bits, dtype)
 
 
 def fake_quantize_labels(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -53,6 +54,16 @@ def fake_quantize_labels(x: torch.Tensor, bits: int) -> torch.Tensor:
     if bits >= 16:
         return x
     return dequantize_labels(*quantize_labels(x, bits), bits, x.dtype)
+
+
+def label_parts(keys: torch.Tensor, channels: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """What a label cache stores for keys [B, KVH, n, D]: (labels,) at 16 bits, else
+    quantize_labels' (codes, scale, low), by one native pass on the CPU (bit-exact; the torch ops
+    cost ~12 small calls per layer per decode step, and 3-5% of an 8K prefill)."""
+    if bits >= 16:
+        return (gather_labels(keys, channels),)
+    parts = native_label_codes(keys, channels, bits)
+    return parts if parts is not None else quantize_labels(gather_labels(keys, channels), bits)
 
 
 def _labels(parts, bits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -160,10 +171,7 @@ class DSLabelLayer(GrowingLayer):
         return new
 
     def _make_parts(self, keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        lab = gather_labels(keys, self.channels)
-        if self.bits >= 16:
-            return (lab,)
-        return quantize_labels(lab, self.bits)
+        return label_parts(keys, self.channels, self.bits)
 
     def _map(self, fn) -> None:
         if self.label_parts is not None:
@@ -189,6 +197,13 @@ class DSLabelLayer(GrowingLayer):
     def labels(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """[B, KVH, T, r] in `dtype` (default: the keys' dtype), dequantized if stored quantized."""
         return _labels(self.label_parts, self.bits, dtype or self.keys.dtype)
+
+    def stored_labels(self, dtype: torch.dtype | None = None):
+        """The labels as stored, for the decode op: [B, KVH, T, r] at 16 bits (in `dtype`), else a
+        `QuantizedLabels` view of the codes (its `dequantize()` is `labels(dtype)`)."""
+        if self.bits >= 16 or self.label_parts is None:
+            return self.labels(dtype)
+        return QuantizedLabels(*self.label_parts, self.bits, dtype or self.keys.dtype)
 
     def label_length(self) -> int:
         return 0 if self.label_parts is None else self.label_parts[0].shape[-2]
@@ -260,8 +275,7 @@ class DSStaticLabelLayer(StaticLayer):
                 mark_static_address(p)
 
     def _parts_of(self, keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        lab = gather_labels(keys, self.channels.to(keys.device))
-        return (lab,) if self.bits >= 16 else quantize_labels(lab, self.bits)
+        return label_parts(keys, self.channels.to(keys.device), self.bits)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)

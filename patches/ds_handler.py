@@ -48,13 +48,14 @@ class DSAttention(PressHandler):
         device = keys.device if isinstance(keys, torch.Tensor) else self.channels.device
         return DSStaticLabelLayer.from_layer(layer, self.channels.to(device), self.cfg.label_bits)
 
-    def _labels(self, layer, key: torch.Tensor) -> torch.Tensor:
-        """The label cache for this layer, [B, KVH, T, r], kept in step with `key`."""
+    def _labels(self, layer, key: torch.Tensor):
+        """The label cache for this layer, [B, KVH, T, r] (or `QuantizedLabels`), kept in step with `key`."""
         if isinstance(layer, DSLabelLayer) and layer.keys is key:
             if layer.label_length() != key.shape[2]:
                 # Someone changed the keys behind the cache layer's back: relabel everything.
                 layer.label_parts = layer._make_parts(key)
-            return layer.labels(key.dtype)
+            # Quantized labels go to the op as stored (the CPU path scores the codes directly).
+            return layer.stored_labels(key.dtype)
         # A cache type without labels (static, quantized, offloaded): label on the fly.
         log.debug("layer %d: cache layer %s has no label cache; gathering labels from K", self.layer_idx,
                   type(layer).__name__)

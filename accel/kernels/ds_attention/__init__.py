@@ -23,26 +23,29 @@ from __future__ import annotations
 import torch
 
 from accel.kernels import dispatch
-from accel.kernels.ops import call
+from accel.kernels.ops import call, use_ops
 
 # Registers torch.ops.accel.ds_* before any entry below (or in a module of this folder) can run.
 from . import ops  # noqa: F401
 from .causal import causal_impl, ds_causal_attention_reference
 from .decode import attend_impl, decode_impl, select_impl, update_labels_impl
-from .reference import (dense_decode_reference, ds_attend_reference, ds_attend_rows, ds_select_reference,
-                        forced_budget, gather_labels, label_scores_reference)
+from .cpu import native_label_codes
+from .reference import (QuantizedLabels, dense_decode_reference, dequantize_codes, ds_attend_reference, ds_attend_rows,
+                        ds_select_reference, forced_budget, gather_labels, label_scores_reference)
 
 __all__ = ["ds_decode_attention", "ds_decode_attention_static", "ds_select", "ds_select_reference",
            "ds_attend_reference", "ds_attend_rows", "ds_causal_attention", "ds_causal_attention_reference",
            "ds_update_labels", "dense_decode_reference", "gather_labels", "label_scores_reference", "forced_budget",
-           "validate_inputs"]
+           "validate_inputs", "QuantizedLabels", "dequantize_codes", "native_label_codes"]
 
 GROUP_REDUCES = ("max", "sum")
 
 
 def validate_inputs(q, k, v, labels, channels, budget, sink, recent, group_reduce, key_mask) -> None:
     """Raise ValueError naming the problem when the inputs disagree with the documented shapes."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("labels", labels)):
+    if isinstance(labels, QuantizedLabels):
+        _validate_quantized(labels)
+    for name, t in (("q", q), ("k", k), ("v", v)) + (() if isinstance(labels, QuantizedLabels) else (("labels", labels),)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"ds_decode_attention: {name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 4:
@@ -74,8 +77,13 @@ def validate_inputs(q, k, v, labels, channels, budget, sink, recent, group_reduc
     # Range check on CPU only: on CUDA it would sync the stream every layer of every step.
     # Skipped while compiling: reading the values is data-dependent (a graph break).
     if channels.device.type == "cpu" and channels.numel() and not torch.compiler.is_compiling() \
-            and (int(channels.min()) < 0 or int(channels.max()) >= D):
-        raise ValueError(f"ds_decode_attention: channel indices must lie in [0, {D})")
+            and ((stamp := _stamp(channels, D)) is None or getattr(channels, "_accel_range_ok", None) != stamp):
+        if int(channels.min()) < 0 or int(channels.max()) >= D:
+            raise ValueError(f"ds_decode_attention: channel indices must lie in [0, {D})")
+        # A handler passes the same channels tensor to every step: mark it checked (for this
+        # version of its data), saving two .item() syncs per layer per step.
+        if stamp is not None:
+            channels._accel_range_ok = stamp
     if tuple(labels.shape) != (B, KVH, T, r):
         raise ValueError(f"ds_decode_attention: labels shape {tuple(labels.shape)} != [B, KVH, T, r] = "
                          f"{(B, KVH, T, r)}")
@@ -90,8 +98,39 @@ def validate_inputs(q, k, v, labels, channels, budget, sink, recent, group_reduc
     if key_mask is not None and tuple(key_mask.shape) != (B, T):
         raise ValueError(f"ds_decode_attention: key_mask shape {tuple(key_mask.shape)} != [B, T] = {(B, T)}")
     for name, t in (("k", k), ("v", v), ("labels", labels), ("channels", channels)):
-        if t.device != q.device:
+        if (t.codes if isinstance(t, QuantizedLabels) else t).device != q.device:
             raise ValueError(f"ds_decode_attention: {name} is on {t.device}, q on {q.device}")
+
+
+def _stamp(channels: torch.Tensor, D: int):
+    """What identifies a checked channels tensor's contents; None (always check) for an inference
+    tensor, which has no version counter."""
+    if channels.is_inference():
+        return None
+    return channels._version, D
+
+
+def _validate_quantized(lab: QuantizedLabels) -> None:
+    codes, scale, low = lab.codes, lab.scale, lab.low
+    if not all(isinstance(t, torch.Tensor) for t in (codes, scale, low)) or codes.dim() != 4:
+        raise ValueError("ds_decode_attention: quantized labels need 4-D codes and scale / low tensors")
+    if codes.dtype != torch.uint8 or scale.dtype != torch.float16 or low.dtype != torch.float16:
+        raise ValueError(f"ds_decode_attention: quantized labels are uint8 codes with fp16 scale / low, got "
+                         f"{codes.dtype}, {scale.dtype}, {low.dtype}")
+    if lab.bits not in (4, 8):
+        raise ValueError(f"ds_decode_attention: quantized labels have 8 or 4 bits, got {lab.bits!r}")
+    if tuple(scale.shape) != (*codes.shape[:3], 1) or tuple(low.shape) != tuple(scale.shape):
+        raise ValueError(f"ds_decode_attention: scale {tuple(scale.shape)} / low {tuple(low.shape)} must be "
+                         f"[B, KVH, T, 1] = {(*codes.shape[:3], 1)}")
+    if not lab.dtype.is_floating_point:
+        raise ValueError(f"ds_decode_attention: quantized labels dequantize to a float dtype, got {lab.dtype}")
+
+
+def _plain_labels(labels, path: str):
+    """Quantized labels stay quantized only for the eager CPU path (which scores the codes)."""
+    if isinstance(labels, QuantizedLabels) and (path != "cpu" or use_ops()):
+        return labels.dequantize()
+    return labels
 
 
 def _resolve_path(q, path):
@@ -111,6 +150,7 @@ def ds_select(q, labels, channels, budget: int, sink: int = 4, recent: int = 64,
 
     Only the selection: the runtime's evaluation mode can reuse it. (`accel::ds_select` when compiling.)"""
     path = _resolve_path(q, path)
+    labels = _plain_labels(labels, path)
     channels = channels.to(device=q.device, dtype=torch.long)
     return call("ds_select", select_impl, q, labels, channels, key_mask, int(budget), int(sink), int(recent),
                     group_reduce, path)
@@ -122,7 +162,7 @@ def ds_decode_attention(q, k, v, labels, channels, budget: int, sink: int = 4, r
     """Double Sparsity decode attention.
 
     q: [B, H, 1, D] post-RoPE query; k, v: [B, KVH, T, D] (views of a bigger buffer are fine);
-    labels: [B, KVH, T, r]; channels: [KVH, r] int64; budget: tokens attended in total
+    labels: [B, KVH, T, r] (or `QuantizedLabels`, scored from the codes on the CPU); channels: [KVH, r] int64; budget: tokens attended in total
     (sink + recent + top-k); key_mask: [B, T] bool (True = real token) or None.
     path: None = dispatch.select_path(q.device), or "triton" | "cpu" | "reference".
     Returns out [B, H, 1, D] in q.dtype (and the selected indices [B, KVH, min(budget, T)] when
@@ -131,6 +171,7 @@ def ds_decode_attention(q, k, v, labels, channels, budget: int, sink: int = 4, r
     """
     validate_inputs(q, k, v, labels, channels, budget, sink, recent, group_reduce, key_mask)
     path = _resolve_path(q, path)
+    labels = _plain_labels(labels, path)
     channels = channels.to(dtype=torch.long)
     scaling = _scaling(q, scaling)
     if return_indices:

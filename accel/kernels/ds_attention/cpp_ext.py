@@ -269,12 +269,189 @@ torch::Tensor label_scores_16(torch::Tensor q, torch::Tensor labels, bool reduce
   });
   return out;
 }
+// ---- Quantized labels (patches/ds_cache.quantize_labels): codes uint8 [.., r] (8-bit) or [.., r/2]
+// (4-bit, channel 2i in the low nibble), scale / low fp16 per token. ----
+
+// fp32 -> bf16 -> fp32, round to nearest even (torch's .to(bfloat16)); NaN stays NaN.
+static inline float round_bf16(float x) {
+  uint32_t u; std::memcpy(&u, &x, 4);
+  if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) { u |= 0x00400000u; }
+  else { u += 0x7FFFu + ((u >> 16) & 1u); }
+  u &= 0xFFFF0000u;
+  float f; std::memcpy(&f, &u, 4); return f;
+}
+
+// Scores of one (batch, KV head) pair over tokens [t0, t1): the labels are dequantized as
+// dequantize_labels does (code * scale + low in fp32: the product of an 8-bit code and an fp16
+// scale is exact in fp32, so a fused multiply-add rounds the same), rounded to the cache dtype
+// (RND 0 fp32, 1 bf16, 2 fp16), and dotted with the G query rows in fp32.
+template <int BITS, int RND, int RC>
+static void score_q_pair(const float* __restrict__ q, const uint8_t* codes, int64_t cst, const at::Half* sc, int64_t sst,
+                         const at::Half* lo, int64_t lst, int64_t t0, int64_t t1, int64_t r_, int64_t G, bool mx,
+                         float* __restrict__ out) {
+  constexpr int64_t TB = 64;
+  const int64_t r = RC > 0 ? RC : r_;
+  std::vector<float> bufv(r * TB);
+  float* __restrict__ buf = bufv.data();
+  alignas(64) float sv[TB], lv[TB], acc[TB], red[TB];
+  for (int64_t a = t0; a < t1; a += TB) {
+    const int64_t nb = std::min(TB, t1 - a);
+    for (int64_t t = 0; t < nb; ++t) { sv[t] = static_cast<float>(sc[(a + t) * sst]); lv[t] = static_cast<float>(lo[(a + t) * lst]); }
+    const uint8_t* c = codes + a * cst;
+    // Channel-major tile (tokens innermost), so the dequantization and the dot products vectorize
+    // over tokens.
+    for (int64_t j = 0; j < r; ++j) {
+      float* __restrict__ bj = buf + j * TB;
+      #pragma omp simd
+      for (int64_t t = 0; t < nb; ++t) {
+        const uint32_t byte = c[t * cst + (BITS == 8 ? j : (j >> 1))];
+        const uint32_t code = BITS == 8 ? byte : ((j & 1) ? (byte >> 4) : (byte & 0xFu));
+        const float x = static_cast<float>(code) * sv[t] + lv[t];
+        bj[t] = RND == 1 ? round_bf16(x) : x;
+      }
+      if (RND == 2) for (int64_t t = 0; t < nb; ++t) bj[t] = static_cast<float>(at::Half(bj[t]));
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + g * r;
+      #pragma omp simd
+      for (int64_t t = 0; t < TB; ++t) acc[t] = 0.f;
+      for (int64_t j = 0; j < r; ++j) {
+        const float w = qg[j];
+        const float* __restrict__ bj = buf + j * TB;
+        #pragma omp simd
+        for (int64_t t = 0; t < TB; ++t) acc[t] += w * bj[t];
+      }
+      if (g == 0) { for (int64_t t = 0; t < TB; ++t) red[t] = acc[t]; }
+      else if (mx) { for (int64_t t = 0; t < TB; ++t) red[t] = std::max(red[t], acc[t]); }
+      else { for (int64_t t = 0; t < TB; ++t) red[t] += acc[t]; }
+    }
+    std::memcpy(out + a, red, nb * sizeof(float));
+  }
+}
+
+// q: [BK, G, r] fp32; codes: [BK, T, rc] uint8 (inner stride 1); scale, low: [BK, T] fp16 (any
+// strides); bits 8 or 4; rnd: 0 fp32, 1 bf16, 2 fp16 (the dtype the labels are dequantized to).
+// -> [BK, T] fp32 (max or sum over G). Work split over (pair, block of tokens).
+torch::Tensor label_scores_q(torch::Tensor q, torch::Tensor codes, torch::Tensor scale, torch::Tensor low,
+                             int64_t bits, int64_t rnd, bool reduce_max) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && q.is_contiguous() && q.dim() == 3, "q: fp32 [BK, G, r] contiguous");
+  TORCH_CHECK(codes.scalar_type() == torch::kByte && codes.dim() == 3 && codes.stride(2) == 1, "codes: uint8 [BK, T, rc]");
+  TORCH_CHECK(scale.scalar_type() == torch::kHalf && low.scalar_type() == torch::kHalf && scale.dim() == 2 && low.dim() == 2,
+              "scale / low: fp16 [BK, T]");
+  TORCH_CHECK(bits == 8 || bits == 4, "bits: 8 or 4");
+  TORCH_CHECK(rnd >= 0 && rnd <= 2, "rnd: 0, 1 or 2");
+  const int64_t BK = q.size(0), G = q.size(1), r = q.size(2), T = codes.size(1);
+  TORCH_CHECK(r >= 1 && r <= 256, "r in [1, 256]");
+  TORCH_CHECK(codes.size(0) == BK && codes.size(2) == (bits == 8 ? r : (r + 1) / 2), "codes shape");
+  TORCH_CHECK(scale.size(0) == BK && scale.size(1) == T && low.size(0) == BK && low.size(1) == T, "scale / low shape");
+  auto out = torch::empty({BK, T}, q.options());
+  constexpr int64_t TB = 1024;
+  const int64_t nb = (T + TB - 1) / TB;
+  const float* qp = q.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const at::Half* sp = scale.data_ptr<at::Half>();
+  const at::Half* lp = low.data_ptr<at::Half>();
+  float* op = out.data_ptr<float>();
+  const int64_t cs0 = codes.stride(0), cs1 = codes.stride(1), ss0 = scale.stride(0), ss1 = scale.stride(1);
+  const int64_t ls0 = low.stride(0), ls1 = low.stride(1);
+  at::parallel_for(0, BK * nb, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t p = w / nb, b = w % nb, t0 = b * TB, t1 = std::min(T, t0 + TB);
+      const float* qq = qp + p * G * r;
+      const uint8_t* cc = cp + p * cs0;
+      const at::Half* ss = sp + p * ss0;
+      const at::Half* ll = lp + p * ls0;
+      float* oo = op + p * T;
+#define DSQ_CALL(B_, R_, C_) score_q_pair<B_, R_, C_>(qq, cc, cs1, ss, ss1, ll, ls1, t0, t1, r, G, reduce_max, oo)
+      if (bits == 8 && rnd == 1 && r == 16) DSQ_CALL(8, 1, 16);
+      else if (bits == 8 && rnd == 1 && r == 8) DSQ_CALL(8, 1, 8);
+      else if (bits == 8 && rnd == 1) DSQ_CALL(8, 1, 0);
+      else if (bits == 8 && rnd == 0) DSQ_CALL(8, 0, 0);
+      else if (bits == 8) DSQ_CALL(8, 2, 0);
+      else if (rnd == 1 && r == 16) DSQ_CALL(4, 1, 16);
+      else if (rnd == 1) DSQ_CALL(4, 1, 0);
+      else if (rnd == 0) DSQ_CALL(4, 0, 0);
+      else DSQ_CALL(4, 2, 0);
+#undef DSQ_CALL
+    }
+  });
+  return out;
+}
+
+template <typename KT>
+static inline float key_f32(const KT* p) { return static_cast<float>(*p); }
+
+// quantize_labels(gather_labels(keys, channels), bits) in one pass: keys [B, KVH, n, D] (fp32,
+// bf16 or fp16, any strides), channels [KVH, r] int64 -> (codes [B, KVH, n, rc] uint8, scale
+// [B, KVH, n, 1] fp16, low [B, KVH, n, 1] fp16), bit for bit what the torch code computes (min
+// and max in fp32, scale = max((hi - lo) / qmax, 1e-8), code = clamp(round-half-even((x - lo) / scale))).
+template <typename KT>
+static void quant_impl(const torch::Tensor& keys, const int64_t* ch, int64_t r, int64_t bits, uint8_t* co, at::Half* so,
+                       at::Half* lo_out) {
+  const int64_t B = keys.size(0), KVH = keys.size(1), n = keys.size(2);
+  const int64_t s0 = keys.stride(0), s1 = keys.stride(1), s2 = keys.stride(2), s3 = keys.stride(3);
+  const KT* kp = keys.data_ptr<KT>();
+  const int64_t rc = bits == 8 ? r : r / 2;
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  at::parallel_for(0, B * KVH * n, 256, [&](int64_t i0, int64_t i1) {
+    std::vector<float> x(r);
+    std::vector<uint8_t> c(r);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (KVH * n), h = (i / n) % KVH, t = i % n;
+      const KT* row = kp + b * s0 + h * s1 + t * s2;
+      float mn = INFINITY, mxv = -INFINITY;
+      bool nan = false;
+      for (int64_t j = 0; j < r; ++j) {
+        x[j] = key_f32(row + ch[h * r + j] * s3);
+        nan |= std::isnan(x[j]);
+        mn = std::min(mn, x[j]); mxv = std::max(mxv, x[j]);
+      }
+      if (nan) { mn = mxv = NAN; }
+      float scale = (mxv - mn) / qmax;
+      scale = std::isnan(scale) ? scale : std::max(scale, 1e-8f);
+      for (int64_t j = 0; j < r; ++j) {
+        float v = std::nearbyint((x[j] - mn) / scale);
+        v = std::isnan(v) ? 0.f : std::min(std::max(v, 0.f), qmax);
+        c[j] = static_cast<uint8_t>(v);
+      }
+      uint8_t* o = co + i * rc;
+      if (bits == 8) { for (int64_t j = 0; j < r; ++j) o[j] = c[j]; }
+      else { for (int64_t j = 0; j < rc; ++j) o[j] = static_cast<uint8_t>(c[2 * j] | (c[2 * j + 1] << 4)); }
+      so[i] = at::Half(scale);
+      lo_out[i] = at::Half(mn);
+    }
+  });
+}
+
+std::vector<torch::Tensor> label_quant(torch::Tensor keys, torch::Tensor channels, int64_t bits) {
+  TORCH_CHECK(keys.dim() == 4, "keys: [B, KVH, n, D]");
+  TORCH_CHECK(channels.scalar_type() == torch::kLong && channels.dim() == 2 && channels.is_contiguous(), "channels: int64 [KVH, r]");
+  TORCH_CHECK(bits == 8 || bits == 4, "bits: 8 or 4");
+  const int64_t B = keys.size(0), KVH = keys.size(1), n = keys.size(2), D = keys.size(3), r = channels.size(1);
+  TORCH_CHECK(channels.size(0) == KVH && r >= 1 && (bits == 8 || r % 2 == 0), "channels shape");
+  const int64_t* ch = channels.data_ptr<int64_t>();
+  for (int64_t i = 0; i < KVH * r; ++i) TORCH_CHECK(ch[i] >= 0 && ch[i] < D, "channel index out of range");
+  const int64_t rc = bits == 8 ? r : r / 2;
+  auto codes = torch::empty({B, KVH, n, rc}, keys.options().dtype(torch::kByte));
+  auto scale = torch::empty({B, KVH, n, 1}, keys.options().dtype(torch::kHalf));
+  auto low = torch::empty({B, KVH, n, 1}, keys.options().dtype(torch::kHalf));
+  uint8_t* co = codes.data_ptr<uint8_t>();
+  at::Half* so = scale.data_ptr<at::Half>();
+  at::Half* lo = low.data_ptr<at::Half>();
+  const auto t = keys.scalar_type();
+  if (t == torch::kBFloat16) quant_impl<at::BFloat16>(keys, ch, r, bits, co, so, lo);
+  else if (t == torch::kHalf) quant_impl<at::Half>(keys, ch, r, bits, co, so, lo);
+  else if (t == torch::kFloat) quant_impl<float>(keys, ch, r, bits, co, so, lo);
+  else TORCH_CHECK(false, "keys: fp32, bf16 or fp16");
+  return {codes, scale, low};
+}
 """
 
 
 def load():
     """The built extension, or None (the caller keeps the torch path)."""
-    return _cpp.load("ds_attend_v5", _SRC, ["ds_attend_f32", "ds_attend_16", "topk_rows_f32", "label_scores_16"],
+    return _cpp.load("ds_attend_v7", _SRC, ["ds_attend_f32", "ds_attend_16", "topk_rows_f32", "label_scores_16",
+                                         "label_scores_q", "label_quant"],
                      "DS decode uses torch's gather and topk")
 
 
@@ -304,3 +481,30 @@ def ds_attend_f32(mod, q: torch.Tensor, kflat: torch.Tensor, vflat: torch.Tensor
     out = fn(q.reshape(B * H, D).contiguous(), kflat, vflat, krows.reshape(BK, -1).contiguous(),
                             vrows.reshape(BK, -1).contiguous(), G, float(scaling))
     return out.view(B, H, 1, D)
+
+
+# Cache dtypes labels are dequantized to, as the native kernel's rounding code.
+_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def label_scores_q(mod, q_lab: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int,
+                   dtype: torch.dtype, group_reduce: str) -> torch.Tensor:
+    """Label scores over quantized labels, without dequantizing them into a tensor.
+
+    q_lab: [B, KVH, G, r] fp32; codes: [B, KVH, T, r] (8-bit) or [B, KVH, T, r/2] (4-bit) uint8;
+    scale, low: [B, KVH, T, 1] fp16 (patches/ds_cache.quantize_labels); dtype: what the labels
+    would be dequantized to (fp32, bf16, fp16; each label is rounded to it, as
+    `dequantize_labels(..., dtype)` does) -> [B, KVH, T] fp32 (max/sum over G)."""
+    B, KVH, G, r = q_lab.shape
+    T = codes.shape[2]
+    if codes.stride(3) != 1:
+        codes = codes.contiguous()
+    return mod.label_scores_q(q_lab.reshape(B * KVH, G, r).contiguous(), codes.reshape(B * KVH, T, codes.shape[3]),
+                              scale.reshape(B * KVH, T), low.reshape(B * KVH, T), int(bits), _ROUND[dtype],
+                              group_reduce == "max").view(B, KVH, T)
+
+
+def label_quant(mod, keys: torch.Tensor, channels: torch.Tensor, bits: int):
+    """`quantize_labels(gather_labels(keys, channels), bits)` in one native pass (same bits):
+    keys [B, KVH, n, D] fp32/bf16/fp16, channels [KVH, r] int64 -> (codes, scale, low)."""
+    return tuple(mod.label_quant(keys, channels.contiguous(), int(bits)))

@@ -26,7 +26,7 @@ import threading
 import torch
 
 from . import cpp_ext
-from .reference import forced_budget, valid_rank
+from .reference import QuantizedLabels, forced_budget, valid_rank
 
 # Per-thread: two threads decoding with two models at once must not gather into one buffer
 # (issue 13). A thread's buffers are only used inside one ds_attend_cpu call at a time.
@@ -81,18 +81,39 @@ def drop_trivial_mask(key_mask):
     return key_mask
 
 
+def native_label_codes(keys: torch.Tensor, channels: torch.Tensor, bits: int):
+    """`quantize_labels(gather_labels(keys, channels), bits)` by the native kernel (bit-exact), or
+    None where it does not run (not CPU, no extension, a traced graph, autograd, fp64 keys)."""
+    # 4-bit codes pack channel pairs: an odd r (which configs refuse) keeps the torch packing.
+    if (keys.device.type != "cpu" or keys.dtype not in _NATIVE_KV or bits not in (4, 8)
+            or (bits == 4 and channels.shape[-1] % 2)
+            or torch.compiler.is_compiling() or (torch.is_grad_enabled() and keys.requires_grad)):
+        return None
+    mod = cpp_ext.load()
+    return None if mod is None else cpp_ext.label_quant(mod, keys, channels.to(torch.long), bits)
+
+
 def ds_select_cpu(q, labels, channels, budget: int, sink: int = 4, recent: int = 64,
                   group_reduce: str = "max", key_mask=None) -> torch.Tensor:
-    """Selected indices [B, KVH, min(budget, T)] int64 (unordered); see reference.ds_select_reference."""
+    """Selected indices [B, KVH, min(budget, T)] int64 (unordered); see reference.ds_select_reference.
+    labels: [B, KVH, T, r] float, or `QuantizedLabels` (scored natively from the codes, or dequantized)."""
     B, H, _, D = q.shape
     _, KVH, T, r = labels.shape
     G = H // KVH
     qg = q[:, :, 0, :].reshape(B, KVH, G, D)
+    mod = cpp_ext.load()
+    if isinstance(labels, QuantizedLabels):
+        if mod is None or q.dtype == torch.float64 or labels.dtype == torch.float64:
+            labels = labels.dequantize()
     # fp32 scores (fp64 for fp64 input), as reference.label_scores_reference computes them.
     cd = torch.float64 if torch.float64 in (q.dtype, labels.dtype) else torch.float32
     q_lab = torch.gather(qg, 3, channels[None, :, None, :].expand(B, KVH, G, r)).to(cd)
-    mod = cpp_ext.load()
-    if mod is not None and cd == torch.float32 and labels.dtype in (torch.bfloat16, torch.float16):
+    if isinstance(labels, QuantizedLabels):
+        # Native: each code dequantized and rounded to the cache dtype in registers, fp32 dot
+        # products, work split over (KV head, token block) (B * KVH pairs alone leave threads idle).
+        s = cpp_ext.label_scores_q(mod, q_lab, labels.codes, labels.scale, labels.low, labels.bits, labels.dtype,
+                                   group_reduce)
+    elif mod is not None and cd == torch.float32 and labels.dtype in (torch.bfloat16, torch.float16):
         # Native: widens each 16-bit label exactly and accumulates in fp32, no fp32 copy of all T labels.
         s = cpp_ext.label_scores_16(mod, q_lab, labels, group_reduce)
     else:

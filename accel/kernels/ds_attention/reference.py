@@ -26,6 +26,8 @@ valid tokens this is exactly dense attention over the valid tokens.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -48,6 +50,45 @@ def valid_rank(key_mask: torch.Tensor | None, B: int, T: int, device) -> tuple[t
     m = key_mask.bool()
     rank = torch.where(m, m.long().cumsum(-1) - 1, torch.full_like(m, -1, dtype=torch.long))
     return rank, m.long().sum(-1)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Min-max quantized labels back to `dtype`: codes uint8 [..., r] (8-bit) or [..., r/2] (4-bit,
+    channel 2i in the low nibble), scale / low [..., 1] fp16 -> [..., r] = code * scale + low
+    (fp32), rounded to dtype."""
+    if bits == 4:
+        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
+    return (codes.float() * scale.float() + low.float()).to(dtype)
+
+
+class QuantizedLabels(NamedTuple):
+    """A label cache stored min-max quantized (patches/ds_cache.quantize_labels), passed to the
+    decode entries as it is stored: the CPU path scores the codes directly (no dequantized copy of
+    all T labels per step); every other path dequantizes first. Its labels are exactly
+    `dequantize()`: [B, KVH, T, r] in `dtype`.
+
+    codes: [B, KVH, T, r] or [B, KVH, T, r/2] (4-bit) uint8; scale, low: [B, KVH, T, 1] fp16."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    low: torch.Tensor
+    bits: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        B, KVH, T, rc = self.codes.shape
+        return torch.Size((B, KVH, T, rc * 2 if self.bits == 4 else rc))
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def dim(self) -> int:
+        return 4
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_codes(self.codes, self.scale, self.low, self.bits, self.dtype)
 
 
 def gather_labels(k: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
