@@ -10,6 +10,10 @@ new token, median over rounds) and the decode tokens/s = 1 / (median step time),
 every round pooled (a step = the time between two new tokens, stamped by a stopping criterion).
 Ratios are against the dense row of the same run.
 
+`--compile` adds the row "ds+gqsa compiled": DS + GQSA under `accel.compile` (static cache, compiled
+decode step, fast plain linears) on a deep copy of the model, patched and compiled once before the
+rounds (the compile's seconds are reported apart, not in any timing), measured in the same rounds.
+
 Speed-only artifacts: DS calibrated on 2 x 64 random tokens (its channels' quality is not what is
 measured), GQSA by round-to-nearest (`accel.calibrate.gqsa.rtn_artifact`). DS runs with
 `min_context=0` unless `--min-context` says otherwise (its default, 8192, keeps shorter
@@ -28,6 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ROWS = ("dense", "ds", "gqsa", "ds+gqsa")
+COMPILED = "ds+gqsa compiled"
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -79,7 +84,10 @@ def artifacts(model, budget: float, min_context: int, rows) -> dict:
 
 def bench(model_name: str = "smollm2-135m", context: int = 8192, threads: int = 2, new_tokens: int = 16,
           rounds: int = 3, rows=ROWS, budget: float = 1 / 16, min_context: int = 0, dtype: str = "bfloat16",
-          profile_row: str | None = None, clock: str = "wall") -> dict:
+          profile_row: str | None = None, clock: str = "wall", compile: bool = False) -> dict:
+    """One interleaved run (module docstring); compile: add the COMPILED row."""
+    import copy
+
     import accel
     from accel.eval.matrix_speed import prompt_ids
 
@@ -92,33 +100,47 @@ def bench(model_name: str = "smollm2-135m", context: int = 8192, threads: int = 
         ids = torch.randint(1, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
     else:
         ids = prompt_ids(tok, model, context)
-    arts = artifacts(model, budget, min_context, rows)
+    arts = artifacts(model, budget, min_context, tuple(rows) + (("ds+gqsa",) if compile else ()))
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    prefill = {r: [] for r in rows}
-    steps = {r: [] for r in rows}
+    timed = tuple(rows) + ((COMPILED,) if compile else ())
+    prefill = {r: [] for r in timed}
+    steps = {r: [] for r in timed}
+    compile_s = None
     try:
+        cmodel = None
+        if compile:
+            # A copy stays patched and compiled for every round (re-patching would recompile).
+            cmodel = copy.deepcopy(model)
+            for a in arts["ds+gqsa"]:
+                accel.patch(cmodel, a)
+            compile_s = accel.compile(cmodel, max_cache_len=context + new_tokens + 8).seconds
+            log.info("ds+gqsa compiled in %.1f s", compile_s)
         for rd in range(rounds):
-            for r in rows:
-                for a in arts[r]:
-                    accel.patch(model, a)
+            for r in timed:
+                m = cmodel if r == COMPILED else model
+                patches = [] if r == COMPILED else arts[r]
+                for a in patches:
+                    accel.patch(m, a)
                 try:
                     if rd == 0:
-                        generate_steps(model, ids[:, :16], 2)  # first-call set-up stays out of the timings
-                    p, s = generate_steps(model, ids, new_tokens, clock)
+                        generate_steps(m, ids[:, :16], 2)  # first-call set-up stays out of the timings
+                    p, s = generate_steps(m, ids, new_tokens, clock)
                     prefill[r].append(p)
                     steps[r].extend(s)
                     if profile_row == r and rd == rounds - 1:
-                        _profile(model, ids)
+                        _profile(m, ids)
                 finally:
-                    if arts[r]:
-                        accel.unpatch(model)
+                    if patches:
+                        accel.unpatch(m)
                 log.info("round %d row %s: prefill %.2fs, step %.1f ms", rd + 1, r, p, 1e3 * statistics.median(s))
     finally:
         torch.set_num_threads(old)
     out = {"model": model_name, "context": context, "threads": threads, "new_tokens": new_tokens,
            "rounds": rounds, "budget": budget, "min_context": min_context, "clock": clock, "rows": {}}
-    for r in rows:
+    if compile_s is not None:
+        out["compile_s"] = compile_s
+    for r in timed:
         out["rows"][r] = {"prefill_s": statistics.median(prefill[r]),
                           "decode_tok_s": 1.0 / statistics.median(steps[r])}
     base = out["rows"].get("dense")
@@ -156,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                     help="wall seconds, or this process's CPU seconds (use with --threads 1 on a loaded machine)")
     ap.add_argument("--profile", default=None, metavar="ROW", help="print a torch.profiler table of ROW's decode")
+    ap.add_argument("--compile", action="store_true",
+                    help=f"add the row {COMPILED!r}: DS + GQSA under accel.compile (compiled once, before the rounds)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -164,11 +188,11 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"--rows: unknown {bad}; choose from {', '.join(ROWS)}")
     r = bench(a.model, a.context, a.threads, a.new_tokens, a.rounds, rows, a.budget, a.min_context,
-              profile_row=a.profile, clock=a.clock)
+              profile_row=a.profile, clock=a.clock, compile=a.compile)
     print(f"{r['model']} context {r['context']}, {r['threads']} threads, {r['rounds']} rounds x {r['new_tokens']} tokens, "
-          f"{r['clock']} clock")
+          f"{r['clock']} clock" + (f", compiled in {r['compile_s']:.0f} s" if "compile_s" in r else ""))
     for name, c in r["rows"].items():
-        print(f"{name:>8}: decode {c['decode_tok_s']:6.2f} tok/s ({c.get('decode_speedup', float('nan')):.2f}x)  "
+        print(f"{name:>16}: decode {c['decode_tok_s']:6.2f} tok/s ({c.get('decode_speedup', float('nan')):.2f}x)  "
               f"prefill {c['prefill_s']:6.2f} s ({c.get('prefill_speedup', float('nan')):.2f}x)")
     if a.json:
         print(json.dumps(r))
