@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 TASKS = ("passkey", "kv")
 # Bumped whenever a prompt or the solved test changes: cached results (eval/matrix.py) of an
-# older task are measured again.
-TASK_VERSION = 1
+# older task are measured again. 2: the needle and the question each a paragraph of their own
+# (dense Gemma-3 went from 0 to most prose prompts solved, SmolLM2 from 2 of 8 to most).
+TASK_VERSION = 2
 HAYSTACKS = ("filler", "prose")
 _FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 _WORDS = ("amber", "bold", "cedar", "delta", "ember", "frost", "grove", "harbor", "ivory", "jade", "kite", "lunar",
@@ -44,12 +45,24 @@ class Prompt:
     answer: str
 
 
-_PK_HEAD = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
-_PK_TAIL = "\nWhat is the pass key? The pass key is"
+# The usual passkey task (Landmark Attention, LongLoRA): an instruction line, the needle "The pass
+# key is K. Remember it. K is the pass key.", the question with the answer's prefix. The needle and
+# the question stand as paragraphs of their own: run into the prose, the small models read "The
+# pass key is" as the start of a definition ("... is a musical instrument") even dense.
+_PK_HEAD = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+            "I will quiz you about the pass key.\n\n")
+_PK_TAIL = "\n\nNow, what is the pass key mentioned above? The pass key is"
 
 
 def _needle(key: str) -> str:
-    return f"The pass key is {key}. Remember it. {key} is the pass key. "
+    return f"\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
+
+
+def _bos(tok) -> int:
+    """1 when the tokenizer puts a BOS token before a text (accel.data.bos_token_id), else 0."""
+    from accel.data import bos_token_id
+
+    return int(bos_token_id(tok) is not None)
 
 
 def passkey_prompt(tok, context: int, rng: random.Random, haystack: str = "filler") -> Prompt:
@@ -62,7 +75,8 @@ def passkey_prompt(tok, context: int, rng: random.Random, haystack: str = "fille
     key = str(rng.randint(10000, 99999))
     needle = _needle(key)
     unit = len(tok(_FILLER, add_special_tokens=False).input_ids)
-    fixed = len(tok(_PK_HEAD + needle + _PK_TAIL, add_special_tokens=False).input_ids)
+    # The BOS the tokenizer adds (Gemma's) counts inside `context` too.
+    fixed = len(tok(_PK_HEAD + needle + _PK_TAIL, add_special_tokens=False).input_ids) + _bos(tok)
     n = max(1, (context - fixed) // unit)
     depth = rng.randint(max(0, n // 10), max(0, (9 * n) // 10))
     text = _PK_HEAD + _FILLER * depth + needle + _FILLER * (n - depth) + _PK_TAIL
@@ -90,9 +104,8 @@ def prose_passkey_prompt(tok, context: int, rng: random.Random) -> Prompt:
     articles, up to `context` tokens with the head, needle and question (and BOS, when the
     tokenizer adds one), the needle between two sentences at a random depth in [10%, 90%] of the
     haystack's tokens. The key is redrawn if the prose happens to contain it."""
-    bos = 1 if tok("a").input_ids != tok("a", add_special_tokens=False).input_ids else 0
     key = str(rng.randint(10000, 99999))
-    fixed = len(tok(_PK_HEAD + _needle(key) + _PK_TAIL, add_special_tokens=False).input_ids) + bos
+    fixed = len(tok(_PK_HEAD + _needle(key) + _PK_TAIL, add_special_tokens=False).input_ids) + _bos(tok)
     # Each sentence is counted with its leading space, as it appears joined; 1% headroom for the
     # merges at the joins, then whole sentences are dropped from the end until the text fits. A
     # sentence that does not fit is skipped (a shorter one may), up to 64 in a row.

@@ -20,8 +20,8 @@ def tok():
 
 def _hay(p):
     """The prompt's haystack before and after the needle."""
-    body = p.text.split("Find it and memorize it.\n", 1)[1].rsplit("\nWhat is the pass key?", 1)[0]
-    before, after = body.split(f"The pass key is {p.answer}. Remember it. {p.answer} is the pass key. ")
+    body = p.text.split("I will quiz you about the pass key.\n\n", 1)[1].rsplit("\n\nNow, what is the pass key", 1)[0]
+    before, after = body.split(f"\n\nThe pass key is {p.answer}. Remember it. {p.answer} is the pass key.\n\n")
     return before, after
 
 
@@ -60,6 +60,50 @@ def test_filler_prompts_unchanged_by_the_prose_option(tok):
     assert [p.text for p in a] == [p.text for p in b] and "The grass is green." in a[0].text
     with pytest.raises(ValueError, match="haystack"):
         make_prompts(tok, "passkey", [512], 1, haystack="poetry")
+
+
+class _BosTok:
+    """SmolLM2's tokenizer made to put a BOS token before every text, as Gemma's does."""
+
+    def __init__(self, tok):
+        self.tok, self.bos_token_id = tok, tok.convert_tokens_to_ids("<|endoftext|>")
+
+    def __call__(self, text, add_special_tokens=True, **kw):
+        out = self.tok(text, add_special_tokens=False, **kw)
+        if add_special_tokens:
+            out["input_ids"] = [self.bos_token_id] + list(out["input_ids"])
+        return out
+
+
+@pytest.mark.parametrize("haystack", ["filler", "prose"])
+def test_prompt_with_bos_never_exceeds_context(tok, haystack):
+    """A tokenizer that adds BOS (Gemma's): the prompt, BOS included, stays within the context
+    (the filler prompt did not count the BOS)."""
+    from accel.data import bos_token_id
+    from accel.eval.ds_retrieval import make_prompts
+
+    btok = _BosTok(tok)
+    assert bos_token_id(btok) == btok.bos_token_id
+    for context in (700, 1000, 2048):
+        for p in make_prompts(btok, "passkey", [context], 4, seed=3, haystack=haystack):
+            n = len(btok(p.text).input_ids)
+            assert 0.95 * context <= n <= context, (context, n)
+
+
+@pytest.mark.parametrize("haystack", ["filler", "prose"])
+def test_prompt_is_the_usual_passkey_format(tok, haystack):
+    """Landmark/LongLoRA wording; the needle and the question each a paragraph of their own (run
+    into the text, SmolLM2 and Gemma-3 read "The pass key is" as a definition even dense)."""
+    from accel.eval.ds_retrieval import TASK_VERSION, make_prompts
+
+    assert TASK_VERSION >= 2
+    for p in make_prompts(tok, "passkey", [800], 3, seed=0, haystack=haystack):
+        k = p.answer
+        assert re.fullmatch(r"\d{5}", k)
+        assert p.text.startswith("There is an important pass key hidden inside a lot of irrelevant text. ")
+        assert p.text.count(f"\n\nThe pass key is {k}. Remember it. {k} is the pass key.\n\n") == 1
+        assert p.text.endswith("\n\nNow, what is the pass key mentioned above? The pass key is")
+        assert p.text.count(k) == 2
 
 
 def test_run_retrieval_on_prose_with_a_tiny_model(tok):
