@@ -96,12 +96,15 @@ MSE_RTOL = 1e-5
 def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                  sq_norm: torch.Tensor, tokens_per_sample: int, nm: tuple[int, int] | None = None,
                  max_cycles: int = 50, threshold: float = 0.1, pow_var: float = 1.0,
-                 objective: str = "mean", gram: torch.Tensor | None = None) -> DSnoTResult:
+                 objective: str = "mean", gram: torch.Tensor | None = None,
+                 guard: torch.Tensor | None = None) -> DSnoTResult:
     """Refine `keep` ([out, in] bool) for `weight` ([out, in]).
 
     mean, var: [in] per-token mean and population variance of the inputs; sq_norm: [in] sum of x^2
     (Wanda's statistic); tokens_per_sample: calibration sequence length (threshold units, above);
     objective: "mean" | "mse-diag" | "mse" (above); gram: [in, in] E[x x^T], needed for "mse".
+    guard: optional [n, in] inputs (the first token of each calibration sample: the attention
+    sinks) whose squared error per row no swap may raise (`_SinkGuard`); None = no guard.
 
     Each cycle: growth candidates (`_Growth`) and pruning candidates (`_PruneUnstructured` or
     `_PruneNM`) propose one swap per row, the objective (`_OBJECTIVES[objective]`) accepts or
@@ -109,6 +112,8 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"DSnoT objective must be one of {OBJECTIVES}, got {objective!r}")
+    if guard is not None and (guard.dim() != 2 or guard.size(1) != weight.size(1)):
+        raise ValueError(f"DSnoT guard must be [n, {weight.size(1)}] inputs, got {tuple(guard.shape)}")
     if objective == "mse" and (gram is None or gram.shape != (weight.size(1), weight.size(1))):
         raise ValueError(f"DSnoT objective 'mse' needs gram [in, in], got "
                          f"{None if gram is None else tuple(gram.shape)}")
@@ -129,6 +134,7 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
     k = max(1, min(max_cycles, n_in))
     grow = _Growth(c, var, pruned0, pow_var, k)
     prune = _PruneUnstructured(keep, c, wscore, k) if nm is None else _PruneNM(keep, wscore, nm[1])
+    sink = None if guard is None else _SinkGuard(w, pruned0, guard)
 
     swaps = torch.zeros(out, dtype=torch.long, device=w.device)
     active = torch.ones(out, dtype=torch.bool, device=w.device)
@@ -143,7 +149,11 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
         pi, valid_p = prune.propose(rows, up, gi)
         trying = active & valid_g & valid_p
         eps_new = eps + c[rows, pi].double() - c[rows, gi].double()
-        accept = obj.accept(rows, trying, gi, pi, eps, eps_new)
+        # The guard vetoes before the objective sees the swap (objectives update state on accept).
+        ok = trying if sink is None else trying & sink.allows(rows, gi, pi)
+        accept = obj.accept(rows, ok, gi, pi, eps, eps_new)
+        if sink is not None:
+            sink.update(accept)
         active &= valid_g & valid_p
         ra = rows[accept]
         keep[ra, gi[accept]] = True
@@ -227,6 +237,31 @@ class _PruneNM:
 
     def advance(self, accept, up, ra, pi) -> None:
         self.key[ra, pi[accept]] = self.inf
+
+
+class _SinkGuard:
+    """Vetoes a swap that raises the row's squared error on the guard tokens.
+
+    Why: on Qwen2.5-0.5B the first token of every sequence (the attention sink) carries massive
+    activations from layer 2 on (|h| ~1100 vs ~12 elsewhere). Every objective above averages over
+    tokens, so DSnoT's swaps, fitted to the typical token, raised the sink token's error at layer
+    3's output from 0.14 (Wanda) to 0.42 (relative, calibration samples) while lowering the rest,
+    and wiki perplexity rose. With the guard a swap must not raise the error of those tokens."""
+
+    def __init__(self, w, pruned0, guard):
+        self.w = w
+        self.xt = guard.float().t().contiguous()          # [in, n]
+        self.r = (w * pruned0) @ self.xt                  # [out, n]: error per row and guard token
+        self.r_new = self.r
+
+    def allows(self, rows, gi, pi):
+        a, b = self.w[rows, gi].unsqueeze(1), self.w[rows, pi].unsqueeze(1)
+        # Swap: w_P -> w_P - a e_g + b e_p, so each guard token's error moves by b x_p - a x_g.
+        self.r_new = self.r + b * self.xt[pi] - a * self.xt[gi]
+        return self.r_new.double().pow(2).sum(1) <= self.r.double().pow(2).sum(1)
+
+    def update(self, accept) -> None:
+        self.r = torch.where(accept.unsqueeze(1), self.r_new, self.r)
 
 
 # ---- objectives: when a proposed swap is accepted -------------------------------------------

@@ -37,12 +37,23 @@ log = logging.getLogger(__name__)
 class InputStats:
     """Per-input-channel statistics of one linear's calibration inputs (fp64 accumulators).
 
-    xtx: optional [in, in] accumulator of X^T X (DSnoT's "mse" objective); None = not collected."""
+    xtx: optional [in, in] accumulator of X^T X (DSnoT's "mse" objective); None = not collected.
+    sinks: the inputs at position 0 of each sample (DSnoT's sink guard), when collected."""
 
     total: torch.Tensor
     sq: torch.Tensor
     count: int = 0
     xtx: torch.Tensor | None = None
+    sinks: list = field(default_factory=list)
+
+    def add_sinks(self, x: torch.Tensor, tokens_per_sample: int) -> None:
+        """x: [samples * tokens_per_sample, in], whole samples; keeps each sample's first token."""
+        self.sinks.append(x.reshape(-1, tokens_per_sample, x.size(-1))[:, 0].float().clone())
+
+    @property
+    def sink_inputs(self) -> torch.Tensor | None:
+        """[samples, in] (fp32) inputs at position 0, or None if not collected."""
+        return torch.cat(self.sinks) if self.sinks else None
 
     def add(self, x: torch.Tensor) -> None:
         """x: [tokens, in]."""
@@ -101,7 +112,8 @@ def selected_linears(model, cfg: PruneConfig) -> list[tuple[str, nn.Linear]]:
     return linears
 
 
-def _mask_for(cfg: PruneConfig, lin: nn.Linear, st: InputStats | None, tokens_per_sample: int, info: PruneInfo):
+def _mask_for(cfg: PruneConfig, lin: nn.Linear, st: InputStats | None, tokens_per_sample: int, info: PruneInfo,
+              sink_guard: bool = False):
     w = lin.weight.detach()
     if cfg.init == "magnitude":
         keep = magnitude_mask(w, cfg.sparsity, cfg.nm)
@@ -110,7 +122,8 @@ def _mask_for(cfg: PruneConfig, lin: nn.Linear, st: InputStats | None, tokens_pe
     if cfg.dsnot:
         t0 = time.perf_counter()
         r = dsnot_refine(w, keep, st.mean, st.var, st.sq, tokens_per_sample, cfg.nm,
-                         cfg.max_cycles, cfg.threshold, cfg.pow_var, cfg.dsnot_objective, st.gram)
+                         cfg.max_cycles, cfg.threshold, cfg.pow_var, cfg.dsnot_objective, st.gram,
+                         guard=st.sink_inputs if sink_guard else None)
         keep = r.keep
         info.dsnot_swaps += int(r.swaps.sum())
         info.dsnot_seconds += time.perf_counter() - t0
@@ -129,8 +142,10 @@ class _LayerPruner:
     """
 
     def __init__(self, cfg: PruneConfig, by_layer: dict[int, list[tuple[str, nn.Linear]]],
-                 tokens_per_sample: int, info: PruneInfo, joined: bool = False):
+                 tokens_per_sample: int, info: PruneInfo, joined: bool = False, sink_guard: bool = False):
         self.cfg, self.by_layer, self.tps, self.info, self.joined = cfg, by_layer, tokens_per_sample, info, joined
+        # DSnoT's sink guard needs each sample's first-token inputs (see dsnot._SinkGuard).
+        self.sink_guard = sink_guard and cfg.dsnot
 
     def process_layer(self, i: int, layer: nn.Module, data: LayerData) -> dict[str, torch.Tensor]:
         lins = dict(self.by_layer.get(i, []))
@@ -169,6 +184,8 @@ class _LayerPruner:
             if st is None:
                 st = stats[name] = InputStats.zeros(lins[name].in_features, self.cfg.needs_gram, lins[name].weight.device)
             st.add(x)
+            if self.sink_guard:
+                st.add_sinks(x, self.tps)
             last[0], last[1] = x, st
         # early_exit: the stats pass need not compute what comes after the last targeted input.
         linear_input_stats(layer, data, i, lins, add, early_exit=True)
@@ -185,6 +202,8 @@ class _LayerPruner:
                 if last[0] is not x:
                     st = InputStats.zeros(mod.in_features, self.cfg.needs_gram, mod.weight.device)
                     st.add(x.reshape(-1, x.size(-1)).float())
+                    if self.sink_guard:
+                        st.add_sinks(x.reshape(-1, x.size(-1)), self.tps)
                     last[0], last[1] = x, st
                 self._prune(name, mod, last[1], out)
             return pre_hook
@@ -196,7 +215,7 @@ class _LayerPruner:
     def _prune(self, name: str, lin: nn.Linear, st: InputStats, out: dict) -> None:
         if not (torch.isfinite(st.sq).all() and torch.isfinite(st.total).all()):
             raise CalibrationError(f"NaN/inf calibration activations at the input of {name}")
-        keep = _mask_for(self.cfg, lin, st, self.tps, self.info)
+        keep = _mask_for(self.cfg, lin, st, self.tps, self.info, self.sink_guard)
         self._apply(name, lin, keep)
         out[name] = pack_mask(keep)
 
@@ -243,13 +262,17 @@ def _group_by_layer(model, linears) -> dict[int, list[tuple[str, nn.Linear]]]:
 
 def prune_model(model, cfg: PruneConfig, samples: torch.Tensor | None = None, *, batch_size: int = 8,
                 checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
-                stop_after: int | None = None, mode: str = "auto") -> PruneInfo:
+                stop_after: int | None = None, mode: str = "auto", dsnot_sink_guard: bool = False) -> PruneInfo:
     """Prune `model` in place; returns the keep-masks. samples: [N, L] token ids (needed unless the
     config is plain magnitude). Validates everything before touching the model.
 
     mode: "joined" (one layer forward per layer, memory grows with the calibration tokens),
     "two-pass" (statistics pass + output pass, memory bounded by one chunk), or "auto" (joined
-    when `joined_fits`)."""
+    when `joined_fits`).
+
+    dsnot_sink_guard: DSnoT may not raise any row's error on the first token of each sample (the
+    attention sink; see dsnot._SinkGuard). Off by default: a run option under evaluation, not yet
+    part of PruneConfig."""
     if mode not in CALIB_MODES:
         raise ConfigError(f"prune: mode must be one of {CALIB_MODES}, got {mode!r}")
     check_model(model, [])
@@ -272,9 +295,13 @@ def prune_model(model, cfg: PruneConfig, samples: torch.Tensor | None = None, *,
         return info
     joined = mode == "joined" or (mode == "auto" and joined_fits(model, samples))
     info.mode = "joined" if joined else "two-pass"
-    method = _LayerPruner(cfg, _group_by_layer(model, linears), samples.size(1), info, joined=joined)
+    method = _LayerPruner(cfg, _group_by_layer(model, linears), samples.size(1), info, joined=joined,
+                          sink_guard=dsnot_sink_guard)
     # The runner adds the model, the data and the accel version to this key.
     key = {"method": "prune", "config": cfg.to_dict(), "batch_size": batch_size, "mode": info.mode}
+    if method.sink_guard:
+        # Only when on, so checkpoints made without the option keep their key.
+        key["dsnot_sink_guard"] = True
     info.run = run_layerwise(model, samples, method, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
                              run_key=key, progress=progress, desc=cfg.label, stop_after=stop_after)
     info.seconds = time.perf_counter() - t0

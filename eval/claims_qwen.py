@@ -2,7 +2,11 @@
 corpus (shakespeare), with the calibration budget stated. Reproduces eval/results/qwen_claims.json:
 
     .venv/bin/python -m accel.eval.claims_qwen [--n-samples 32] [--calib-seq-len 512] [--tokens 16384]
-        [--output eval/results/qwen_claims.json] [--overwrite]
+        [--rows dense,wanda,wanda+dsnot,wanda+dsnot+guard] [--output eval/results/qwen_claims.json] [--overwrite]
+
+Row "wanda+dsnot+guard" is Wanda+DSnoT with `prune_model(dsnot_sink_guard=True)`: no DSnoT swap
+may raise a row's error on the first token of each calibration sample (the attention sink; see
+calibrate/dsnot.py `_SinkGuard`).
 
 One model (accel.models.load("qwen2.5-0.5b"), cached), calibrated and evaluated in bf16 as
 `accel eval prune-sweep` does (its config_for / prune_model); the dense weights are restored
@@ -17,8 +21,16 @@ import time
 import torch
 
 
+ROWS = ("dense", "wanda", "wanda+dsnot", "wanda+dsnot+guard")
+
+
 def run(n_samples: int = 32, calib_seq_len: int = 512, tokens: int = 16384, seq_len: int = 512,
-        sparsity: str = "0.6", seed: int = 0, progress: bool = True, on_row=None) -> dict:
+        sparsity: str = "0.6", seed: int = 0, progress: bool = True, on_row=None, rows=ROWS[:3],
+        model_name: str = "qwen2.5-0.5b") -> dict:
+    """model_name: another embedded model for a regression check of the same rows (smollm2-135m)."""
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise ValueError(f"claims_qwen: unknown row {bad[0]!r}; rows are {', '.join(ROWS)}")
     import accel
     from accel.calibrate.prune import prune_model
     from accel.data import CalibrationSpec, bos_token_id, calibration_samples, eval_tokens
@@ -26,14 +38,14 @@ def run(n_samples: int = 32, calib_seq_len: int = 512, tokens: int = 16384, seq_
     from .perplexity import perplexity
     from .sweep_prune import config_for
 
-    model, tok = accel.models.load("qwen2.5-0.5b", dtype=torch.float32)
+    model, tok = accel.models.load(model_name, dtype=torch.float32)
     spec = CalibrationSpec(n_samples=n_samples, seq_len=calib_seq_len, seed=seed)
     samples = calibration_samples(tok, spec)
     corpora = {c: eval_tokens(tok, c, tokens) for c in ("wiki", "shakespeare")}
     model.to(torch.bfloat16)
     dense_sd = {k: v.clone() for k, v in model.state_dict().items()}
     bos = bos_token_id(tok)
-    out = {"model": "qwen2.5-0.5b", "dtype": "bfloat16", "seq_len": seq_len, "eval_tokens": tokens,
+    out = {"model": model_name, "dtype": "bfloat16", "seq_len": seq_len, "eval_tokens": tokens,
            "calibration": {**spec.to_dict(), "budget": f"{n_samples} x {calib_seq_len} tokens (wiki calibration split)"},
            "rows": {}}
 
@@ -41,19 +53,24 @@ def run(n_samples: int = 32, calib_seq_len: int = 512, tokens: int = 16384, seq_
         return {c: round(perplexity(model, ids, seq_len=seq_len, progress=progress, desc=f"{name} {c}",
                                     bos_token_id=bos).ppl, 3) for c, ids in corpora.items()}
 
-    for name in ("dense", "wanda", "wanda+dsnot"):
+    for name in rows:
         model.load_state_dict(dense_sd)
         t0 = time.perf_counter()
         if name != "dense":
-            prune_model(model, config_for(name, sparsity), samples, progress=progress)
+            method, guard = name.removesuffix("+guard"), name.endswith("+guard")
+            prune_model(model, config_for(method, sparsity), samples, progress=progress, dsnot_sink_guard=guard)
         secs = time.perf_counter() - t0
         out["rows"][name if name == "dense" else f"{name} {sparsity}"] = {"ppl": ppl(name),
                                                                            "calib_seconds": round(secs, 1)}
         if on_row:
             on_row(out)
     model.load_state_dict(dense_sd)
-    w, d = out["rows"][f"wanda {sparsity}"]["ppl"], out["rows"][f"wanda+dsnot {sparsity}"]["ppl"]
-    out["claim"] = {"wanda+dsnot beats wanda": {c: d[c] < w[c] for c in corpora}}
+    got = out["rows"]
+    out["claim"] = {}
+    for name in rows:
+        if name.startswith("wanda+") and f"wanda {sparsity}" in got:
+            w, d = got[f"wanda {sparsity}"]["ppl"], got[f"{name} {sparsity}"]["ppl"]
+            out["claim"][f"{name} beats wanda"] = {c: d[c] < w[c] for c in corpora}
     return out
 
 
@@ -62,6 +79,8 @@ def main(argv=None) -> None:
     p.add_argument("--n-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--model", default="qwen2.5-0.5b", help="embedded model (smollm2-135m: regression check)")
+    p.add_argument("--rows", default="dense,wanda,wanda+dsnot", help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--output", default="eval/results/qwen_claims.json")
     p.add_argument("--overwrite", action="store_true")
@@ -71,7 +90,8 @@ def main(argv=None) -> None:
     check_output_path(a.output, a.overwrite, "file")  # before the work
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = run(a.n_samples, a.calib_seq_len, a.tokens)
+    res = run(a.n_samples, a.calib_seq_len, a.tokens, rows=tuple(r for r in a.rows.split(",") if r),
+              model_name=a.model)
 
     def write(tmp):
         with open(tmp, "w") as f:
