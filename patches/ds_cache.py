@@ -103,10 +103,11 @@ def grow_append(buf: torch.Tensor | None, cur: torch.Tensor | None, x: torch.Ten
         cap = need + max(MIN_HEADROOM, need // HEADROOM_DIV)
         new = x.new_empty(*x.shape[:-2], cap, x.shape[-1])
         if n:
-            new[..., :n, :].copy_(cur)
+            new.narrow(-2, 0, n).copy_(cur)
         buf = new
-    buf[..., n:need, :].copy_(x)
-    return buf, buf[..., :need, :]
+    # narrow, not buf[..., a:b, :]: the same views, without parsing an index tuple (5 calls a layer a step).
+    buf.narrow(-2, n, need - n).copy_(x)
+    return buf, buf.narrow(-2, 0, need)
 
 
 def _concatenates(*xs: torch.Tensor) -> bool:
