@@ -1,4 +1,5 @@
-"""C++ source of the bf16 R-Sparse decode kernel and of the `accel::rsparse_decode` C++ op.
+"""C++ source of the bf16 R-Sparse decode kernel, of the `accel::rsparse_decode` C++ op and of the
+bf16 prefill's split pass (`rsparse_split_bf16`, `rsparse_prefill_bf16`, `rsparse_pack_down`).
 
 Appended to cpp_ext.py's fp32 source and built with it (one extension). The design is in
 cpp_ext.py's docstring; this file is only the text the compiler sees.
@@ -184,56 +185,181 @@ static torch::Tensor decode_bf16(const torch::Tensor& x, const torch::Tensor& th
 #endif
 }
 
-// Prefill split, bf16, fused with the low-rank input: per token, buf[t, :in] = x_S (x where
-// |x| > thr_i, else 0) and buf[t, in + j] = bf16(down[j] . x_rest) for j < r, so one GEMM
-// buf @ [Wt; Ut] gives the linear. One pass over x, one parallel region (tokens over threads).
-void rsparse_split_bf16(torch::Tensor x, torch::Tensor thr, torch::Tensor buf, torch::Tensor down) {
+// ---- bf16 prefill: one native pass writes the GEMM's input, then one GEMM (at::mm, oneDNN/AMX) ----
+// buf[t] = [x_S (x where |x| > thr, else 0) | bf16(down . x_rest) (r values) | zeros to ld], so
+// buf @ stacked ([Wt; Ut; zero rows], [ld, out]) is the linear. The mask is a 16-bit integer compare on
+// the bf16 bits (see prefill_ge16), 32 channels an instruction. down . x_rest runs on AMX tiles, 16
+// tokens at a time (x_rest written to a per-thread 16-row scratch, down pre-packed by
+// rsparse_pack_down); without AMX, vdpbf16ps per token.
+
+// The active set as an integer compare: for bf16 b >= 0 (not NaN) and fp32 t, b > t <=> bits(b) >= ge(t),
+// ge(t) = (bits(t) >> 16) + 1 for t > 0 (b > t iff b's 16 bits exceed t's top 16: b is t's prefix or more),
+// 1 for t == 0 (b > 0), 0 for t < 0 (always), 0xFFFF for NaN t (never, as |x| > NaN is false).
+static void prefill_ge16(const float* thr, int64_t n_in, int64_t kin, uint16_t* ge) {
+  for (int64_t i = 0; i < kin; ++i) {
+    uint16_t g = 0xFFFF;
+    if (i < n_in) {
+      const float t = thr[i];
+      uint32_t bits;
+      std::memcpy(&bits, &t, 4);
+      g = t != t ? 0xFFFF : (t == 0.0f ? 1 : (t < 0.0f ? 0 : (uint16_t)((bits >> 16) + 1)));
+    }
+    ge[i] = g;
+  }
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && RS_SIMD
+#include <sys/syscall.h>
+#include <unistd.h>
+#define RS_AMX 1
+// Linux hands out AMX tile state only on request (once per process; oneDNN asks for it too).
+static bool amx_ok() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+struct alignas(64) TileCfg { uint8_t palette, start_row, res[14]; uint16_t colsb[16]; uint8_t rows[16]; };
+#else
+#define RS_AMX 0
+static bool amx_ok() { return false; }
+#endif
+
+bool rsparse_amx() { return RS_AMX && amx_ok(); }
+
+// down bf16 [r, in] -> the AMX B layout [ceil(in/32)][ceil(r/16)][16 k-pairs][16 n][2], zero-padded:
+// packed[((kc * NT + nt) * 16 + kp) * 32 + 2 n + e] = down[16 nt + n][32 kc + 2 kp + e].
+torch::Tensor rsparse_pack_down(torch::Tensor down) {
+  TORCH_CHECK(down.dim() == 2 && down.scalar_type() == torch::kBFloat16, "rsparse_pack_down: bf16 [r, in] expected");
+  auto d = down.contiguous();
+  const int64_t r = d.size(0), n_in = d.size(1), KC = (n_in + 31) / 32, NT = (r + 15) / 16;
+  auto out = torch::zeros({KC * NT * 512}, d.options());
+  const uint16_t* s = (const uint16_t*)d.data_ptr<at::BFloat16>();
+  uint16_t* o = (uint16_t*)out.data_ptr<at::BFloat16>();
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t i = 0; i < n_in; ++i) {
+      const int64_t kc = i / 32, kp = (i % 32) / 2, e = i % 2, nt = j / 16, n = j % 16;
+      o[((kc * NT + nt) * 16 + kp) * 32 + 2 * n + e] = s[j * n_in + i];
+    }
+  return out;
+}
+
+// x: bf16 [T, in]; thr: fp32 [in]; stacked: bf16 [ld, out], ld >= in + r (rows past in + r zero);
+// down: bf16 [r, in]; down_packed: rsparse_pack_down(down) (AMX; may be empty: packed here);
+// bias: bf16 [out] or empty; amx: 0 forces the vdpbf16ps low-rank. -> [T, out] bf16.
+// The split alone: -> buf bf16 [T, ld] = [x_S | bf16(down . x_rest) | zeros] (the GEMM's input).
+torch::Tensor rsparse_split_bf16(torch::Tensor x, torch::Tensor thr, int64_t ld, torch::Tensor down,
+                                 torch::Tensor down_packed, int64_t amx) {
 #if RS_SIMD
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && thr.scalar_type() == torch::kFloat &&
+              thr.is_contiguous() && thr.numel() == x.size(1),
+              "rsparse_prefill: x bf16 [T, in], stacked bf16 [ld, out] contiguous, thr fp32 [in]");
   const int64_t T = x.size(0), n_in = x.size(1), r = down.numel() ? down.size(0) : 0;
-  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kBFloat16 && buf.scalar_type() == torch::kBFloat16 &&
-              buf.is_contiguous() && buf.size(0) == T && buf.size(1) == n_in + r && thr.numel() == n_in &&
-              thr.scalar_type() == torch::kFloat,
-              "rsparse_split: x bf16 [T, in] contiguous, buf bf16 [T, in + r] contiguous, thr fp32 [in]");
+  TORCH_CHECK(ld >= n_in + r, "rsparse_prefill: stacked has ", ld, " rows, fewer than in + r = ", n_in + r);
   TORCH_CHECK(!r || (down.is_contiguous() && down.scalar_type() == torch::kBFloat16 && down.size(1) == n_in),
-              "rsparse_split: down must be bf16 [r, in] contiguous");
-  const uint16_t* xp = (const uint16_t*)x.data_ptr<at::BFloat16>();
+              "rsparse_prefill: down must be bf16 [r, in] contiguous");
+  const int64_t kin = (n_in + 31) / 32 * 32, KC = kin / 32, NT = (r + 15) / 16;
+  const bool use_amx = r && amx && rsparse_amx();
+  torch::Tensor dpk;
+  if (use_amx) {
+    dpk = down_packed.numel() == KC * NT * 512 ? down_packed : rsparse_pack_down(down);
+    TORCH_CHECK(dpk.is_contiguous() && dpk.scalar_type() == torch::kBFloat16, "rsparse_prefill: bad down_packed");
+  }
+  auto xc = x.contiguous();
+  auto buf = torch::empty({T, ld}, x.options());
+  std::vector<uint16_t> ge(kin);
+  prefill_ge16(thr.data_ptr<float>(), n_in, kin, ge.data());
+  const uint16_t* xp = (const uint16_t*)xc.data_ptr<at::BFloat16>();
   uint16_t* bp = (uint16_t*)buf.data_ptr<at::BFloat16>();
   const uint16_t* dp = r ? (const uint16_t*)down.data_ptr<at::BFloat16>() : nullptr;
-  const float* tp = thr.data_ptr<float>();
-  const int64_t ld = n_in + r, pad = (n_in + 31) / 32 * 32;
-  at::parallel_for(0, T, 32, [&](int64_t t0, int64_t t1) {
-    std::vector<uint16_t> xr(pad, 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t i = 0; i < n_in; i += 16) {
-        const __mmask16 lm = n_in - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_in - i)) - 1);
-        const __m256i xh = _mm256_maskz_loadu_epi16(lm, xp + t * n_in + i);
-        const __mmask16 act = _mm512_mask_cmp_ps_mask(lm, _mm512_abs_ps(bf16_f32(xh)), _mm512_maskz_loadu_ps(lm, tp + i),
-                                                      _CMP_GT_OQ);
-        _mm256_mask_storeu_epi16(bp + t * ld + i, lm, _mm256_maskz_mov_epi16(act, xh));
-        _mm256_storeu_si256((__m256i*)(xr.data() + i), _mm256_maskz_mov_epi16((__mmask16)(lm & ~act), xh));
-      }
-      // Up to 8 rows of down at a time: independent accumulators (one chain was latency-bound,
-      // 4x slower at r = 7), each x_rest chunk loaded once for all of them.
-      for (int64_t j0 = 0; j0 < r; j0 += 8) {
-        const int nj = (int)std::min<int64_t>(8, r - j0);
-        __m512 acc[8];
-        for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm512_setzero_ps();
+  const uint16_t* pk = use_amx ? (const uint16_t*)dpk.data_ptr<at::BFloat16>() : nullptr;
+  const uint16_t* gp = ge.data();
+  const int64_t blocks = (T + 15) / 16;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    // Per-thread scratch: x_rest of 16 tokens (zero past `in` and past the last token).
+    std::vector<uint16_t> xr(r ? 16 * kin : 0, 0);
+    float cb[256];
+#if RS_AMX
+    if (use_amx) {
+      TileCfg cfg{};
+      cfg.palette = 1;
+      for (int k = 0; k < 3; ++k) { cfg.rows[k] = 16; cfg.colsb[k] = 64; }
+      _tile_loadconfig(&cfg);
+    }
+#endif
+    const __m512i sign = _mm512_set1_epi16(0x7FFF), inf = _mm512_set1_epi16(0x7F80);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t t0 = b * 16, nt_rows = std::min<int64_t>(16, T - t0);
+      for (int64_t tt = 0; tt < nt_rows; ++tt) {
+        const uint16_t* xrow = xp + (t0 + tt) * n_in;
+        uint16_t* brow = bp + (t0 + tt) * ld;
+        uint16_t* xrr = r ? xr.data() + tt * kin : nullptr;
         for (int64_t i = 0; i < n_in; i += 32) {
           const __mmask32 lm = n_in - i >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (n_in - i)) - 1);
-          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr.data() + i);
-          for (int jj = 0; jj < nj; ++jj)
-            acc[jj] = _mm512_dpbf16_ps(acc[jj], (__m512bh)_mm512_maskz_loadu_epi16(lm, dp + (j0 + jj) * n_in + i), xv);
+          const __m512i v = _mm512_maskz_loadu_epi16(lm, xrow + i);
+          const __m512i ax = _mm512_and_si512(v, sign);
+          // |x| >= ge (the fp32 compare, see prefill_ge16) and |x| not NaN.
+          const __mmask32 act = _mm512_mask_cmpge_epu16_mask(_mm512_cmple_epu16_mask(ax, inf), ax,
+                                                             _mm512_loadu_si512(gp + i));
+          _mm512_mask_storeu_epi16(brow + i, lm, _mm512_maskz_mov_epi16(act, v));
+          if (r) _mm512_storeu_si512(xrr + i, _mm512_maskz_mov_epi16(~act, v));
         }
-        for (int jj = 0; jj < nj; ++jj) {
-          const at::BFloat16 z(_mm512_reduce_add_ps(acc[jj]));
-          std::memcpy(bp + t * ld + n_in + j0 + jj, &z, 2);
+        if (ld > n_in + r) std::memset(brow + n_in + r, 0, (ld - n_in - r) * 2);
+        if (r && !use_amx) {
+          // No AMX: down . x_rest per token, up to 8 rows of down at a time (independent accumulators).
+          for (int64_t j0 = 0; j0 < r; j0 += 8) {
+            const int nj = (int)std::min<int64_t>(8, r - j0);
+            __m512 acc[8];
+            for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm512_setzero_ps();
+            for (int64_t i = 0; i < n_in; i += 32) {
+              const __mmask32 lm = n_in - i >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (n_in - i)) - 1);
+              const __m512bh xv = (__m512bh)_mm512_loadu_si512(xrr + i);
+              for (int jj = 0; jj < nj; ++jj)
+                acc[jj] = _mm512_dpbf16_ps(acc[jj], (__m512bh)_mm512_maskz_loadu_epi16(lm, dp + (j0 + jj) * n_in + i), xv);
+            }
+            for (int jj = 0; jj < nj; ++jj) {
+              const at::BFloat16 z(_mm512_reduce_add_ps(acc[jj]));
+              std::memcpy(brow + n_in + j0 + jj, &z, 2);
+            }
+          }
         }
       }
-    }
-  });
-#else
-  TORCH_CHECK(false, "rsparse_split: needs AVX512-BF16 (this build has none)");
+#if RS_AMX
+      if (use_amx) {
+        // Rows past the last token: zeros, so the tile product reads no stale values.
+        if (nt_rows < 16) std::memset(xr.data() + nt_rows * kin, 0, (16 - nt_rows) * kin * 2);
+        for (int64_t nt = 0; nt < NT; ++nt) {
+          _tile_zero(0);
+          for (int64_t kc = 0; kc < KC; ++kc) {
+            _tile_loadd(1, xr.data() + kc * 32, kin * 2);
+            _tile_loadd(2, pk + (kc * NT + nt) * 512, 64);
+            _tile_dpbf16ps(0, 1, 2);
+          }
+          _tile_stored(0, cb, 64);
+          const int64_t nn = std::min<int64_t>(16, r - nt * 16);
+          for (int64_t tt = 0; tt < nt_rows; ++tt)
+            for (int64_t n = 0; n < nn; ++n) {
+              const at::BFloat16 z(cb[tt * 16 + n]);
+              std::memcpy(bp + (t0 + tt) * ld + n_in + nt * 16 + n, &z, 2);
+            }
+        }
+      }
 #endif
+    }
+#if RS_AMX
+    if (use_amx) _tile_release();
+#endif
+  });
+  return buf;
+#else
+  TORCH_CHECK(false, "rsparse_prefill: needs AVX512-BF16 (this build has none)");
+#endif
+}
+
+torch::Tensor rsparse_prefill_bf16(torch::Tensor x, torch::Tensor thr, torch::Tensor stacked, torch::Tensor down,
+                                   torch::Tensor down_packed, torch::Tensor bias, int64_t amx) {
+  TORCH_CHECK(stacked.dim() == 2 && stacked.is_contiguous() && stacked.scalar_type() == torch::kBFloat16,
+              "rsparse_prefill: x bf16 [T, in], stacked bf16 [ld, out] contiguous, thr fp32 [in]");
+  auto buf = rsparse_split_bf16(x, thr, stacked.size(0), down, down_packed, amx);
+  return bias.numel() ? at::addmm(bias, buf, stacked) : at::mm(buf, stacked);
 }
 
 // The C++ op accel::rsparse_decode: one or a few decode tokens, fp32 or bf16 (dtype of x, wt).

@@ -16,8 +16,11 @@ weights cache-hot, 47.5% active): 576x576 6.7 vs 48 us, 192x576 3.4 vs 28, 1536x
 576x1536 15 vs 111. Registered as the C++ op `accel::rsparse_decode` (TORCH_LIBRARY_FRAGMENT), so
 a compiled graph calls it without Python; its fake implementation is registered here.
 
-bf16 prefill (`prefill_bf16`): a native split pass, then one GEMM with the low-rank term folded
-into K.
+bf16 prefill (`prefill_bf16`): a native split pass writes [x_S | down·x_rest | 0] (the mask as a
+16-bit integer compare of the bf16 bits; down·x_rest on AMX tiles, 16 tokens a tile, or vdpbf16ps
+without AMX), then one GEMM with the low-rank term folded into K, on oneDNN's prepacked weight
+(`pack_weight`, once per linear) or at::mm. The previous pass (vdpbf16ps per token and row of
+down, then a GEMM that re-laid the weight out every call) made prefill 0.88x dense.
 
 Built through `accel/kernels/_cpp.py` (needs a C++ compiler and ninja), once per machine. If the
 build fails, or ACCEL_CPP=0, `available()` is False and callers keep the torch paths: the result
@@ -108,10 +111,14 @@ _fake_done = False
 def available() -> bool:
     """Build (once per process) and report success; False keeps the COO path."""
     global _mod, _fake_done
+    if _fake_done:
+        # Built and registered: skip the import and the loader's lock (a prefill calls this per linear).
+        return True
     from .bf16_src import SRC as _BF16_SRC
 
-    _mod = _cpp.load("rsparse_cpu_v3", _SRC + _BF16_SRC, ["sum_rows_f32", "rsparse_gemv_f32", "rsparse_decode",
-                                                          "bf16_simd", "rsparse_split_bf16"],
+    _mod = _cpp.load("rsparse_cpu_v4", _SRC + _BF16_SRC, ["sum_rows_f32", "rsparse_gemv_f32", "rsparse_decode",
+                                                          "bf16_simd", "rsparse_prefill_bf16", "rsparse_split_bf16", "rsparse_pack_down",
+                                                          "rsparse_amx"],
                      "R-Sparse decode uses the torch paths (COO / embedding bag)")
     if _mod is not None and not _fake_done:
         _fake_done = True
@@ -121,9 +128,15 @@ def available() -> bool:
     return _mod is not None
 
 
+_bf16 = None
+
+
 def bf16_available() -> bool:
     """The native bf16 decode kernel runs here (AVX512-BF16 in the -march=native build)."""
-    return available() and bool(_mod.bf16_simd())
+    global _bf16
+    if _bf16 is None:
+        _bf16 = available() and bool(_mod.bf16_simd())
+    return _bf16
 
 
 def _decode_fake(x, thr, wt, down, up_t, bias, grain):
@@ -148,22 +161,62 @@ def rsparse_decode(x: torch.Tensor, thr: torch.Tensor, weight_t: torch.Tensor, d
     return _mod.rsparse_decode(x, thr, weight_t, down, up_t, bias, grain)
 
 
-def prefill_bf16(x: torch.Tensor, thr: torch.Tensor, stacked: torch.Tensor, down: torch.Tensor | None,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-    """Many bf16 tokens as ONE GEMM: [x_S | down·x_rest] @ [Wᵀ; U_rᵀ] (+ bias), the same sum as
-    W x_S + U_r (down x_rest) with the low-rank term folded into K (in + r instead of in).
+# oneDNN's batch-size hint for the prepacked prefill weight (it picks the blocking). None (its
+# default) was the steadiest over 32-2048 tokens at SmolLM2's shapes (GEMM 1.3-1.5x F.linear at 32
+# and 512 tokens, 1.03-1.08x at 2048); 1 lost at 2048 (0.93-0.97x).
+PACK_BATCH_HINT = None
 
-    x: [T, in]; thr: fp32 [in]; stacked: [in + r, out] contiguous (Wᵀ over U_rᵀ); down: [r, in]
-    -> [T, out]. One native pass splits x and computes down·x_rest (the torch masking took longer
-    than the GEMM at SmolLM2's sizes, and a separate small GEMM cost a second parallel region);
-    torch.mm over the [in, out] layout is also 10-14% faster than F.linear's [out, in] here."""
-    t, n_in = x.shape
-    r = stacked.shape[0] - n_in
-    buf = x.new_empty((t, n_in + r))
-    # One native pass writes x_S and the r low-rank inputs down·x_rest (rounded to bf16, as a bf16
-    # F.linear would) side by side.
-    _mod.rsparse_split_bf16(x.contiguous(), thr, buf, down if r else x.new_empty(0))
-    return torch.mm(buf, stacked) if bias is None else torch.addmm(bias, buf, stacked)
+
+def amx_available() -> bool:
+    """The bf16 prefill's low-rank product runs on AMX tiles here (AMX-BF16 build, and the kernel
+    granted the tile state)."""
+    return bf16_available() and bool(_mod.rsparse_amx())
+
+
+def pack_down(down: torch.Tensor) -> torch.Tensor:
+    """down: bf16 [r, in] -> the AMX tile layout `prefill_bf16` reads (1-D, zero-padded to 32 along
+    `in` and 16 along r). Built once per linear (patches/rsparse.py keeps it)."""
+    return _mod.rsparse_pack_down(down)
+
+
+# The native entries take "no tensor" as an empty one; never written (zero elements).
+_EMPTY_BF16 = torch.empty(0, dtype=torch.bfloat16)
+
+
+def pack_weight(stacked: torch.Tensor, batch_hint: int | None = PACK_BATCH_HINT):
+    """stacked: bf16 [ld, out] -> oneDNN's prepacked (blocked) form of its [out, ld] transpose, which
+    `prefill_bf16(..., packed=...)` multiplies without re-laying the weight out on every call
+    (the GEMM alone: 1.3-1.5x F.linear at SmolLM2's shapes at 32 and 512 tokens, ~1.05x at 2048). One more copy of
+    the weight in memory. None where this torch has no oneDNN linear (callers keep at::mm)."""
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(stacked.t().contiguous(), batch_hint)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+
+
+def prefill_bf16(x: torch.Tensor, thr: torch.Tensor, stacked: torch.Tensor, down: torch.Tensor | None,
+                 bias: torch.Tensor | None, down_packed: torch.Tensor | None = None, amx: bool = True,
+                 packed=None) -> torch.Tensor:
+    """Many bf16 tokens: a native split pass writes [x_S | down·x_rest | 0] and one GEMM multiplies
+    it by [Wᵀ; U_rᵀ; 0] (+ bias): W x_S + U_r (down x_rest) with the low-rank term folded into K.
+
+    x: [T, in]; thr: fp32 [in]; stacked: [ld, out] contiguous, ld >= in + r (Wᵀ over U_rᵀ, then zero
+    rows: patches/rsparse.py pads ld to a multiple of 32, which oneDNN's AMX GEMM runs faster);
+    down: [r, in]; down_packed: `pack_down(down)` (packed per call when None); amx=False forces the
+    vdpbf16ps low-rank loop (the fallback where AMX is absent); packed: `pack_weight(stacked)`, the
+    GEMM then runs on oneDNN's prepacked weight (else at::mm inside the native call) -> [T, out].
+
+    The split (mask as a 16-bit compare of the bf16 bits, 32 channels a step) and down·x_rest (AMX,
+    16 tokens a tile; rounded to bf16 as a bf16 F.linear would) run over token blocks in parallel.
+    The old pass (vdpbf16ps dot products per token and row of down) cost 3-4x the masking itself."""
+    r = 0 if down is None else down.shape[0]
+    e = _EMPTY_BF16 if x.dtype == torch.bfloat16 else x.new_empty(0)
+    dpk = (e if down_packed is None else down_packed) if r and amx else e
+    if packed is not None:
+        buf = _mod.rsparse_split_bf16(x, thr, stacked.shape[0], down if r else e, dpk, int(bool(amx)))
+        return torch.ops.mkldnn._linear_pointwise(buf, packed, bias, "none", [], "")
+    return _mod.rsparse_prefill_bf16(x, thr, stacked, down if r else e, dpk, e if bias is None else bias,
+                                     int(bool(amx)))
 
 
 def rsparse_gemv_f32(x: torch.Tensor, thr: torch.Tensor, weight_t: torch.Tensor, down: torch.Tensor | None,

@@ -42,7 +42,8 @@ def rsparse_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
                        bias: torch.Tensor | None = None, *, weight_t: torch.Tensor | None = None,
                        thr_vec: torch.Tensor | None = None, up_t: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., in] -> [..., out]. weight_t: [in, out] contiguous (required for the gather path);
-    for bf16 prefill (> GATHER_MAX_TOKENS tokens) the stacked [Wᵀ; U_rᵀ]: [in + r, out] (one GEMM);
+    for bf16 prefill (> GATHER_MAX_TOKENS tokens) the stacked [Wᵀ; U_rᵀ; zero rows]: [ld >= in + r, out]
+    (one GEMM);
     thr_vec: [in] fp32 `channel_thresholds(scale, threshold)` when precomputed; up_t: [r, out]
     contiguous `up.T` (the bf16 decode kernel reads it; built per call when not given).
     bf16 decode (<= GATHER_MAX_TOKENS tokens, native kernel built): the C++ op `accel::rsparse_decode`,
@@ -79,9 +80,9 @@ def rsparse_cpu_impl(x, weight, scale, threshold, down, up, bias, weight_t, thr_
         thr_vec = channel_thresholds(scale, threshold)
     has_lr = down is not None and down.numel() > 0
     r = down.shape[0] if has_lr else 0
-    if (x2.size(0) > GATHER_MAX_TOKENS and weight_t is not None and weight_t.shape[0] == n_in + r
+    if (x2.size(0) > GATHER_MAX_TOKENS and weight_t is not None and weight_t.shape[0] >= n_in + r
             and x2.dtype == torch.bfloat16 and weight_t.dtype == torch.bfloat16 and _bf16_native()):
-        # bf16 prefill: weight_t is the stacked [Wᵀ; U_rᵀ] ([in + r, out]); one split pass + one GEMM.
+        # bf16 prefill: weight_t is the stacked [Wᵀ; U_rᵀ; 0] ([ld >= in + r, out]); one native call.
         return cpp_ext.prefill_bf16(x2, thr_vec, weight_t, down if has_lr else None, bias).view(*lead, -1)
     if (x2.size(0) == 1 and weight_t is not None and x2.dtype == torch.float32
             and weight_t.dtype == torch.float32 and cpp_ext.available()):
