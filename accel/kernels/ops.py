@@ -20,7 +20,7 @@ Dynamo, so what they do inside (native C++ calls, `Tensor.item()`, data-dependen
 | `accel::ds_causal_attention` | `ds_attention/ops.py` | `ds_attention/causal.py` `causal_impl` | `ds_attention.ds_causal_attention` |
 | `accel::ds_update_labels` (in place) | `ds_attention/ops.py` | `decode.py` `update_labels_impl` | `ds_attention.ds_update_labels` (`patches.ds_cache.DSStaticLabelLayer`) |
 | `accel::gqsa_linear` | `gqsa_linear/ops.py` | `cpu.avx512_linear`, `triton_kernel.triton_impl` | `gqsa_linear.triton_kernel.gqsa_linear_triton` (and a fallback for the CPU path) |
-| `accel::gqsa_mm_cpu` (C++) | `gqsa_linear/gqsa_cpu.cpp` (fake: `gqsa_linear/cpp_ext.py`) | `gqsa_cpu.cpp` `gqsa_linear_cpu` | `gqsa_linear.cpu.CPUGQSA` ("cpu-avx512") |
+| `accel::gqsa_mm_cpu` (C++) | `gqsa_linear/gqsa_op.cpp` (fake: `gqsa_linear/cpp_ext.py`) | `gqsa_op.cpp` `gqsa_linear_cpu` | `gqsa_linear.cpu.CPUGQSA` ("cpu-avx512") |
 | `accel::rsparse_decode` (C++) | `rsparse_linear/bf16_src.py` (fake: `rsparse_linear/cpp_ext.py`) | `bf16_src.py` `rsparse_decode` | `rsparse_linear.cpu.rsparse_linear_cpu` (bf16/fp32, 1-8 rows) |
 | `accel::dense_linear` (C++) | `dense_linear/dense_cpu.cpp` (fake: `dense_linear/cpp_ext.py`) | `dense_cpu.cpp` | `patches.fast_linear.FastLinear` (`accel.compile`) |
 | `accel::rsparse_linear` | `rsparse_linear/ops.py` | `rsparse_linear/impl.py` `rsparse_impl` | `rsparse_linear.rsparse_linear`, `rsparse_linear.cpu.rsparse_linear_cpu` |

@@ -19,11 +19,16 @@ and zeros), with AVX-512:
   (q - z) * s, `vpermw` dequantises the codes once, and every activation row costs one dot
   instruction. The weights are rounded to bf16 there, exactly as the reference does for bf16.
 
-Rows are split over torch's intra-op threads. From PREFILL_ROWS rows on (cpu.py), blocks of
-dequantized rows and a dense GEMM each (`gqsa_linear_cpu`).
+Rows are split over torch's intra-op threads. Prefill (gqsa_amx.cpp): from AMX_ROWS bf16 rows on
+(cpu.py), on a CPU with AMX, the weight is dequantized 32 rows at a time into L1 (a bf16 table of
+(q - z) * s per kept group, one `vpermw` per 32 codes) and multiplied with AMX tiles
+(`tdpbf16ps`, fp32 accumulation, one rounding to bf16), x as the B operand (packed once) below 64
+rows, as the A operand (read in place) above; from 256 rows the whole weight is dequantized and
+torch's GEMM runs on it. Without AMX, or for fp32 / fp16 activations, from PREFILL_ROWS rows on:
+blocks of dequantized rows and torch's GEMM (`gqsa_linear_cpu`, gqsa_op.cpp).
 
 The whole linear is also the C++ op `accel::gqsa_mm_cpu(x, qweight, colmask, scales, zeros,
-group_size)`, defined in gqsa_cpu.cpp (TORCH_LIBRARY_FRAGMENT) when the extension loads; its fake
+group_size)`, defined in gqsa_op.cpp (TORCH_LIBRARY_FRAGMENT) when the extension loads; its fake
 implementation is registered here, beside the load. A compiled graph calls it straight from C++
 (no Python body per linear: the Python custom op `accel::gqsa_linear` costs ~18 us a call, against
 kernels of 10-60 us at decode). The build needs AVX512-BF16 and AVX512-VBMI
@@ -38,8 +43,10 @@ import torch
 
 from .. import _cpp
 
-# The C++ source sits beside this file (package data), compiled on first use.
-_SRC_FILE = Path(__file__).with_name("gqsa_cpu.cpp")
+# The C++ sources sit beside this file (package data), compiled on first use as one translation
+# unit, in this order: the decode kernels, then the host entry points, prefill path and op
+# registration that use them.
+_SRC_FILES = [Path(__file__).with_name(n) for n in ("gqsa_cpu.cpp", "gqsa_amx.cpp", "gqsa_op.cpp")]
 _mod = None
 _fake_registered = False
 _fake_lock = threading.Lock()
@@ -49,9 +56,11 @@ def available() -> bool:
     """Build (once per process) and report whether the AVX-512 kernel can run here (then the op
     `accel::gqsa_mm_cpu` exists, with its fake implementation)."""
     global _mod
-    _mod = _cpp.load("gqsa_cpu", _SRC_FILE, ["simd_available", "gqsa_mm", "gqsa_dequant_rows", "gqsa_linear_cpu",
-                                             "prefill_rows"],
-                     "GQSA layouts keep the torch CPU paths")
+    if _mod is None:
+        src = "\n".join(f.read_text() for f in _SRC_FILES)
+        _mod = _cpp.load("gqsa_cpu", src, ["simd_available", "gqsa_mm", "gqsa_dequant_rows", "gqsa_linear_cpu",
+                                           "prefill_rows", "amx_rows", "amx_available"],
+                         "GQSA layouts keep the torch CPU paths")
     if _mod is not None:
         _register_fake()
     return _mod is not None and bool(_mod.simd_available())
@@ -90,8 +99,19 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, colmask: torch.Tensor, scales
 
 
 def prefill_rows() -> int:
-    """Rows from which the native linear dequantizes blocks and runs a dense GEMM (kPrefillRows)."""
+    """Rows from which the native linear without AMX (or with fp32 / fp16 activations) dequantizes
+    blocks and runs torch's GEMM (kPrefillRows)."""
     return int(_mod.prefill_rows())
+
+
+def amx_rows() -> int:
+    """bf16 rows from which the native linear runs its AMX prefill kernel where AMX is usable (kAmxRows)."""
+    return int(_mod.amx_rows())
+
+
+def amx_available() -> bool:
+    """Whether this build and CPU run the AMX prefill kernel (AMX-BF16, and Linux granted the tile state)."""
+    return available() and bool(_mod.amx_available())
 
 
 def gqsa_mm(x: torch.Tensor, qweight: torch.Tensor, colmask: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -2,8 +2,9 @@
 
 - "cpu-avx512" (first choice): the native kernel in `cpp_ext.py` for int4 with g = 16 or a
   multiple of 32, any layout (per-row or tiled). It reads the stored tensors in place (no second
-  copy of the weight): 1-8 activation rows per weight pass; from PREFILL_ROWS rows on, blocks of
-  dequantized rows and a dense GEMM. Needs a C++ compiler and a CPU with AVX512-BF16/VBMI;
+  copy of the weight): 1-8 activation rows per weight pass; from AMX_ROWS bf16 rows on (a CPU with
+  AMX), AMX tile GEMMs on weight blocks dequantized in cache; else from PREFILL_ROWS rows on, blocks
+  of dequantized rows and torch's GEMM. Needs a C++ compiler and a CPU with AVX512-BF16/VBMI;
   otherwise (or with ACCEL_CPP=0) the torch paths below run.
 
 `torch.ops.aten._weight_int4pack_mm_for_cpu` (bf16 activations) computes
@@ -75,10 +76,13 @@ def _scale_zeros(s: torch.Tensor, z: torch.Tensor, reps: int) -> torch.Tensor:
     return sz.transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
-# Batches of this many rows or more (prefill) dequantize blocks of rows and run dense GEMMs
-# (inside the native op; kPrefillRows in gqsa_cpu.cpp, which this mirrors for documentation and
-# tests): fewer rows run the kernel's 1-8-row passes. Each call allocates its own block buffer
-# (issue 13: a shared one let two threads' prefills overwrite each other's weight blocks).
+# Batch sizes at which the native op changes path (kAmxRows / kPrefillRows in gqsa_op.cpp, mirrored
+# here for documentation and tests): bf16 batches of AMX_ROWS rows or more run AMX tile GEMMs on
+# weight blocks dequantized in cache, where AMX is usable (gqsa_amx.cpp); without AMX, and for
+# fp32 / fp16 activations, batches of PREFILL_ROWS rows or more dequantize blocks of rows and run
+# torch's GEMM; fewer rows run the kernel's 1-8-row passes. Scratch is per call or per thread
+# (issue 13: a shared buffer let two threads' prefills overwrite each other's weight blocks).
+AMX_ROWS = 8
 PREFILL_ROWS = 64
 
 
