@@ -58,18 +58,27 @@ def _gen_seconds(model, ids, n: int, static: bool) -> float:
 
 
 def bench_decode(model_name: str = "smollm2-135m", methods=("gqsa",), threads=(1, 2), new_tokens: int = 32,
-                 prompt_tokens: int = 32, rounds: int = 3, compile: bool = True, dtype: str = "bfloat16",
-                 backend: str = "inductor", llama_bench: str | None = None, gguf: str | None = None) -> dict:
-    """{"rows": [...], "<config>_tok_s_<n>t": ..., "compile_seconds": {...}, ...} (see module docstring)."""
+                 prompt_tokens: int | tuple = 32, rounds: int = 3, compile: bool = True, dtype: str = "bfloat16",
+                 backend: str = "inductor", llama_bench: str | None = None, gguf: str | None = None,
+                 prefill_only: bool = False) -> dict:
+    """{"rows": [...], "<config>_tok_s_<n>t": ..., "compile_seconds": {...}, ...} (see module docstring).
+
+    prompt_tokens: one length, or several (each row then has its own, keys end in `_<P>p`), all
+    interleaved in each round. "prefill_speedup": {"<config>/<P>p/<n>t": dense prefill / config
+    prefill}, against the dense row of the same mode (eager or compiled). prefill_only: time t(1) only
+    (no decode rows: decode_tok_s is None)."""
     import accel
 
     if isinstance(model_name, str) and model_name.startswith("tiny-"):
         model = accel.models.tiny(model_name[5:], dtype=getattr(torch, dtype))
     else:
         model, _ = accel.models.load(model_name, dtype=dtype)
-    ids = torch.randint(1, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    prompts = (prompt_tokens,) if isinstance(prompt_tokens, int) else tuple(prompt_tokens)
+    ids_by = {p: torch.randint(1, model.config.vocab_size, (1, p), generator=torch.Generator().manual_seed(0))
+              for p in prompts}
+    ids = ids_by[prompts[0]]
     arts = {p: speed_artifact(model, p) for m in methods for p in m.split("+")}
-    max_len = prompt_tokens + new_tokens + 1
+    max_len = max(prompts) + new_tokens + 1
     # One model per configuration: a compiled graph holds the modules it was traced with.
     configs = {}
     for name in ("dense",) + tuple(methods):
@@ -81,7 +90,7 @@ def bench_decode(model_name: str = "smollm2-135m", methods=("gqsa",), threads=(1
             configs[f"{name}_{'compiled' if comp else 'eager'}"] = (m, comp)
     compile_seconds = {}
     old_threads = torch.get_num_threads()
-    times = {(c, t): {"first": [], "full": []} for c in configs for t in threads}
+    times = {(c, t, p): {"first": [], "full": []} for c in configs for t in threads for p in prompts}
     try:
         for c, (m, comp) in configs.items():
             if comp:
@@ -95,24 +104,30 @@ def bench_decode(model_name: str = "smollm2-135m", methods=("gqsa",), threads=(1
         for _ in range(rounds):
             for t in threads:
                 torch.set_num_threads(t)
-                for c, (m, comp) in configs.items():
-                    times[(c, t)]["first"].append(_gen_seconds(m, ids, 1, comp))
-                    times[(c, t)]["full"].append(_gen_seconds(m, ids, new_tokens, comp))
+                for p in prompts:
+                    for c, (m, comp) in configs.items():
+                        times[(c, t, p)]["first"].append(_gen_seconds(m, ids_by[p], 1, comp))
+                        if not prefill_only:
+                            times[(c, t, p)]["full"].append(_gen_seconds(m, ids_by[p], new_tokens, comp))
     finally:
         torch.set_num_threads(old_threads)
     out = {"model": model_name, "dtype": dtype, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
-           "rounds": rounds, "threads": list(threads), "backend": backend, "rows": []}
-    for (c, t), v in times.items():
-        first, full = statistics.median(v["first"]), statistics.median(v["full"])
-        tok_s = (new_tokens - 1) / max(full - first, 1e-9)
-        out["rows"].append({"config": c, "threads": t, "prefill_s": first, "decode_tok_s": tok_s})
-        out[f"{c}_tok_s_{t}t"] = tok_s
-        out[f"{c}_prefill_s_{t}t"] = first
+           "rounds": rounds, "threads": list(threads), "backend": backend, "rows": [], "prefill_speedup": {}}
+    for (c, t, p), v in times.items():
+        first = statistics.median(v["first"])
+        tok_s = None if prefill_only else (new_tokens - 1) / max(statistics.median(v["full"]) - first, 1e-9)
+        out["rows"].append({"config": c, "threads": t, "prompt_tokens": p, "prefill_s": first, "decode_tok_s": tok_s})
+        sfx = f"_{t}t" if len(prompts) == 1 else f"_{t}t_{p}p"
+        out[f"{c}_tok_s{sfx}"] = tok_s
+        out[f"{c}_prefill_s{sfx}"] = first
+        dense = statistics.median(times[("dense_" + c.rpartition("_")[2], t, p)]["first"])
+        if not c.startswith("dense_"):
+            out["prefill_speedup"][f"{c}/{p}p/{t}t"] = dense / first
     # The slowest compile (each compiled row compiles its own graph); per row in compile_seconds_by_config.
     out["compile_seconds"] = max(compile_seconds.values(), default=0.0)
     out["compile_seconds_by_config"] = compile_seconds
     if llama_bench:
-        out["llama_cpp"] = run_llama_bench(llama_bench, gguf, threads, new_tokens, prompt_tokens)
+        out["llama_cpp"] = run_llama_bench(llama_bench, gguf, threads, new_tokens, prompts[0])
     return out
 
 
@@ -157,10 +172,13 @@ def _csv(s: str, conv=str) -> tuple:
 def _cmd(args) -> int:
     from accel.cli import emit
 
-    r = bench_decode(args.model, _csv(args.methods), _csv(args.threads, int), args.new_tokens, args.prompt_tokens,
-                     args.rounds, args.compile, args.dtype, args.backend, args.llama_bench, args.gguf)
-    lines = [f"{row['config']:>22} {row['threads']}t  prefill {row['prefill_s'] * 1e3:8.1f} ms  "
-             f"decode {row['decode_tok_s']:7.1f} tok/s" for row in r["rows"]]
+    prompts = _csv(args.prompt_tokens, int)
+    r = bench_decode(args.model, _csv(args.methods), _csv(args.threads, int), args.new_tokens,
+                     prompts[0] if len(prompts) == 1 else prompts, args.rounds, args.compile, args.dtype, args.backend,
+                     args.llama_bench, args.gguf, args.prefill_only)
+    lines = [f"{row['config']:>22} {row['threads']}t {row['prompt_tokens']:>6}p  prefill {row['prefill_s'] * 1e3:8.1f} ms"
+             + ("" if row["decode_tok_s"] is None else f"  decode {row['decode_tok_s']:7.1f} tok/s") for row in r["rows"]]
+    lines += [f"prefill vs dense {k}: {v:.2f}x" for k, v in r["prefill_speedup"].items()]
     lines += [f"compile {k}: {v:.1f} s" for k, v in r["compile_seconds_by_config"].items()]
     emit(r, args.json, "\n".join(lines))
     return 0
@@ -175,7 +193,8 @@ def register(cli) -> None:
     b.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     b.add_argument("--new-tokens", type=int, default=32)
-    b.add_argument("--prompt-tokens", type=int, default=32)
+    b.add_argument("--prompt-tokens", default="32", help="prompt length, or a comma list (e.g. 32,512,8192)")
+    b.add_argument("--prefill-only", action="store_true", help="time the prefill only (no decode rows)")
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench binary")
     b.add_argument("--gguf", default=None, help="GGUF for --llama-bench (default: the embedded SmolLM2)")
