@@ -157,14 +157,14 @@ def speed_artifact(model, ids: torch.Tensor, sparsity: float = 0.5, rho: float =
     return Artifact.for_model(model, [cfg], tensors)
 
 
-def bench_generate(artifact=None, threads=(1, 2), rounds: int = 5, prefill_tokens: int = 512, new_tokens: int = 48,
+def bench_generate(artifact=None, threads=(1, 2), rounds: int = 5, prefill_tokens=(32, 512, 8192), new_tokens: int = 48,
                    sparsity: float = 0.5, model_name: str = "smollm2-135m") -> dict:
     """What a `generate()` user sees in bf16: dense vs R-Sparse, decode tok/s (`new_tokens` after a
-    short prompt) and the prefill of a `prefill_tokens` prose prompt, per thread count.
+    short prompt) and the prefill of prose prompts of each length in `prefill_tokens`, per thread count.
 
-    One process; each round measures every thread count and both models in turn (interleaved), and
-    medians over rounds are compared. artifact: a saved R-Sparse artifact (path), or None for
-    `speed_artifact` at `sparsity` (a path that does not exist yet receives it, for the next run).
+    One process; each round measures every thread count, prompt length and both models in turn
+    (interleaved), and medians over rounds are compared. artifact: a saved R-Sparse artifact (path), or
+    None for `speed_artifact` at `sparsity` (a path that does not exist yet receives it, for the next run).
     """
     import copy
     import statistics
@@ -174,6 +174,7 @@ def bench_generate(artifact=None, threads=(1, 2), rounds: int = 5, prefill_token
 
     from .matrix_speed import prompt_ids, timed_generate
 
+    lengths = (prefill_tokens,) if isinstance(prefill_tokens, int) else tuple(prefill_tokens)
     model, tok = accel.models.load(model_name, dtype="bfloat16")
     if artifact is None or not Path(artifact).exists():
         art = speed_artifact(model, calibration_samples(tok, n_samples=2, seq_len=128), sparsity)
@@ -183,39 +184,43 @@ def bench_generate(artifact=None, threads=(1, 2), rounds: int = 5, prefill_token
         artifact = art
     patched = accel.patch(copy.deepcopy(model), artifact)
     models = {"dense": model, "rsparse": patched}
-    long_ids = prompt_ids(tok, model, prefill_tokens)
+    long_ids = {n: prompt_ids(tok, model, n) for n in lengths}
     short_ids = tok("The history of the city begins", return_tensors="pt").input_ids
     old = torch.get_num_threads()
-    times = {(name, t): {"prefill": [], "decode": []} for name in models for t in threads}
+    times = {(name, t): {"decode": [], **{n: [] for n in lengths}} for name in models for t in threads}
     try:
         for t in threads:
             torch.set_num_threads(t)
             for m in models.values():
-                # Warm-up: first-call builds (weight_t, the native kernel) and allocator growth.
-                timed_generate(m, long_ids, 2), timed_generate(m, short_ids, 4)
+                # Warm-up: first-call builds (weight_t, the packed weights, the native kernel) and
+                # allocator growth.
+                timed_generate(m, long_ids[min(lengths)], 2), timed_generate(m, short_ids, 4)
         for i in range(rounds):
             for t in threads:
                 torch.set_num_threads(t)
                 for name, m in models.items():
-                    times[(name, t)]["prefill"].append(timed_generate(m, long_ids, 1)[0])
+                    for n in lengths:
+                        times[(name, t)][n].append(timed_generate(m, long_ids[n], 1)[0])
                     times[(name, t)]["decode"].append(timed_generate(m, short_ids, new_tokens)[1])
                 d, rs = times[("dense", t)], times[("rsparse", t)]
-                log.info("round %d/%d, %d thread(s): decode %.2fx (dense %.1f tok/s), prefill %.2fx (dense %.0f ms)",
-                         i + 1, rounds, t, rs["decode"][-1] / d["decode"][-1], d["decode"][-1],
-                         d["prefill"][-1] / rs["prefill"][-1], d["prefill"][-1] * 1e3)
+                log.info("round %d/%d, %d thread(s): decode %.2fx (dense %.1f tok/s), prefill %s", i + 1, rounds, t,
+                         rs["decode"][-1] / d["decode"][-1], d["decode"][-1],
+                         ", ".join(f"{n}: {d[n][-1] / rs[n][-1]:.2f}x (dense {d[n][-1] * 1e3:.0f} ms)" for n in lengths))
     finally:
         torch.set_num_threads(old)
-    out = {"model": model_name, "dtype": "bfloat16", "rounds": rounds, "prefill_tokens": prefill_tokens,
+    out = {"model": model_name, "dtype": "bfloat16", "rounds": rounds, "prefill_tokens": list(lengths),
            "new_tokens": new_tokens, "threads": list(threads)}
     for (name, t), v in times.items():
-        out[f"{name}_prefill_s_{t}t"] = statistics.median(v["prefill"])
+        for n in lengths:
+            out[f"{name}_prefill_s_{n}_{t}t"] = statistics.median(v[n])
         out[f"{name}_decode_tok_s_{t}t"] = statistics.median(v["decode"])
     for t in threads:
         d, rs = times[("dense", t)], times[("rsparse", t)]
         # The median of per-round ratios: each pair ran back to back, so slow phases of a shared
         # machine cancel within a round.
         out[f"decode_speedup_{t}t"] = statistics.median(a / b for a, b in zip(rs["decode"], d["decode"]))
-        out[f"prefill_speedup_{t}t"] = statistics.median(a / b for a, b in zip(d["prefill"], rs["prefill"]))
+        for n in lengths:
+            out[f"prefill_speedup_{n}_{t}t"] = statistics.median(a / b for a, b in zip(d[n], rs[n]))
     return out
 
 
@@ -224,14 +229,16 @@ def format_generate(r: dict) -> str:
              f"(speedups: median of the per-round ratios)"]
     for t in r["threads"]:
         lines.append(f"  {t} thread(s): decode dense {r[f'dense_decode_tok_s_{t}t']:.1f} tok/s, R-Sparse "
-                     f"{r[f'rsparse_decode_tok_s_{t}t']:.1f} ({r[f'decode_speedup_{t}t']:.2f}x); "
-                     f"{r['prefill_tokens']}-token prefill dense {r[f'dense_prefill_s_{t}t'] * 1e3:.0f} ms, "
-                     f"R-Sparse {r[f'rsparse_prefill_s_{t}t'] * 1e3:.0f} ms ({r[f'prefill_speedup_{t}t']:.2f}x)")
+                     f"{r[f'rsparse_decode_tok_s_{t}t']:.1f} ({r[f'decode_speedup_{t}t']:.2f}x)")
+        for n in r["prefill_tokens"]:
+            lines.append(f"    {n}-token prefill: dense {r[f'dense_prefill_s_{n}_{t}t'] * 1e3:.0f} ms, R-Sparse "
+                         f"{r[f'rsparse_prefill_s_{n}_{t}t'] * 1e3:.0f} ms ({r[f'prefill_speedup_{n}_{t}t']:.2f}x)")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    """python -m accel.eval.bench_rsparse [--artifact DIR] [--rounds N] [--threads 1,2] [--json]"""
+    """python -m accel.eval.bench_rsparse [--artifact DIR] [--model M] [--rounds N] [--threads 1,2]
+    [--prefill-tokens 32,512,8192] [--json]"""
     import argparse
     import json
 
@@ -240,13 +247,14 @@ def main(argv=None) -> int:
     p.add_argument("--artifact", default=None, help="saved R-Sparse artifact; a new path: calibrate 50%% now and save it there")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", default="1,2")
-    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--prefill-tokens", default="32,512,8192", help="prompt lengths (comma-separated)")
+    p.add_argument("--model", default="smollm2-135m", help="accel.models.load name (e.g. qwen2.5-0.5b)")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    r = bench_generate(a.artifact, tuple(int(t) for t in a.threads.split(",")), a.rounds, a.prefill_tokens,
-                       a.new_tokens)
+    r = bench_generate(a.artifact, tuple(int(t) for t in a.threads.split(",")), a.rounds,
+                       tuple(int(n) for n in a.prefill_tokens.split(",")), a.new_tokens, model_name=a.model)
     print(format_generate(r))
     if a.json:
         print(json.dumps(r))
