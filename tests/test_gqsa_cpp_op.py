@@ -1,5 +1,5 @@
 """The C++ op `accel::gqsa_mm_cpu` (issue 19): defined by the native GQSA extension
-(gqsa_cpu.cpp), fake implementation registered by cpp_ext.py; compiled graphs call it instead of
+(gqsa_op.cpp), fake implementation registered by cpp_ext.py; compiled graphs call it instead of
 the Python custom op `accel::gqsa_linear` (no Python body per linear at decode)."""
 import pytest
 import torch
