@@ -98,3 +98,37 @@ def test_fp32_batches_keep_the_exact_path():
     x = torch.randn(100, 96, generator=gen)
     y = CPUGQSA(w)(x)
     assert rel_err(y, F.linear(x.double(), w.dequantize().double())) < 1e-5
+
+
+@pytest.mark.slow
+def test_smollm2_prefill_linears_match_reference(monkeypatch):
+    """SmolLM2 bf16 with g16 W4S50 (RTN) weights, prompts of 40, 100 and 300 tokens (the three AMX
+    paths): every GQSA linear, on the activations it really sees, within the bound of torch's bf16
+    F.linear on the dequantized weight (floored)."""
+    import accel
+    from accel.calibrate.gqsa import rtn_artifact
+    from accel.configs.gqsa import GQSAConfig
+    from kernel_tolerances import ratio_bound
+
+    model, _ = accel.models.load("smollm2-135m", dtype="bfloat16")
+    art = rtn_artifact(model, GQSAConfig(bits=4, sparsity=0.5, group_size=16))
+    ratios = []
+
+    def check(mod, inp, out):
+        x = inp[0].reshape(-1, inp[0].shape[-1])
+        wd = mod.packed().dequantize().double()
+        exact = F.linear(x.double(), wd)
+        torch_err = rel_err(F.linear(x, wd.to(x.dtype)), exact)
+        ratios.append(rel_err(out.reshape(exact.shape), exact) / ratio_bound(torch_err, x.dtype, x.shape[-1]))
+
+    monkeypatch.setenv("ACCEL_KERNEL", "cpu")
+    gen = torch.Generator().manual_seed(42)
+    with accel.patched(model, art):
+        hooks = [m.register_forward_hook(check) for m in model.modules() if type(m).__name__ == "GQSALinear"]
+        with torch.inference_mode():
+            for n in (40, 100, 300):
+                model(input_ids=torch.randint(1, model.config.vocab_size, (1, n), generator=gen))
+        for h in hooks:
+            h.remove()
+    assert len(ratios) == 3 * 30 * 7
+    assert max(ratios) <= 1, max(ratios)
