@@ -262,7 +262,7 @@ def _group_by_layer(model, linears) -> dict[int, list[tuple[str, nn.Linear]]]:
 
 def prune_model(model, cfg: PruneConfig, samples: torch.Tensor | None = None, *, batch_size: int = 8,
                 checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
-                stop_after: int | None = None, mode: str = "auto", dsnot_sink_guard: bool = False) -> PruneInfo:
+                stop_after: int | None = None, mode: str = "auto", dsnot_sink_guard: bool | None = None) -> PruneInfo:
     """Prune `model` in place; returns the keep-masks. samples: [N, L] token ids (needed unless the
     config is plain magnitude). Validates everything before touching the model.
 
@@ -270,9 +270,8 @@ def prune_model(model, cfg: PruneConfig, samples: torch.Tensor | None = None, *,
     "two-pass" (statistics pass + output pass, memory bounded by one chunk), or "auto" (joined
     when `joined_fits`).
 
-    dsnot_sink_guard: DSnoT may not raise any row's error on the first token of each sample (the
-    attention sink; see dsnot._SinkGuard). Off by default: a run option under evaluation, not yet
-    part of PruneConfig."""
+    dsnot_sink_guard: overrides `cfg.dsnot_sink_guard` (DSnoT may not raise any row's error on the
+    first token of each sample, the attention sink; see dsnot._SinkGuard) when not None."""
     if mode not in CALIB_MODES:
         raise ConfigError(f"prune: mode must be one of {CALIB_MODES}, got {mode!r}")
     check_model(model, [])
@@ -295,13 +294,13 @@ def prune_model(model, cfg: PruneConfig, samples: torch.Tensor | None = None, *,
         return info
     joined = mode == "joined" or (mode == "auto" and joined_fits(model, samples))
     info.mode = "joined" if joined else "two-pass"
+    guard = cfg.dsnot_sink_guard if dsnot_sink_guard is None else bool(dsnot_sink_guard)
     method = _LayerPruner(cfg, _group_by_layer(model, linears), samples.size(1), info, joined=joined,
-                          sink_guard=dsnot_sink_guard)
-    # The runner adds the model, the data and the accel version to this key.
-    key = {"method": "prune", "config": cfg.to_dict(), "batch_size": batch_size, "mode": info.mode}
-    if method.sink_guard:
-        # Only when on, so checkpoints made without the option keep their key.
-        key["dsnot_sink_guard"] = True
+                          sink_guard=guard)
+    # The runner adds the model, the data and the accel version to this key; the guard as run
+    # (an override differs from the config's).
+    key = {"method": "prune", "config": {**cfg.to_dict(), "dsnot_sink_guard": method.sink_guard},
+           "batch_size": batch_size, "mode": info.mode}
     info.run = run_layerwise(model, samples, method, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
                              run_key=key, progress=progress, desc=cfg.label, stop_after=stop_after)
     info.seconds = time.perf_counter() - t0

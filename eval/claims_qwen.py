@@ -2,11 +2,12 @@
 corpus (shakespeare), with the calibration budget stated. Reproduces eval/results/qwen_claims.json:
 
     .venv/bin/python -m accel.eval.claims_qwen [--n-samples 32] [--calib-seq-len 512] [--tokens 16384]
-        [--rows dense,wanda,wanda+dsnot,wanda+dsnot+guard] [--output eval/results/qwen_claims.json] [--overwrite]
+        [--rows dense,wanda,wanda+dsnot,wanda+dsnot-noguard] [--output eval/results/qwen_claims.json] [--overwrite]
 
-Row "wanda+dsnot+guard" is Wanda+DSnoT with `prune_model(dsnot_sink_guard=True)`: no DSnoT swap
-may raise a row's error on the first token of each calibration sample (the attention sink; see
-calibrate/dsnot.py `_SinkGuard`).
+Row "wanda+dsnot" is Wanda+DSnoT as PruneConfig v3 runs it by default, with its sink guard
+(`dsnot_sink_guard=True`): no DSnoT swap may raise a row's error on the first token of each
+calibration sample (the attention sink; see calibrate/dsnot.py `_SinkGuard`).
+"wanda+dsnot-noguard" is DSnoT without it (PruneConfig v2's behaviour).
 
 One model (accel.models.load("qwen2.5-0.5b"), cached), calibrated and evaluated in bf16 as
 `accel eval prune-sweep` does (its config_for / prune_model); the dense weights are restored
@@ -21,7 +22,7 @@ import time
 import torch
 
 
-ROWS = ("dense", "wanda", "wanda+dsnot", "wanda+dsnot+guard")
+ROWS = ("dense", "wanda", "wanda+dsnot", "wanda+dsnot-noguard")
 
 
 def run(n_samples: int = 32, calib_seq_len: int = 512, tokens: int = 16384, seq_len: int = 512,
@@ -57,7 +58,7 @@ def run(n_samples: int = 32, calib_seq_len: int = 512, tokens: int = 16384, seq_
         model.load_state_dict(dense_sd)
         t0 = time.perf_counter()
         if name != "dense":
-            method, guard = name.removesuffix("+guard"), name.endswith("+guard")
+            method, guard = name.removesuffix("-noguard"), not name.endswith("-noguard")
             prune_model(model, config_for(method, sparsity), samples, progress=progress, dsnot_sink_guard=guard)
         secs = time.perf_counter() - t0
         out["rows"][name if name == "dense" else f"{name} {sparsity}"] = {"ppl": ppl(name),

@@ -28,16 +28,16 @@ def test_claims_qwen_runs_on_a_tiny_stand_in(monkeypatch):
 
 
 @pytest.mark.slow
-def test_claims_qwen_guard_row(monkeypatch):
+def test_claims_qwen_unguarded_row(monkeypatch):
     from accel.eval import claims_qwen
 
     tok = AutoTokenizer.from_pretrained(accel.models.resolve("smollm2-135m"))
     model = accel.models.tiny("qwen2", vocab_size=len(tok))
     monkeypatch.setattr(accel.models, "load", lambda name, dtype=None: (model, tok))
     res = claims_qwen.run(n_samples=2, calib_seq_len=32, tokens=256, seq_len=64, progress=False,
-                          rows=("wanda", "wanda+dsnot+guard"))
-    assert set(res["rows"]) == {"wanda 0.6", "wanda+dsnot+guard 0.6"}
-    assert set(res["claim"]) == {"wanda+dsnot+guard beats wanda"}
+                          rows=("wanda", "wanda+dsnot-noguard"))
+    assert set(res["rows"]) == {"wanda 0.6", "wanda+dsnot-noguard 0.6"}
+    assert set(res["claim"]) == {"wanda+dsnot-noguard beats wanda"}
 
 
 def test_claims_qwen_unknown_row():

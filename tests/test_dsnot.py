@@ -152,12 +152,13 @@ def test_prune_config_v1_loads_as_mean_objective():
     from accel.configs import config_from_dict
 
     d = PruneConfig(sparsity=0.6, dsnot=True).to_dict()
-    assert d["version"] == 2 and d["params"]["dsnot_objective"] == "mse"
-    del d["params"]["dsnot_objective"]
+    assert d["version"] == 3 and d["params"]["dsnot_objective"] == "mse" and d["params"]["dsnot_sink_guard"]
+    del d["params"]["dsnot_objective"], d["params"]["dsnot_sink_guard"]
     cfg = config_from_dict({**d, "version": 1})
     assert cfg.dsnot_objective == "mean" and cfg.sparsity == 0.6 and not cfg.needs_gram
-    with pytest.raises(ConfigError, match="version 3 is not supported"):
-        config_from_dict({**d, "version": 3})
+    assert cfg.dsnot_sink_guard is False
+    with pytest.raises(ConfigError, match="version 4 is not supported"):
+        config_from_dict({**d, "version": 4})
 
 
 @pytest.mark.parametrize("objective", ["mean", "mse-diag", "mse"])

@@ -81,12 +81,16 @@ def test_walk_sink_guard_layer0(mode):
     cfg = PruneConfig(sparsity=0.6, dsnot=True)
     kw = dict(batch_size=3, progress=False, mode="two-pass", stop_after=1)
     wanda = prune_model(accel.models.tiny("llama"), PruneConfig(sparsity=0.6), x, **kw)
-    plain = prune_model(accel.models.tiny("llama"), cfg, x, **kw)
+    assert cfg.dsnot_sink_guard is True  # the default since PruneConfig v3
+    plain = prune_model(accel.models.tiny("llama"), PruneConfig(sparsity=0.6, dsnot=True, dsnot_sink_guard=False),
+                        x, **kw)
     again = prune_model(accel.models.tiny("llama"), cfg, x, **kw, dsnot_sink_guard=False)
     kw["mode"] = mode
     guarded = prune_model(accel.models.tiny("llama"), cfg, x, **kw, dsnot_sink_guard=True)
+    by_default = prune_model(accel.models.tiny("llama"), cfg, x, **kw)
     assert guarded.dsnot_swaps > 0
     assert all(torch.equal(plain.masks[k], again.masks[k]) for k in plain.masks)
+    assert all(torch.equal(guarded.masks[k], by_default.masks[k]) for k in guarded.masks)
     # Every linear sees the dense layer's inputs in two-pass mode; in joined mode only q/k/v do
     # (the later ones see the already-pruned attention).
     names = [n for n in lins if mode == "two-pass" or n.endswith(("q_proj", "k_proj", "v_proj"))]
@@ -94,3 +98,15 @@ def test_walk_sink_guard_layer0(mode):
         xs = torch.cat(seen[n])
         k0, k1 = wanda.masks[f"model.layers.0.{n}"], guarded.masks[f"model.layers.0.{n}"]
         assert (_err(dense[n], k1, xs) <= _err(dense[n], k0, xs) * (1 + 1e-5) + 1e-6).all(), n
+
+
+def test_config_field_version_and_old_artifacts():
+    """PruneConfig v3 carries the guard (default on); v1/v2 artifacts ran without it and load so."""
+    from accel.configs import ConfigError, config_from_dict
+
+    assert PruneConfig().dsnot_sink_guard is True and PruneConfig.version == 3
+    for v in (1, 2):
+        old = config_from_dict({"method": "prune", "version": v, "params": {"sparsity": 0.5, "dsnot": True}})
+        assert old.dsnot_sink_guard is False
+    with pytest.raises(ConfigError, match="dsnot_sink_guard must be true/false"):
+        PruneConfig(dsnot_sink_guard="yes")
