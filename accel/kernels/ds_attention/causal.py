@@ -31,19 +31,19 @@ from .reference import (ds_attend_reference, ds_select_reference, forced_budget,
 def causal_impl(q, k, v, labels, channels, budget: int, sink: int, recent: int, scaling: float, group_reduce: str,
                 allowed: torch.Tensor, max_elems: int) -> torch.Tensor:
     """The body of `accel::ds_causal_attention`."""
+    # The native pass (CPU, fp32/16-bit inputs; fp64 keeps the torch spec's precision): no
+    # [rows, Tk] tensor, one pass over every row.
+    native = (causal_cpp.load() if q.device.type == "cpu" and torch.float64 not in (q.dtype, labels.dtype)
+              else None)
+    if native is not None:
+        idx = causal_cpp.select_rows(native, q, labels, channels, group_reduce, allowed, budget,
+                                     *forced_budget(budget, sink, recent))
+        return causal_cpp.attend_rows(native, q, k, v, idx, allowed, scaling).to(q.dtype)
     B, H, Tq, D = q.shape
     KVH, Tk = k.shape[1], k.shape[2]
     G = H // KVH
     chunk = max(1, min(Tq, max_elems // max(1, B * H * Tk)))
     out = torch.empty(B, H, Tq, D, dtype=q.dtype, device=q.device)
-    # The native selection (CPU, fp32/16-bit inputs; fp64 keeps the torch spec's precision).
-    native = (causal_cpp.load() if q.device.type == "cpu" and q.dtype != torch.float64
-              and labels.dtype != torch.float64 else None)
-    if native is not None:
-        # No [rows, Tk] tensor on this path: one pass over every row.
-        idx = causal_cpp.select_rows(native, q, labels, channels, group_reduce, allowed, budget,
-                                     *forced_budget(budget, sink, recent))
-        return causal_cpp.attend_rows(native, q, k, v, idx, allowed, scaling).to(q.dtype)
     for a in range(0, Tq, chunk):
         b = min(Tq, a + chunk)
         al = allowed[:, a:b]
