@@ -157,6 +157,28 @@ def speed_artifact(model, ids: torch.Tensor, sparsity: float = 0.5, rho: float =
     return Artifact.for_model(model, [cfg], tensors)
 
 
+def held_bytes(model) -> int:
+    """Bytes of the distinct tensors a (patched) model holds: parameters, buffers and each R-Sparse
+    linear's kernel state (the stacked [Wᵀ; U_rᵀ], the AMX `down`, oneDNN's packed weight), each
+    storage counted once. oneDNN's packed tensors have no storage: their numel × element size."""
+    from accel.patches.rsparse import RSparseLinear
+
+    seen, total = set(), 0
+    for mod in model.modules():
+        ts = [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]
+        if isinstance(mod, RSparseLinear):
+            ts += [t for t in (mod._stack, mod._down_pk, mod._packed) if isinstance(t, torch.Tensor)]
+        for t in ts:
+            if t.is_mkldnn:
+                total += t.numel() * t.element_size()
+                continue
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+    return total
+
+
 def bench_generate(artifact=None, threads=(1, 2), rounds: int = 5, prefill_tokens=(32, 512, 8192), new_tokens: int = 48,
                    sparsity: float = 0.5, model_name: str = "smollm2-135m") -> dict:
     """What a `generate()` user sees in bf16: dense vs R-Sparse, decode tok/s (`new_tokens` after a
@@ -208,8 +230,11 @@ def bench_generate(artifact=None, threads=(1, 2), rounds: int = 5, prefill_token
                          ", ".join(f"{n}: {d[n][-1] / rs[n][-1]:.2f}x (dense {d[n][-1] * 1e3:.0f} ms)" for n in lengths))
     finally:
         torch.set_num_threads(old)
+    # After the runs, so every first-use build (stack, packed weights) is counted.
+    mem = {"dense_bytes": held_bytes(model), "rsparse_bytes": held_bytes(patched)}
     out = {"model": model_name, "dtype": "bfloat16", "rounds": rounds, "prefill_tokens": list(lengths),
-           "new_tokens": new_tokens, "threads": list(threads)}
+           "new_tokens": new_tokens, "threads": list(threads), **mem,
+           "memory_ratio": mem["rsparse_bytes"] / mem["dense_bytes"]}
     for (name, t), v in times.items():
         for n in lengths:
             out[f"{name}_prefill_s_{n}_{t}t"] = statistics.median(v[n])
@@ -226,7 +251,9 @@ def bench_generate(artifact=None, threads=(1, 2), rounds: int = 5, prefill_token
 
 def format_generate(r: dict) -> str:
     lines = [f"{r['model']} bf16 generate(): dense vs R-Sparse, medians of {r['rounds']} interleaved rounds "
-             f"(speedups: median of the per-round ratios)"]
+             f"(speedups: median of the per-round ratios)",
+             f"  memory held: dense {r['dense_bytes'] / 2**20:.0f} MiB, R-Sparse {r['rsparse_bytes'] / 2**20:.0f} MiB "
+             f"({r['memory_ratio']:.2f}x)"]
     for t in r["threads"]:
         lines.append(f"  {t} thread(s): decode dense {r[f'dense_decode_tok_s_{t}t']:.1f} tok/s, R-Sparse "
                      f"{r[f'rsparse_decode_tok_s_{t}t']:.1f} ({r[f'decode_speedup_{t}t']:.2f}x)")

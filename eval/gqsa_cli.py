@@ -15,13 +15,15 @@ def _cmd_sweep(args) -> int:
         torch.set_num_threads(args.threads)
 
     def show(r):
-        print(f"{r['row']:<24} ppl {r['ppl']:9.3f}  [{r['grid']}]  calib {r['calib_seconds']}s", flush=True)
+        ppls = "  ".join(f"{k} {v:9.3f}" for k, v in r["ppl_sources"].items())
+        print(f"{r['row']:<24} ppl {ppls}  [{r['grid']}]  calib {r['calib_seconds']}s", flush=True)
         if args.partial:
             with open(args.partial, "a") as f:
                 f.write(json.dumps(r) + "\n")
     res = gqsa_sweep(args.rows.split(","), args.model, args.max_tokens, args.seq_len, args.num_calibration_samples,
                      args.max_seq_length, args.bqpo_steps, args.bqpo_batch, args.bqpo_lr, args.e2e_steps,
-                     args.e2e_lr, progress=not args.json, on_row=show, eval_dtype=args.eval_dtype, seed=args.seed)
+                     args.e2e_lr, progress=not args.json, on_row=show, eval_dtype=args.eval_dtype, seed=args.seed,
+                     sources=[c for c in args.sources.split(",") if c])
     emit(res, args.json, f"{res['tokens']} tokens x seq {res['seq_len']}, calibration {res['calibration']}")
     return 0
 
@@ -75,6 +77,8 @@ def register(cli) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration sample seed (the same samples for every row)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--sources", default="wiki",
+                   help="comma list of evaluation corpora (wiki, shakespeare, ...); each row is measured on each")
     p.add_argument("--partial", default=None, help="append each row as a JSON line to this file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_sweep)

@@ -119,17 +119,23 @@ def _row(name: str, base, tok, spec, samples, opts: dict, cache: dict):
 def gqsa_sweep(rows=ROWS, model_name: str = "smollm2-135m", max_tokens: int = 16384, seq_len: int = 512,
                n_samples: int = 32, calib_seq_len: int = 512, bqpo_steps: int = 8, bqpo_batch: int = 2,
                bqpo_lr: float = 3e-4, e2e_steps: int = 8, e2e_lr: float = 2e-5, e2e_batch: int = 2,
-               progress: bool = True, on_row=None, eval_dtype: str = "float32", seed: int = 0) -> dict:
-    """Perplexity of each row on `max_tokens` evaluation tokens; returns {"rows": [...], ...}."""
+               progress: bool = True, on_row=None, eval_dtype: str = "float32", seed: int = 0,
+               sources=("wiki",)) -> dict:
+    """Perplexity of each row on `max_tokens` evaluation tokens of each corpus in `sources` (a row's
+    "ppl" is the first corpus's, "ppl_sources" all of them); returns {"rows": [...], ...}."""
     import accel
-    from accel.data import CalibrationSpec, calibration_samples, eval_tokens
+    from accel.data import CalibrationSpec, bos_token_id, calibration_samples, eval_tokens
 
     from .perplexity import perplexity
 
     base, tok = accel.models.load(model_name)
     spec = CalibrationSpec(n_samples=n_samples, seq_len=calib_seq_len, seed=seed)
     samples = calibration_samples(tok, spec)
-    ids = eval_tokens(tok, "wiki", max_tokens)
+    sources = tuple(sources)
+    if not sources:
+        raise ValueError("gqsa_sweep: no evaluation corpus given")
+    corpora = {src: eval_tokens(tok, src, max_tokens) for src in sources}
+    bos = bos_token_id(tok)
     opts = dict(bqpo_steps=bqpo_steps, bqpo_batch=bqpo_batch, bqpo_lr=bqpo_lr, e2e_steps=e2e_steps,
                 e2e_lr=e2e_lr, e2e_batch=e2e_batch)
     out, cache = [], {}
@@ -138,15 +144,19 @@ def gqsa_sweep(rows=ROWS, model_name: str = "smollm2-135m", max_tokens: int = 16
         if eval_dtype != "float32":
             # Calibration runs in fp32; evaluating in bf16 halves the CPU time (same ppl to ~2 decimals).
             model = (copy.deepcopy(model) if model is base else model).to(getattr(torch, eval_dtype))
-        r = perplexity(model, ids, seq_len=seq_len, progress=progress, desc=name)
-        row = {"row": name, "grid": grid, "ppl": r.ppl, "tokens": r.tokens, "calib_seconds": round(calib_s, 1)}
-        log.info("%s: ppl %.3f (%s)", name, r.ppl, grid)
+        res = {src: perplexity(model, ids, seq_len=seq_len, progress=progress, desc=f"{name} {src}",
+                               bos_token_id=bos) for src, ids in corpora.items()}
+        r = res[sources[0]]
+        row = {"row": name, "grid": grid, "ppl": r.ppl, "tokens": r.tokens, "calib_seconds": round(calib_s, 1),
+               "ppl_sources": {src: x.ppl for src, x in res.items()}}
+        log.info("%s: ppl %s (%s)", name, ", ".join(f"{k} {x.ppl:.3f}" for k, x in res.items()), grid)
         out.append(row)
         if on_row:
             on_row(row)
         if model is not base:
             del model
     return {"model": model_name, "tokens": out[0]["tokens"] if out else 0, "seq_len": seq_len, "eval_dtype": eval_dtype,
+            "sources": list(sources),
             "calibration": {**spec.to_dict(), **opts}, "rows": out}
 
 

@@ -34,7 +34,8 @@ DECODE_MAX_TOKENS = 8
 class RSparseLinear(AccelLinear):
     """y = W[:, S]·x_S + up·(down·x_{not S}) + b with S = {i : |x_i|·scale_i > threshold}.
 
-    Shares the original weight and bias. `scale` is ‖W[:, i]‖ (R-Sparse) or ones (TEAL).
+    Shares the original weight and bias; on first use the weight's data becomes a view of Wᵀ in
+    the kernels' stacked [Wᵀ; U_rᵀ] (one copy of W, not two). `scale` is ‖W[:, i]‖ (R-Sparse) or ones (TEAL).
     down: [r, in] = Σ_r V_rᵀ, up: [out, r] = U_r (r = 0: pure sparse).
     """
 
@@ -85,12 +86,20 @@ class RSparseLinear(AccelLinear):
         new_w = not torch.compiler.is_compiling() and self._wkey != w.data_ptr()
         if self._wt is None or self._wt.device != w.device or self._wt.dtype != w.dtype or new_w:
             n_in, r = self.in_features, self.rank
-            stack = w.new_zeros((-(-(n_in + r) // 32) * 32, self.out_features))
-            stack[:n_in] = w.detach().t()
-            if r:
-                stack[n_in:n_in + r] = self.up.detach().t().to(w.dtype)
+            # A normal tensor even when first called under inference_mode: the weight becomes a view
+            # of it below, and an inference tensor could not be updated in place outside that mode.
+            with torch.inference_mode(False):
+                stack = w.new_zeros((-(-(n_in + r) // 32) * 32, self.out_features))
+                stack[:n_in] = w.detach().t()
+                if r:
+                    stack[n_in:n_in + r] = self.up.detach().t().to(w.dtype)
             self._stack, self._wt = stack, stack[:n_in]
             self._upt = stack[n_in:n_in + r] if r else None
+            if not torch.compiler.is_compiling():
+                # The weight becomes a [out, in] view of Wᵀ in the stack, so the linear holds one copy
+                # of W, not two (with oneDNN's prepacked copy for bf16 prefill, three: +186 MB on
+                # SmolLM2). Same values; in-place updates of the weight now reach the kernels too.
+                w.data = stack[:n_in].t()
             # Derived from the old weights: rebuilt on next use.
             self._down_pk = self._packed = self._pf = None
             self._wkey = w.data_ptr()

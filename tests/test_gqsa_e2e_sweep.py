@@ -33,3 +33,20 @@ def test_sweep_e2e_row_runs_the_guarded_stage2(monkeypatch):
     assert "held-out guard 0.125" in grid, grid
     # The function's own default is the guarded one too.
     assert inspect.signature(real).parameters["holdout"].default == cfg.e2e_holdout
+
+
+def test_sweep_measures_every_row_on_each_corpus(smollm2, monkeypatch):
+    """Issue 16: a claim that one method beats another must hold on a second corpus too; before,
+    the sweep measured wiki only."""
+    from accel.data import eval_tokens
+    from accel.eval.perplexity import perplexity
+    from accel.eval.sweep_gqsa import gqsa_sweep
+
+    model, tok = smollm2
+    monkeypatch.setattr(accel.models, "load", lambda *a, **k: (model, tok))
+    res = gqsa_sweep(["dense"], max_tokens=512, seq_len=256, progress=False, sources=("wiki", "shakespeare"))
+    row = res["rows"][0]
+    assert res["sources"] == ["wiki", "shakespeare"] and set(row["ppl_sources"]) == {"wiki", "shakespeare"}
+    direct = perplexity(model, eval_tokens(tok, "shakespeare", 512), seq_len=256, progress=False).ppl
+    assert abs(row["ppl_sources"]["shakespeare"] - direct) <= 1e-6 * direct
+    assert row["ppl"] == row["ppl_sources"]["wiki"] and abs(row["ppl"] - direct) > 1.0

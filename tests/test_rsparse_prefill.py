@@ -153,3 +153,25 @@ def test_patched_prefill_runs_on_the_prepacked_weight(monkeypatch):
     assert seen[-1] is not seen[0]
     ref, torch_err = _spec(x[0], mod.weight, mod.scale, mod.threshold, mod.down, mod.up, mod.bias, 5)
     assert_within(rel_err(y3[0], ref), torch_err, torch.bfloat16, 105, what="after a new weight")
+
+
+def test_module_holds_one_copy_of_the_weight():
+    """Before: the module kept the original [out, in] weight, the stacked [Wᵀ; U_rᵀ] the kernels
+    read and (bf16 prefill) oneDNN's packed copy: three copies of W (+186 MB on SmolLM2). The
+    weight is now a view of the stack: same values, one storage, and in-place updates reach the
+    kernels instead of leaving them on stale weights."""
+    mod = _module()
+    w0 = mod.weight.detach().clone()
+    x = torch.randn(1, 20, 100, generator=torch.Generator().manual_seed(42)).bfloat16()
+    with torch.inference_mode():
+        mod(x), mod(x[:, -1:])
+    stack = mod.stacked_t()
+    assert mod.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+    assert not torch.is_inference(mod.weight), "the weight became an inference tensor"
+    torch.testing.assert_close(mod.weight, w0, rtol=0, atol=0)
+    with torch.no_grad():
+        mod.weight.mul_(-1)
+    with torch.inference_mode():
+        dec = mod(x[:, -1:])
+    ref, torch_err = _spec(x[0, -1:], -w0, mod.scale, mod.threshold, mod.down, mod.up, mod.bias, 5)
+    assert_within(rel_err(dec[0], ref), torch_err, torch.bfloat16, 105, what="decode after an in-place update")
