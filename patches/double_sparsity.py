@@ -14,7 +14,7 @@ from accel.configs.double_sparsity import DoubleSparsityConfig
 from . import compat, fast_linear
 from .core import CheckpointFormat, PatchContext, register_checkpoint, register_method
 from .ds_cache import GrowingLayer
-from .ds_handler import DSAttention
+from .ds_handler import DSAttention, DSDenseLayer
 from .ds_offload import OffloadDSAttention, install_offload
 from .kv_press import install_press, is_sliding_layer, model_dims
 
@@ -83,16 +83,23 @@ def apply_double_sparsity(ctx: PatchContext, cfg: DoubleSparsityConfig, tensors:
     handler_cls = OffloadDSAttention if cfg.offload else DSAttention
 
     def skip(i, attn):
-        if i < cfg.n_dense:
+        # The first n_dense layers get a DSDenseLayer (below) unless offloaded: the offload
+        # handler reads their K/V back itself.
+        if i < cfg.n_dense and cfg.offload:
             return "first n_dense"
         return "sliding" if is_sliding_layer(model, i, attn) else None
 
     def make_handler(i, attn):
+        if i < cfg.n_dense:
+            return DSDenseLayer(i)
         return handler_cls(cfg, order[i, :, :r].to(device=device, dtype=torch.long).contiguous(), i, device)
 
-    handlers = install_press(ctx, make_handler, skip=skip,
-                             detail=f"budget={cfg.budget:g} r={r}/{D} labels {label_kind} ({label_bytes} B/token/head) "
-                                    f"sink={cfg.sink} recent={cfg.recent} reduce={cfg.group_reduce}")
+    sparse_detail = (f"budget={cfg.budget:g} r={r}/{D} labels {label_kind} ({label_bytes} B/token/head) "
+                     f"sink={cfg.sink} recent={cfg.recent} reduce={cfg.group_reduce}")
+    pressed = install_press(ctx, make_handler, skip=skip,
+                            detail=lambda h: ("dense (first n_dense; CPU decode on the native kernel)"
+                                              if isinstance(h, DSDenseLayer) else sparse_detail))
+    handlers = {i: h for i, h in pressed.items() if not isinstance(h, DSDenseLayer)}
     if not cfg.offload:
         # Every full-attention layer's cache appends in place (the offloaded cache has its own layers).
         for i, layer in enumerate(compat.decoder_layers(model)):

@@ -20,13 +20,51 @@ import torch
 
 from accel.configs.double_sparsity import DoubleSparsityConfig
 from accel.kernels.dispatch import select_path
-from accel.kernels.ds_attention import (ds_causal_attention, ds_decode_attention, ds_decode_attention_static,
-                                        gather_labels)
+from accel.kernels.ds_attention import (dense_cpu, ds_causal_attention, ds_decode_attention,
+                                        ds_decode_attention_static, gather_labels)
 
-from .ds_cache import DSLabelLayer, DSStaticLabelLayer, fake_quantize_labels
+from .ds_cache import DSLabelLayer, DSStaticLabelLayer, GrowingLayer, fake_quantize_labels
 from .kv_press import PressHandler, allowed_from_mask
 
 log = logging.getLogger(__name__)
+
+
+def native_dense_decode(handler: PressHandler, module, query, key, value, attention_mask, **kwargs):
+    """A dense decode step (one query token over every cached key) on the native CPU kernel
+    (`dense_cpu`), or None where it does not apply and the caller keeps SDPA: several query rows,
+    not CPU, a layout or dtype it does not take, under torch.compile (the graph keeps SDPA),
+    training with dropout, logit soft-capping, attention sinks, or a sliding window shorter than
+    the context. Returns (attn_output [B, 1, H, D], None) as an attention function does."""
+    if (query.shape[2] != 1 or torch.compiler.is_compiling() or (module.training and kwargs.get("dropout", 0.0))
+            or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+            or (kwargs.get("sliding_window") or key.shape[2]) < key.shape[2]
+            or not dense_cpu.usable(query, key, value)):
+        return None
+    B, Tk = query.shape[0], key.shape[2]
+    key_mask = None if attention_mask is None else allowed_from_mask(attention_mask, B, 1, Tk, query.device)[:, 0]
+    scaling = kwargs.get("scaling")
+    out = dense_cpu.dense_decode(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling, key_mask)
+    handler.count("dense_decode")
+    return out.transpose(1, 2).contiguous(), None
+
+
+class DSDenseLayer(PressHandler):
+    """The handler of a layer Double Sparsity leaves dense (the first `n_dense`): SDPA, except that
+    a CPU decode step runs the native dense decode kernel (`native_dense_decode`), ~7x torch's
+    flash attention at one query row and an 8K context."""
+
+    kernel_path = "dense"
+
+    def __init__(self, layer_idx: int):
+        super().__init__(layer_idx)
+        self.counts.update(dense_decode=0)
+
+    def upgrade_layer(self, layer):
+        return GrowingLayer.from_layer(layer)
+
+    def with_cache(self, module, query, key, value, attention_mask, layer, **kwargs):
+        out = native_dense_decode(self, module, query, key, value, attention_mask, **kwargs)
+        return out if out is not None else self.dense(module, query, key, value, attention_mask, **kwargs)
 
 
 class DSAttention(PressHandler):
@@ -77,7 +115,8 @@ class DSAttention(PressHandler):
             self.count("sparse_decode")
             return out.transpose(1, 2).contiguous(), None
         if Tq != 1 or Tk < max(cfg.min_context, 1):
-            return self.dense(module, query, key, value, attention_mask, **kwargs)
+            out = native_dense_decode(self, module, query, key, value, attention_mask, **kwargs)
+            return out if out is not None else self.dense(module, query, key, value, attention_mask, **kwargs)
         labels = self._labels(layer, key)
         # No mask (generate() without padding): every key is valid; skip building and testing one.
         key_mask = None if attention_mask is None else allowed_from_mask(attention_mask, B, 1, Tk, query.device)[:, 0]

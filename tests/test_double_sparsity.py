@@ -242,7 +242,7 @@ def test_full_budget_generate_is_dense(tiny_model):
         with accel.patched(model, art):
             out = model.generate(ids, **kw)
             handlers = [layer.self_attn._accel_attention for layer in compat.decoder_layers(model)
-                        if "_accel_attention" in layer.self_attn.__dict__]
+                        if "sparse_decode" in getattr(layer.self_attn.__dict__.get("_accel_attention"), "counts", {})]
             beams = model.generate(ids, attention_mask=am, max_new_tokens=5, num_beams=3, do_sample=False,
                                    pad_token_id=0, return_dict_in_generate=True)
         beams_ref = model.generate(ids, attention_mask=am, max_new_tokens=5, num_beams=3, do_sample=False,
