@@ -113,7 +113,7 @@ CASES = {
     "stack-identity-then-prune": (None, lambda m: accel.IdentityConfig(), lambda m, d: prune_art(m), {},
                                   PatchConflictError, "prune .* on identity"),
     "stack-ds-then-identity": (None, ds_art, lambda m, d: accel.IdentityConfig(), {}, PatchConflictError,
-                               r"identity .* on double-sparsity .* at model\.layers\.1\.self_attn"),
+                               r"identity .* on double-sparsity .* at model\.layers\.0\.self_attn"),
     "stack-ds-then-ds": (None, ds_art, lambda m, d: ds_art(m, budget=4), {}, PatchConflictError,
                          "double-sparsity .* on double-sparsity .* attention"),
     "one-artifact-two-weight-methods": (None, None, lambda m, d: _two_methods(m), {}, PatchConflictError,
