@@ -133,7 +133,8 @@ def gqsa_sweep(rows=ROWS, model_name: str = "smollm2-135m", max_tokens: int = 16
     samples = calibration_samples(tok, spec)
     sources = tuple(sources)
     if not sources:
-        raise ValueError("gqsa_sweep: no evaluation corpus given")
+        from accel.configs import ConfigError
+        raise ConfigError("gqsa-sweep: --sources names no evaluation corpus")
     corpora = {src: eval_tokens(tok, src, max_tokens) for src in sources}
     bos = bos_token_id(tok)
     opts = dict(bqpo_steps=bqpo_steps, bqpo_batch=bqpo_batch, bqpo_lr=bqpo_lr, e2e_steps=e2e_steps,

@@ -29,17 +29,17 @@ from .kv_press import PressHandler, allowed_from_mask
 log = logging.getLogger(__name__)
 
 
-def native_dense_decode(handler: PressHandler, module, query, key, value, attention_mask, **kwargs):
-    """A dense decode step (one query token over every cached key) on the native CPU kernel
-    (`dense_cpu`), or None where it does not apply and the caller keeps SDPA: several query rows,
+def dense_step(handler: PressHandler, module, query, key, value, attention_mask, **kwargs):
+    """A dense forward of a DS layer: a decode step (one query token over every cached key) on the
+    native CPU kernel (`dense_cpu`), anything else on `handler.dense` (SDPA): several query rows,
     not CPU, a layout or dtype it does not take, under torch.compile (the graph keeps SDPA),
     training with dropout, logit soft-capping, attention sinks, or a sliding window shorter than
-    the context. Returns (attn_output [B, 1, H, D], None) as an attention function does."""
+    the context. Returns (attn_output [B, Tq, H, D], None) as an attention function does."""
     if (query.shape[2] != 1 or torch.compiler.is_compiling() or (module.training and kwargs.get("dropout", 0.0))
             or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
             or (kwargs.get("sliding_window") or key.shape[2]) < key.shape[2]
             or not dense_cpu.usable(query, key, value)):
-        return None
+        return handler.dense(module, query, key, value, attention_mask, **kwargs)
     B, Tk = query.shape[0], key.shape[2]
     key_mask = None if attention_mask is None else allowed_from_mask(attention_mask, B, 1, Tk, query.device)[:, 0]
     scaling = kwargs.get("scaling")
@@ -50,7 +50,7 @@ def native_dense_decode(handler: PressHandler, module, query, key, value, attent
 
 class DSDenseLayer(PressHandler):
     """The handler of a layer Double Sparsity leaves dense (the first `n_dense`): SDPA, except that
-    a CPU decode step runs the native dense decode kernel (`native_dense_decode`), ~7x torch's
+    a CPU decode step runs the native dense decode kernel (`dense_step`), ~7x torch's
     flash attention at one query row and an 8K context."""
 
     kernel_path = "dense"
@@ -63,8 +63,7 @@ class DSDenseLayer(PressHandler):
         return GrowingLayer.from_layer(layer)
 
     def with_cache(self, module, query, key, value, attention_mask, layer, **kwargs):
-        out = native_dense_decode(self, module, query, key, value, attention_mask, **kwargs)
-        return out if out is not None else self.dense(module, query, key, value, attention_mask, **kwargs)
+        return dense_step(self, module, query, key, value, attention_mask, **kwargs)
 
 
 class DSAttention(PressHandler):
@@ -115,8 +114,7 @@ class DSAttention(PressHandler):
             self.count("sparse_decode")
             return out.transpose(1, 2).contiguous(), None
         if Tq != 1 or Tk < max(cfg.min_context, 1):
-            out = native_dense_decode(self, module, query, key, value, attention_mask, **kwargs)
-            return out if out is not None else self.dense(module, query, key, value, attention_mask, **kwargs)
+            return dense_step(self, module, query, key, value, attention_mask, **kwargs)
         labels = self._labels(layer, key)
         # No mask (generate() without padding): every key is valid; skip building and testing one.
         key_mask = None if attention_mask is None else allowed_from_mask(attention_mask, B, 1, Tk, query.device)[:, 0]

@@ -5,7 +5,7 @@ torch's CPU flash attention is written for many query rows; at one row and an 8K
 ~4 ms per layer on SmolLM2 with 2 threads, half of a DS + GQSA decode step spent in its 2 dense
 layers. The native kernel (dense_decode.cpp) splits the context into chunks over (batch, KV head,
 chunk) and combines the chunks' softmax partials: it reads K and V once and keeps both threads
-busy whatever the number of KV heads. The spec is `reference.dense_decode_ref` (fp64 in the tests).
+busy whatever the number of KV heads. The spec is `reference.dense_decode_reference` (fp64 in the tests).
 """
 from __future__ import annotations
 
