@@ -136,3 +136,6 @@ def register(cli) -> None:
 
     from .matrix_cli import register as _register_matrix  # accel eval matrix (issue 16)
     _register_matrix(cli)
+
+    from .matrix_merge import register as _register_matrix_merge  # accel eval matrix-merge (issue 16)
+    _register_matrix_merge(cli)
