@@ -299,9 +299,10 @@ class _nullcontext:
 
 
 def run_model(model_name: str, rows, settings: MatrixSettings, cache_dir: Path, progress: bool = True,
-              on_row=None, recompute: bool = False) -> list[dict]:
+              on_row=None, recompute: bool = False, on_accuracy=None) -> list[dict]:
     """Every row on one model: a list of row records (see docs/matrix.md). on_row(record) is
-    called as each record is final (after the speed run when there is one). Accuracy results
+    called as each record is final (after the speed run when there is one); on_accuracy(records)
+    after each row's accuracy, with this model's records so far (no bytes nor speed yet). Accuracy results
     cached by an earlier run with the same artifact and settings are reused unless `recompute`."""
     from accel.data import eval_tokens
 
@@ -324,6 +325,8 @@ def run_model(model_name: str, rows, settings: MatrixSettings, cache_dir: Path, 
                "calibration_seconds": round(secs, 1), "seq_len": settings.seq_len,
                "tokens": settings.max_tokens, "accuracy_cached": acc_cached, **acc}
         records.append(rec)
+        if on_accuracy is not None:
+            on_accuracy(list(records))
     del model
     smodel, stok = load_model(model_name, "bfloat16")
     total = model_bf16_bytes(smodel)

@@ -112,9 +112,12 @@ def run_cli(args) -> int:
     records: list[dict] = []
     wrote = False
 
-    def save(final: dict | None):
+    def save(final: dict | None, partial: list[dict] = ()):
         nonlocal wrote
-        doc = {"records": records, "summary": final or summary(records, settings)}
+        recs = records + list(partial)
+        doc = {"records": recs, "summary": final or summary(recs, settings)}
+        if partial:
+            doc["incomplete"] = f"{partial[0]['model']}: accuracy of {len(partial)} rows, no bytes nor speed yet"
         write_file(output, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, default=float)),
                    overwrite=args.overwrite or wrote)
         wrote = True
@@ -124,7 +127,9 @@ def run_cli(args) -> int:
             print(json.dumps(rec, default=float), flush=True)
 
     for m in models:
-        recs = run_model(m, rows, settings, cache, progress=not args.json, on_row=on_row, recompute=args.recompute)
+        # The file is rewritten after each row's accuracy too: an interrupted model keeps its rows.
+        recs = run_model(m, rows, settings, cache, progress=not args.json, on_row=on_row, recompute=args.recompute,
+                         on_accuracy=lambda part: save(None, part))
         records.extend(recs)
         if not args.json:
             print(fmt_model(recs, settings), flush=True)

@@ -68,6 +68,8 @@ def merge_docs(docs: list[dict], names: list[str] | None = None) -> tuple[list[d
     seen: dict = {}
     records = []
     for d, n in zip(docs, names):
+        if d.get("incomplete"):
+            log.warning("matrix-merge: %s is the file of an interrupted run (%s)", n, d["incomplete"])
         for r in d["records"]:
             k = (r.get("model"), r.get("row"))
             if k in seen:

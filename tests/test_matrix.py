@@ -200,3 +200,24 @@ def test_markdown_table_of_records():
     s = summary_lines({"composition": [{"model": "m", "row": "ds+x", "corpus": "wiki", "ratio": 1.01,
                                         "bound": 1.05, "verdict": "PASS"}], "speed_target": []})
     assert s == "- composition m `ds+x` wiki: ppl(DS+X)/ppl(X) 1.010 vs bound 1.050: **PASS**"
+
+
+def test_an_interrupted_model_keeps_its_finished_rows(tmp_path, capsys, counted, monkeypatch):
+    from accel.calibrate.errors import CalibrationError
+
+    real = matrix._calibrate
+
+    def fail_on_prune(model, recipe, *a, **k):
+        if "prune" in recipe.methods:
+            raise CalibrationError("stage 1 (prune) failed: out of memory")
+        return real(model, recipe, *a, **k)
+
+    monkeypatch.setattr(matrix, "_calibrate", fail_on_prune)
+    out = tmp_path / "o.json"
+    rc, _, err = _run(SMALL + ["--rows", "dense,ds-1/16,wanda-2:4", "--cache-dir", str(tmp_path / "c"),
+                               "--output", str(out)], capsys)
+    assert rc == 2 and "out of memory" in err
+    doc = json.loads(out.read_text())
+    assert [r["row"] for r in doc["records"]] == ["dense", "ds-1/16"]
+    assert "passkey" in doc["records"][1] and "speed" not in doc["records"][1]
+    assert doc["incomplete"].startswith("tiny-llama: accuracy of 2 rows")
