@@ -221,3 +221,15 @@ def test_an_interrupted_model_keeps_its_finished_rows(tmp_path, capsys, counted,
     assert [r["row"] for r in doc["records"]] == ["dense", "ds-1/16"]
     assert "passkey" in doc["records"][1] and "speed" not in doc["records"][1]
     assert doc["incomplete"].startswith("tiny-llama: accuracy of 2 rows")
+
+
+def test_each_composed_row_has_the_other_stage_order_outside_the_default_set():
+    from accel.eval import matrix_rows as mr
+
+    assert mr.recipe("wanda-2:4+ds").methods == ["prune", "double-sparsity"]
+    assert mr.recipe("ds+wanda-2:4").methods == ["double-sparsity", "prune"]
+    assert mr.recipe("gqsa-w4s50+ds").methods == ["gqsa", "double-sparsity"]
+    assert "ds+wanda-2:4" not in mr.DEFAULT_ROWS and "gqsa-w4s50+ds" not in mr.DEFAULT_ROWS
+    assert "wanda-2:4+ds" in mr.DEFAULT_ROWS and "ds+gqsa-w4s50" in mr.DEFAULT_ROWS and len(mr.DEFAULT_ROWS) == 10
+    assert mr.COMPOSED["wanda-2:4+ds"] == "wanda-2:4" and mr.has_ds("gqsa-w4s50+ds")
+    assert set(mr.DESCRIPTIONS) == set(mr.ROWS) and set(mr.DEFAULT_ROWS) <= set(mr.ROWS)
