@@ -86,11 +86,11 @@ def fmt_summary(s: dict) -> str:
 
 
 def run_cli(args) -> int:
-    from accel.artifact import check_output_path, write_file
+    from accel.artifact import write_file
     from accel.models import cache_dir
 
     from .matrix import check_models, run_model, summary
-    from .matrix_plot import plot_matrix, plot_paths
+    from .matrix_plot import check_outputs, plot_matrix, plot_paths
     from .matrix_rows import check_rows
 
     models = check_models(_csv(args.models))
@@ -98,14 +98,8 @@ def run_cli(args) -> int:
     settings = settings_from_args(args)
     output = Path(args.output or default_output())
     # Fail fast: every output is checked before hours of work start.
-    check_output_path(output, args.overwrite, "file")
-    if args.plot:
-        if not settings.speed:
-            from accel.configs import ConfigError
-
-            raise ConfigError("--plot needs the speed run (drop --no-speed)")
-        for p in plot_paths(args.plot, models):
-            check_output_path(p, args.overwrite, "file")
+    check_outputs(output, args.plot, models, settings.speed, args.overwrite,
+                  "--plot needs the speed run (drop --no-speed)")
     cache = Path(args.cache_dir) if args.cache_dir else cache_dir() / "matrix"
     log.info("matrix: %d models x %d rows; settings %s; calibrations cached in %s", len(models), len(rows),
              dataclasses.asdict(settings), cache)

@@ -86,24 +86,18 @@ def merge_docs(docs: list[dict], names: list[str] | None = None) -> tuple[list[d
 
 
 def run_cli(args) -> int:
-    from accel.artifact import check_output_path, write_file
+    from accel.artifact import write_file
 
     from .matrix import summary
     from .matrix_markdown import markdown_table, summary_lines
-    from .matrix_plot import plot_matrix, plot_paths
+    from .matrix_plot import check_outputs, plot_matrix
 
     docs = [_load(p) for p in args.results]
     records, settings = merge_docs(docs, list(args.results))
     plotted = list(dict.fromkeys(r["model"] for r in records if r.get("speed")))
     output = Path(args.output)
-    check_output_path(output, args.overwrite, "file")
-    if args.plot:
-        if not settings.speed:
-            from accel.configs import ConfigError
-
-            raise ConfigError("--plot needs speed measurements: none of the runs has them")
-        for p in plot_paths(args.plot, plotted):
-            check_output_path(p, args.overwrite, "file")
+    check_outputs(output, args.plot, plotted, settings.speed, args.overwrite,
+                  "--plot needs speed measurements: none of the runs has them")
     final = summary(records, settings)
     doc = {"records": records, "summary": final, "merged_from": [str(p) for p in args.results]}
     write_file(output, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, default=float)),

@@ -17,6 +17,21 @@ def plot_paths(plot_dir, models) -> list[Path]:
     return [d / f"matrix-{safe_name(m)}-scatter.png" for m in models] + [d / "matrix-decode-speedup.png"]
 
 
+def check_outputs(output, plot_dir, models, has_speed: bool, overwrite: bool, no_speed: str) -> None:
+    """Before any work: the results file and every plot may be written (accel.artifact's rule for a
+    user's file); ConfigError `no_speed` when plots are asked for without speed measurements."""
+    from accel.artifact import check_output_path
+
+    check_output_path(output, overwrite, "file")
+    if plot_dir:
+        if not has_speed:
+            from accel.configs import ConfigError
+
+            raise ConfigError(no_speed)
+        for p in plot_paths(plot_dir, models):
+            check_output_path(p, overwrite, "file")
+
+
 def _label(key: str) -> str:
     """"8192/2t" -> "8192 tokens, 2 threads"."""
     c, t = key[:-1].split("/")
