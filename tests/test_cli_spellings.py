@@ -221,8 +221,8 @@ def test_one_command_registry():
     assert sorted(p.groups["calibrate"].choices) == sorted(CALIBRATE + ["recipe"])  # recipe: tests/test_recipe_yaml.py
     assert sorted(p.groups["bench"].choices) == ["decode", "ds-attention", "ds-offload", "gqsa-gemv",
                                                  "rsparse-linear"]
-    assert sorted(p.groups["eval"].choices) == ["ds-retrieval", "ds-sweep", "gqsa-sweep", "matrix", "ppl",
-                                                "prune-sweep", "rsparse-sweep"]
+    assert sorted(p.groups["eval"].choices) == ["ds-retrieval", "ds-sweep", "gqsa-sweep", "matrix", "matrix-merge",
+                                                "ppl", "prune-sweep", "rsparse-sweep"]
     assert "demo" in p.sub.choices
     assert all(m.endswith("_cli") or m == "accel.eval.cli" for m in cli_mod.COMMAND_MODULES)
     with pytest.raises(ImportError):
