@@ -15,9 +15,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ACCURACY_FIELDS = ("max_tokens", "seq_len", "batch_size", "corpora", "passkey_context", "passkey_n",
-                   "num_calibration_samples", "max_seq_length", "seed", "dtype")
 SPEED_FIELDS = ("contexts", "threads", "rounds", "new_tokens")
+
+
+def _accuracy_fields() -> tuple[str, ...]:
+    # Every other MatrixSettings field: a setting added there is compared here without a second list.
+    from .matrix import MatrixSettings
+
+    return tuple(f.name for f in dataclasses.fields(MatrixSettings) if f.name not in (*SPEED_FIELDS, "speed"))
 
 
 def _load(path) -> dict:
@@ -55,7 +60,7 @@ def merge_docs(docs: list[dict], names: list[str] | None = None) -> tuple[list[d
     sets = [{k: _norm(v) for k, v in d["summary"]["settings"].items()} for d in docs]
     base = sets[0]
     for s, n in zip(sets[1:], names[1:]):
-        for f in ACCURACY_FIELDS:
+        for f in _accuracy_fields():
             if s.get(f) != base.get(f):
                 raise ConfigError(f"matrix-merge: {n} measured {f}={s.get(f)!r}, {names[0]} {base.get(f)!r}: "
                                   f"results of different settings do not merge")
